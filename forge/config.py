@@ -1,0 +1,137 @@
+"""Model and engine configuration: small dataclasses, filled from GGUF metadata or HF config.json."""
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RopeScaling:
+    """Llama-3 style frequency scaling (`rope_type: llama3`)."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass
+class ModelConfig:
+    """The shape of a Llama-family decoder."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    name: str = "llama"
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @classmethod
+    def from_hf_dict(cls, cfg: dict) -> "ModelConfig":
+        from forge.errors import UnsupportedModelError
+
+        archs = cfg.get("architectures") or []
+        model_type = cfg.get("model_type", "llama")
+        if model_type not in ("llama", "mistral") and not any("Llama" in a for a in archs):
+            raise UnsupportedModelError(f"unsupported architecture {model_type!r} (forge runs Llama-family models)")
+        num_heads = cfg["num_attention_heads"]
+        hidden = cfg["hidden_size"]
+        scaling = None
+        rs = cfg.get("rope_scaling") or cfg.get("rope_parameters")
+        if rs and rs.get("rope_type", rs.get("type")) == "llama3":
+            scaling = RopeScaling(
+                factor=rs["factor"],
+                low_freq_factor=rs["low_freq_factor"],
+                high_freq_factor=rs["high_freq_factor"],
+                original_max_position_embeddings=rs["original_max_position_embeddings"],
+            )
+        elif rs and rs.get("rope_type", rs.get("type")) not in (None, "default"):
+            raise UnsupportedModelError(f"unsupported rope scaling {rs.get('rope_type', rs.get('type'))!r}")
+        theta = cfg.get("rope_theta") or (rs or {}).get("rope_theta") or 10000.0
+        eos = cfg.get("eos_token_id")
+        return cls(
+            vocab_size=cfg["vocab_size"],
+            hidden_size=hidden,
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
+            head_dim=cfg.get("head_dim") or hidden // num_heads,
+            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-5),
+            rope_theta=float(theta),
+            rope_scaling=scaling,
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_id=eos[0] if isinstance(eos, list) else eos,
+        )
+
+    def to_hf_dict(self) -> dict:
+        d = {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "hidden_act": "silu",
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "torch_dtype": "float32",
+        }
+        if self.rope_scaling:
+            rs = self.rope_scaling
+            d["rope_scaling"] = {
+                "rope_type": "llama3",
+                "factor": rs.factor,
+                "low_freq_factor": rs.low_freq_factor,
+                "high_freq_factor": rs.high_freq_factor,
+                "original_max_position_embeddings": rs.original_max_position_embeddings,
+            }
+        return d
+
+
+@dataclass
+class EngineConfig:
+    """How the engine runs a model: device, memory and batching limits."""
+
+    model: str | None = None  # path to a .gguf file or an HF directory; None = the embedded default
+    device: str = "cpu"
+    dtype: str = "auto"  # auto = float32 on CPU, bfloat16 on CUDA
+    max_model_len: int | None = None  # defaults to min(model context, 8192)
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # None = sized from kv_cache_memory_gb / gpu_memory_utilization
+    cpu_kv_cache_gb: float = 1.0
+    gpu_memory_utilization: float = 0.90
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = False
+    seed: int = 0
+    extra: dict = field(default_factory=dict)

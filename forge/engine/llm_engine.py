@@ -1,0 +1,255 @@
+"""The engine loop: add requests, step (schedule -> run -> sample -> postprocess), emit outputs."""
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from forge.config import EngineConfig
+from forge.engine.block_manager import BlockManager
+from forge.engine.model_runner import ModelRunner
+from forge.engine.sampler import SampleResult, Sampler
+from forge.engine.scheduler import Scheduler
+from forge.errors import InvalidRequestError, PromptTooLongError
+from forge.loader import load_model
+from forge.outputs import CompletionOutput, Logprob, RequestOutput
+from forge.sampling_params import SamplingParams
+from forge.sequence import Sequence
+from forge.tokenizer import IncrementalDetokenizer
+
+logger = logging.getLogger("forge")
+
+
+@dataclass
+class Request:
+    """A user request: one prompt, `n` sequences sampled from it."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence] = field(default_factory=list)
+    arrival_time: float = field(default_factory=time.monotonic)
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        if config.device.startswith("cuda") and not torch.cuda.is_available():
+            raise InvalidRequestError("--device cuda was asked for but torch sees no CUDA GPU", param="device")
+        loaded = load_model(config.model)
+        self.model_config = loaded.config
+        self.tokenizer = loaded.tokenizer
+        self.model_path = loaded.path
+        self.max_model_len = min(config.max_model_len or 8192, loaded.config.max_position_embeddings)
+        self.runner = ModelRunner(loaded.config, loaded.weights, config, self.max_model_len)
+        del loaded
+        num_blocks = self.runner.num_kv_blocks
+        # A single sequence must always fit, or preemption could never make room for it.
+        self.max_model_len = min(self.max_model_len, num_blocks * config.block_size)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.sampler = Sampler()
+        self.eos_token_ids = set(self.tokenizer.stop_token_ids)
+        self.requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0}
+
+    # -- requests --------------------------------------------------------------------------
+    def tokenize_prompt(self, prompt: str | dict | list[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            prompt = prompt.get("prompt", "")
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt is empty", param="prompt")
+            return prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
+        return None, list(prompt)
+
+    def add_request(
+        self, prompt: str | dict | list[int], params: SamplingParams | None = None, request_id: str | None = None
+    ) -> str:
+        params = params or SamplingParams()
+        text, ids = self.tokenize_prompt(prompt)
+        self.validate_prompt(ids, params)
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
+        req = Request(request_id, text, ids, params)
+        for i in range(params.n):
+            seed = None if params.seed is None else params.seed + i
+            detok = IncrementalDetokenizer(self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens)
+            seq = Sequence(request_id, ids, params, index=i, detokenizer=detok, seed=seed)
+            if params.structured_outputs is not None:
+                seq.structured = self.make_structured_matcher(params.structured_outputs)
+            req.seqs.append(seq)
+        for seq in req.seqs:
+            self.scheduler.add(seq)
+        self.requests[request_id] = req
+        self.stats["prompt_tokens"] += len(ids)
+        return request_id
+
+    def validate_prompt(self, ids: list[int], params: SamplingParams) -> None:
+        if not ids:
+            raise InvalidRequestError("prompt is empty", param="prompt")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})", param="prompt")
+        if len(ids) >= self.max_model_len:
+            raise PromptTooLongError(
+                f"prompt has {len(ids)} tokens but the model's context is {self.max_model_len} tokens", param="prompt"
+            )
+        if params.max_tokens is not None and len(ids) + params.max_tokens > self.max_model_len:
+            raise PromptTooLongError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {len(ids) + params.max_tokens} "
+                f"exceeds the model's context of {self.max_model_len} tokens",
+                param="max_tokens",
+            )
+
+    def make_structured_matcher(self, spec):
+        from forge.structured import make_matcher
+
+        return make_matcher(self, spec)
+
+    def abort_request(self, request_id: str) -> None:
+        """Cancel a request at any point; its KV blocks are freed at once."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return
+        for seq in req.seqs:
+            if not seq.is_finished:
+                seq.finish_reason = "abort"
+                self.scheduler.finish(seq)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
+    # -- the step --------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if not sched:
+            return []
+        sampling = [item for item in sched.scheduled if item.samples]
+        seqs = [item.seq for item in sampling]
+        logits = self.runner.execute(sched)
+        if any(s.structured is not None for s in seqs):
+            logits = self.apply_structured_masks(logits, seqs)
+        results = self.sampler(logits, seqs) if seqs else []
+        self.scheduler.postprocess(sched)
+        self.stats["steps"] += 1
+        touched: dict[str, Request] = {}
+        now = time.monotonic()
+        for seq, result in zip(seqs, results):
+            self._append_token(seq, result, now)
+            touched[seq.request_id] = self.requests[seq.request_id]
+        outputs = [self._make_output(req) for req in touched.values()]
+        for req in touched.values():
+            if req.finished:
+                del self.requests[req.request_id]
+        return outputs
+
+    def apply_structured_masks(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        from forge.structured import apply_masks
+
+        return apply_masks(logits, seqs)
+
+    def _append_token(self, seq: Sequence, result: SampleResult, now: float) -> None:
+        token = result.token_id
+        p = seq.params
+        seq.token_ids.append(token)
+        self.stats["generation_tokens"] += 1
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        seq.last_token_time = now
+        if result.logprob is not None:
+            seq.cumulative_logprob += result.logprob
+            entry = {token: Logprob(result.logprob, 0, self.tokenizer.decode([token], skip_special_tokens=False))}
+            for rank, (tid, lp) in enumerate(result.top_logprobs or [], start=1):
+                if tid == token:
+                    entry[token].rank = rank
+                else:
+                    entry[tid] = Logprob(lp, rank, self.tokenizer.decode([tid], skip_special_tokens=False))
+            if entry[token].rank == 0:
+                entry[token].rank = -1  # not among the top-n; exact rank not computed
+            seq.output_logprobs.append(entry)
+        if seq.structured is not None:
+            seq.structured.accept(token)
+        old_len = len(seq.detokenizer.text)
+        seq.detokenizer.add(token)
+        enough = seq.num_output_tokens >= p.min_tokens
+        if enough and token in p.stop_token_ids:
+            return self._finish(seq, "stop", token)
+        if enough and not p.ignore_eos and token in self.eos_token_ids:
+            return self._finish(seq, "stop", token)
+        if seq.structured is not None and seq.structured.is_terminated():
+            return self._finish(seq, "stop", None)
+        if enough and p.stop:
+            text = seq.detokenizer.text
+            start = max(0, old_len - max(len(s) for s in p.stop) + 1)
+            for stop in p.stop:
+                idx = text.find(stop, start)
+                if idx != -1:
+                    seq.stop_text_cut = idx + len(stop) if p.include_stop_str_in_output else idx
+                    return self._finish(seq, "stop", stop)
+        if p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens:
+            return self._finish(seq, "length", None)
+        if seq.num_tokens >= self.max_model_len:
+            return self._finish(seq, "length", None)
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason) -> None:
+        seq.finish_reason = reason
+        seq.stop_reason = stop_reason
+        self.scheduler.finish(seq)
+
+    def _make_output(self, req: Request) -> RequestOutput:
+        outs = []
+        for seq in req.seqs:
+            outs.append(
+                CompletionOutput(
+                    index=seq.index,
+                    text=seq.output_text,
+                    token_ids=list(seq.output_token_ids),
+                    cumulative_logprob=seq.cumulative_logprob if seq.params.logprobs is not None else None,
+                    logprobs=list(seq.output_logprobs) if seq.params.logprobs is not None else None,
+                    finish_reason=seq.finish_reason,
+                    stop_reason=seq.stop_reason,
+                )
+            )
+        first = [s.first_token_time for s in req.seqs if s.first_token_time]
+        metrics = {"arrival_time": req.arrival_time, "first_token_time": min(first) if first else None}
+        return RequestOutput(
+            request_id=req.request_id,
+            prompt=req.prompt,
+            prompt_token_ids=req.prompt_token_ids,
+            outputs=outs,
+            finished=req.finished,
+            num_cached_tokens=req.seqs[0].num_cached_tokens,
+            metrics=metrics,
+        )
+
+    # -- introspection -----------------------------------------------------------------------
+    @property
+    def kv_cache_usage(self) -> float:
+        return self.block_manager.usage
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.block_manager.prefix_hit_rate
+
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)

@@ -1,0 +1,110 @@
+"""Runs one scheduled step: builds the flat input tensors, runs the model, returns sampling logits."""
+
+import logging
+
+import torch
+
+from forge.config import EngineConfig, ModelConfig
+from forge.engine.scheduler import SchedulerOutput
+from forge.models.llama import LlamaModel
+from forge.ops import get_ops
+from forge.ops.metadata import AttentionMetadata
+
+logger = logging.getLogger("forge")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r} (choose from auto, {', '.join(DTYPES)})")
+    return DTYPES[dtype]
+
+
+class ModelRunner:
+    def __init__(self, model_config: ModelConfig, weights: dict, config: EngineConfig, max_model_len: int):
+        self.config = config
+        self.model_config = model_config
+        self.device = torch.device(config.device)
+        self.dtype = resolve_dtype(config.dtype, config.device)
+        self.block_size = config.block_size
+        self.max_model_len = max_model_len
+        self.ops = get_ops(config.device)
+        self.model = LlamaModel(model_config, weights, self.ops, config.device, self.dtype, max_model_len)
+        self.num_kv_blocks = self._plan_kv_blocks()
+        shape = (self.num_kv_blocks, self.block_size, model_config.num_kv_heads, model_config.head_dim)
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=self.dtype, device=self.device), torch.zeros(shape, dtype=self.dtype, device=self.device))
+            for _ in range(model_config.num_layers)
+        ]
+        logger.info("KV cache: %d blocks of %d tokens (%d tokens)", self.num_kv_blocks, self.block_size,
+                    self.num_kv_blocks * self.block_size)
+
+    @property
+    def kv_block_bytes(self) -> int:
+        c = self.model_config
+        return 2 * c.num_layers * self.block_size * c.num_kv_heads * c.head_dim * self.dtype.itemsize
+
+    def _plan_kv_blocks(self) -> int:
+        if self.config.num_kv_blocks:
+            return self.config.num_kv_blocks
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = free - (1 - self.config.gpu_memory_utilization) * total
+        else:
+            budget = self.config.cpu_kv_cache_gb * 2**30
+        # Never more than every sequence at full length could use.
+        cap = self.config.max_num_seqs * -(-self.max_model_len // self.block_size)
+        return max(1, min(int(budget // self.kv_block_bytes), cap))
+
+    def prepare_inputs(self, sched: SchedulerOutput) -> tuple[torch.Tensor, AttentionMetadata, torch.Tensor]:
+        """Flatten the scheduled sequences into one token batch; returns (ids, metadata, logits rows)."""
+        bs = self.block_size
+        input_ids, positions, slots = [], [], []
+        query_lens, context_lens, logits_rows = [], [], []
+        max_blocks = max(len(s.seq.block_table) for s in sched.scheduled)
+        block_tables = []
+        for item in sched.scheduled:
+            seq, n = item.seq, item.num_new_tokens
+            start = seq.num_computed_tokens
+            input_ids.extend(seq.token_ids[start : start + n])
+            pos = range(start, start + n)
+            positions.extend(pos)
+            table = seq.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in pos)
+            query_lens.append(n)
+            context_lens.append(start + n)
+            block_tables.append(table + [0] * (max_blocks - len(table)))
+            if item.samples:
+                logits_rows.append(len(input_ids) - 1)
+        query_start = [0]
+        for n in query_lens:
+            query_start.append(query_start[-1] + n)
+
+        def to_device(data, dtype):
+            t = torch.tensor(data, dtype=dtype)
+            if self.device.type == "cuda":
+                return t.pin_memory().to(self.device, non_blocking=True)
+            return t
+
+        meta = AttentionMetadata(
+            positions=to_device(positions, torch.long),
+            slot_mapping=to_device(slots, torch.long),
+            query_start_loc=to_device(query_start, torch.int32),
+            context_lens=to_device(context_lens, torch.int32),
+            block_tables=to_device(block_tables, torch.int32),
+            max_query_len=max(query_lens),
+            max_context_len=max(context_lens),
+            query_lens_cpu=query_lens,
+            context_lens_cpu=context_lens,
+        )
+        return to_device(input_ids, torch.long), meta, to_device(logits_rows, torch.long)
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> torch.Tensor:
+        """Run the step; returns float32 logits for the sequences that sample, in scheduled order."""
+        input_ids, meta, logits_rows = self.prepare_inputs(sched)
+        hidden = self.model.forward(input_ids, meta, self.kv_caches)
+        return self.model.compute_logits(hidden[logits_rows])

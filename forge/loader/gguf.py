@@ -1,0 +1,148 @@
+"""GGUF loading with the `gguf` package: metadata -> ModelConfig, tensors dequantized to float32."""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as Q
+from gguf import GGUFReader
+from gguf.quants import dequantize
+
+from forge.config import ModelConfig
+from forge.errors import ModelLoadError, UnsupportedModelError
+
+SUPPORTED_TYPES = {
+    Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K,
+}
+SUPPORTED_ARCHS = {"llama"}
+
+# llama.cpp tensor names -> HF names ("blk.N." prefix becomes "model.layers.N.").
+_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "rope_freqs.weight": "rope_freqs.weight",
+}
+
+
+def hf_name(gguf_name: str) -> str | None:
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    if gguf_name.startswith("blk."):
+        _, layer, rest = gguf_name.split(".", 2)
+        if rest in _LAYER_NAMES:
+            return f"model.layers.{layer}.{_LAYER_NAMES[rest]}"
+    return None
+
+
+def read_metadata(reader: GGUFReader) -> dict:
+    """All key/value metadata as plain Python values."""
+    meta = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        meta[key] = field.contents()
+    return meta
+
+
+def config_from_metadata(meta: dict) -> ModelConfig:
+    arch = meta.get("general.architecture")
+    if arch not in SUPPORTED_ARCHS:
+        raise UnsupportedModelError(f"unsupported GGUF architecture {arch!r} (forge runs: {', '.join(sorted(SUPPORTED_ARCHS))})")
+
+    def get(key, default=None):
+        return meta.get(f"{arch}.{key}", default)
+
+    num_heads = get("attention.head_count")
+    hidden = get("embedding_length")
+    head_dim = get("attention.key_length") or get("rope.dimension_count") or hidden // num_heads
+    vocab = get("vocab_size") or len(meta.get("tokenizer.ggml.tokens", []))
+    return ModelConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=get("feed_forward_length"),
+        num_layers=get("block_count"),
+        num_heads=num_heads,
+        num_kv_heads=get("attention.head_count_kv") or num_heads,
+        head_dim=head_dim,
+        max_position_embeddings=get("context_length", 4096),
+        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(get("rope.freq_base", 10000.0)),
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+        eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
+        name=meta.get("general.name", arch),
+    )
+
+
+def unpermute_qk(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's Q/K row permutation (interleaved RoPE pairs) back to HF's half-split layout."""
+    rows = weight.shape[0]
+    return (
+        weight.reshape(num_heads, rows // num_heads // 2, 2, *weight.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weight.shape)
+    )
+
+
+def dequantize_tensor(tensor) -> np.ndarray:
+    qtype = Q(tensor.tensor_type)
+    if qtype not in SUPPORTED_TYPES:
+        raise UnsupportedModelError(f"tensor {tensor.name!r} uses unsupported GGUF quantization {qtype.name}")
+    shape = tuple(int(d) for d in reversed(tensor.shape))  # ggml lists the fastest dim first
+    array = np.asarray(dequantize(tensor.data, qtype), dtype=np.float32).reshape(shape)
+    # F32 tensors come back as read-only views of the memory-mapped file: copy them out.
+    return array if array.flags.writeable else array.copy()
+
+
+def load_gguf(path: Path):
+    from forge.loader import LoadedModel
+    from forge.tokenizer import Tokenizer
+
+    try:
+        reader = GGUFReader(path)
+    except Exception as e:  # the gguf package raises ValueError/IndexError/... on a bad file
+        raise ModelLoadError(f"cannot read GGUF file {path}: {type(e).__name__}: {e}".split("\n")[0]) from None
+    meta = read_metadata(reader)
+    config = config_from_metadata(meta)
+    weights: dict[str, torch.Tensor] = {}
+    for tensor in reader.tensors:
+        name = hf_name(tensor.name)
+        if name is None:
+            continue
+        try:
+            array = dequantize_tensor(tensor)
+        except UnsupportedModelError:
+            raise
+        except Exception as e:
+            raise ModelLoadError(f"cannot read tensor {tensor.name!r} of {path}: {e}".split("\n")[0]) from None
+        t = torch.from_numpy(array)
+        if name.endswith("q_proj.weight"):
+            t = unpermute_qk(t, config.num_heads)
+        elif name.endswith("k_proj.weight"):
+            t = unpermute_qk(t, config.num_kv_heads)
+        weights[name] = t
+    if "lm_head.weight" not in weights:
+        config.tie_word_embeddings = True
+    _check_complete(weights, config, path)
+    tokenizer = Tokenizer.from_gguf_metadata(meta)
+    return LoadedModel(config=config, weights=weights, tokenizer=tokenizer, path=path)
+
+
+def _check_complete(weights: dict, config: ModelConfig, path) -> None:
+    required = ["model.embed_tokens.weight", "model.norm.weight"]
+    for i in range(config.num_layers):
+        required += [f"model.layers.{i}.{n}" for n in _LAYER_NAMES.values()]
+    missing = [n for n in required if n not in weights]
+    if missing:
+        raise ModelLoadError(f"{path} is missing {len(missing)} tensors (first: {missing[0]})")

@@ -1,0 +1,60 @@
+"""HF model directories: config.json + *.safetensors (single or sharded) + tokenizer files."""
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from forge.config import ModelConfig
+from forge.errors import ModelLoadError
+
+
+def load_hf_dir(path: Path):
+    from forge.loader import LoadedModel
+    from forge.tokenizer import Tokenizer
+
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise ModelLoadError(f"{path} has no config.json")
+    try:
+        config = ModelConfig.from_hf_dict(json.loads(config_file.read_text()))
+    except (json.JSONDecodeError, KeyError) as e:
+        raise ModelLoadError(f"bad config.json in {path}: {type(e).__name__}: {e}") from None
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
+    else:
+        files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{path} has no .safetensors files")
+    weights: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            with safe_open(f, framework="pt") as st:
+                for name in st.keys():
+                    weights[name] = st.get_tensor(name)
+        except Exception as e:
+            raise ModelLoadError(f"cannot read {f}: {e}".split("\n")[0]) from None
+    if "lm_head.weight" not in weights:
+        config.tie_word_embeddings = True
+    from forge.loader.gguf import _check_complete
+
+    _check_complete(weights, config, path)
+    tokenizer = Tokenizer.from_hf_dir(path)
+    return LoadedModel(config=config, weights=weights, tokenizer=tokenizer, path=path)
+
+
+def save_hf_dir(path: Path, config: ModelConfig, weights: dict[str, torch.Tensor], tokenizer=None) -> None:
+    """Write an HF-layout directory (used to convert a GGUF and by tests)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = config.to_hf_dict()
+    tensors = {k: v.contiguous() for k, v in weights.items()}
+    if config.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(cfg, indent=2))
+    if tokenizer is not None:
+        tokenizer.save_hf_dir(path)

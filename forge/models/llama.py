@@ -1,0 +1,99 @@
+"""The Llama decoder, written once against the ops interface (forge.ops) for every device.
+
+Weights are held fused: q/k/v as one matrix and gate/up as one, so each is a single GEMM; the
+`qkv_rope_cache` op splits the result, applies RoPE and writes K/V into the paged cache.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from forge.config import ModelConfig
+from forge.models.rope import build_cos_sin_cache
+from forge.ops.metadata import AttentionMetadata
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor  # [hidden]
+    qkv_proj: torch.Tensor  # [q_size + 2 kv_size, hidden]
+    o_proj: torch.Tensor  # [hidden, q_size]
+    post_attention_norm: torch.Tensor  # [hidden]
+    gate_up_proj: torch.Tensor  # [2 intermediate, hidden]
+    down_proj: torch.Tensor  # [hidden, intermediate]
+
+
+class LlamaModel:
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], ops, device: str, dtype: torch.dtype,
+                 max_positions: int):
+        self.config = config
+        self.ops = ops
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.scale = config.head_dim ** -0.5
+
+        def w(name: str) -> torch.Tensor:
+            return weights[name].to(device=self.device, dtype=dtype)
+
+        self.embed_tokens = w("model.embed_tokens.weight")
+        self.layers: list[LayerWeights] = []
+        for i in range(config.num_layers):
+            p = f"model.layers.{i}."
+            self.layers.append(
+                LayerWeights(
+                    input_norm=w(p + "input_layernorm.weight"),
+                    qkv_proj=torch.cat(
+                        [w(p + "self_attn.q_proj.weight"), w(p + "self_attn.k_proj.weight"), w(p + "self_attn.v_proj.weight")]
+                    ),
+                    o_proj=w(p + "self_attn.o_proj.weight"),
+                    post_attention_norm=w(p + "post_attention_layernorm.weight"),
+                    gate_up_proj=torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")]),
+                    down_proj=w(p + "mlp.down_proj.weight"),
+                )
+            )
+        self.norm = w("model.norm.weight")
+        if "lm_head.weight" in weights and not config.tie_word_embeddings:
+            self.lm_head = w("lm_head.weight")
+        else:
+            self.lm_head = self.embed_tokens
+        freq_factors = weights.get("rope_freqs.weight")
+        self.cos_sin_cache = build_cos_sin_cache(config, max_positions, freq_factors).to(self.device)
+
+    def weight_bytes(self) -> int:
+        tensors = [self.embed_tokens, self.norm] + [t for layer in self.layers for t in vars(layer).values()]
+        if self.lm_head is not self.embed_tokens:
+            tensors.append(self.lm_head)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+    ) -> torch.Tensor:
+        """input_ids: [T] -> final normed hidden states [T, hidden]."""
+        ops, cfg = self.ops, self.config
+        num_tokens = input_ids.shape[0]
+        hidden = ops.embedding(input_ids, self.embed_tokens)
+        residual = None
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+            if residual is None:
+                residual = hidden
+                x = ops.rms_norm(hidden, layer.input_norm, cfg.rms_norm_eps)
+            else:
+                x, residual = ops.add_rms_norm(hidden, residual, layer.input_norm, cfg.rms_norm_eps)
+            qkv = ops.linear(x, layer.qkv_proj)
+            q = ops.qkv_rope_cache(
+                qkv, meta.positions, self.cos_sin_cache, k_cache, v_cache, meta.slot_mapping,
+                cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+            )
+            attn = ops.attention(q, k_cache, v_cache, meta, self.scale)
+            hidden = ops.linear(attn.reshape(num_tokens, cfg.q_size), layer.o_proj)
+            x, residual = ops.add_rms_norm(hidden, residual, layer.post_attention_norm, cfg.rms_norm_eps)
+            hidden = ops.linear(ops.silu_mul(ops.linear(x, layer.gate_up_proj)), layer.down_proj)
+        hidden, _ = ops.add_rms_norm(hidden, residual, self.norm, cfg.rms_norm_eps)
+        return hidden
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[n, hidden] -> float32 logits [n, vocab]."""
+        return self.ops.linear(hidden, self.lm_head).float()

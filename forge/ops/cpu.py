@@ -1,0 +1,112 @@
+"""Reference ops in plain PyTorch. Every CUDA kernel is tested against these."""
+
+import torch
+import torch.nn.functional as F
+
+from forge.ops.metadata import AttentionMetadata
+
+
+def rotate_neox(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on the two halves of the head dim (HF `rotate_half` layout). x: [T, H, D]; cos/sin: [T, D/2]."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half].float(), x[..., half:].float()
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return out.to(x.dtype)
+
+
+class CpuOps:
+    """Plain-PyTorch implementation of the ops interface (float32 or bfloat16)."""
+
+    name = "cpu"
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, weight)
+
+    def embedding(self, token_ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.embedding(token_ids, weight)
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        return (weight.float() * xf).to(x.dtype)
+
+    def add_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """residual = x + residual; return (rms_norm(residual) * weight, residual)."""
+        residual = x + residual
+        return self.rms_norm(residual, weight, eps), residual
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """[T, 2I] (gate then up, from one fused GEMM) -> silu(gate) * up, [T, I]."""
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    def qkv_rope_cache(
+        self,
+        qkv: torch.Tensor,
+        positions: torch.Tensor,
+        cos_sin_cache: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+    ) -> torch.Tensor:
+        """Split the fused QKV GEMM output, rotate q and k, write k and v into their cache slots.
+
+        qkv: [T, (H + 2 Hkv) D]; cos_sin_cache: [max_pos, D] float32 (cos half, then sin half);
+        k_cache/v_cache: [num_blocks, block_size, Hkv, D]. Returns q: [T, H, D].
+        """
+        t = qkv.shape[0]
+        q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], -1)
+        cos, sin = cos_sin_cache[positions].chunk(2, dim=-1)
+        q = rotate_neox(q.view(t, num_heads, head_dim), cos, sin)
+        k = rotate_neox(k.view(t, num_kv_heads, head_dim), cos, sin)
+        k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+        v_cache.view(-1, num_kv_heads, head_dim).index_copy_(
+            0, slot_mapping, v.reshape(t, num_kv_heads, head_dim).to(v_cache.dtype)
+        )
+        return q
+
+    def attention(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        """Causal attention of each sequence's new queries over its whole paged context.
+
+        q: [T, H, D] -> [T, H, D]. The query token i of a sequence with context length L and query
+        length n sits at position L - n + i and sees keys 0 .. L - n + i.
+        """
+        out = torch.empty_like(q)
+        block_size = k_cache.shape[1]
+        num_heads, num_kv_heads = q.shape[1], k_cache.shape[2]
+        group = num_heads // num_kv_heads
+        start = 0
+        for i, (n, ctx) in enumerate(zip(meta.query_lens_cpu, meta.context_lens_cpu)):
+            blocks = meta.block_tables[i, : (ctx + block_size - 1) // block_size].long()
+            k = k_cache[blocks].flatten(0, 1)[:ctx]  # [ctx, Hkv, D]
+            v = v_cache[blocks].flatten(0, 1)[:ctx]
+            out[start : start + n] = self._causal_attention(q[start : start + n], k, v, group, scale)
+            start += n
+        return out
+
+    @staticmethod
+    def _causal_attention(q, k, v, group: int, scale: float) -> torch.Tensor:
+        """q: [n, H, D] (the last n positions); k, v: [ctx, Hkv, D]. Float32 softmax."""
+        n, ctx = q.shape[0], k.shape[0]
+        k = k.repeat_interleave(group, dim=1).transpose(0, 1).float()  # [H, ctx, D]
+        v = v.repeat_interleave(group, dim=1).transpose(0, 1).float()
+        scores = torch.matmul(q.transpose(0, 1).float(), k.transpose(1, 2)) * scale  # [H, n, ctx]
+        if n > 1:
+            query_pos = torch.arange(ctx - n, ctx)[:, None]
+            mask = torch.arange(ctx)[None, :] > query_pos
+            scores.masked_fill_(mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        return torch.matmul(probs, v).transpose(0, 1).to(q.dtype)

@@ -1,0 +1,114 @@
+"""A Sequence owns one generation stream: its token ids, KV block table and output state."""
+
+import enum
+import itertools
+import time
+
+import torch
+
+from forge.outputs import Logprob
+from forge.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+_seq_counter = itertools.count()
+
+
+class Sequence:
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        index: int = 0,
+        detokenizer=None,
+        seed: int | None = None,
+    ):
+        self.seq_id = next(_seq_counter)
+        self.request_id = request_id
+        self.index = index  # which of the request's n completions this is
+        self.params = params
+        self.token_ids: list[int] = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.status = SequenceStatus.WAITING
+        # KV cache state, owned by the block manager.
+        self.block_table: list[int] = []
+        self.block_hashes: list[int] = []  # hash of each full block, in order (prefix caching)
+        self.num_computed_tokens = 0  # tokens whose K/V are in the cache
+        self.num_cached_tokens = 0  # of the prompt, how many came from the prefix cache
+        self.num_preemptions = 0
+        # Sampling: a private generator so this stream's draws don't depend on the batch.
+        self.seed = seed
+        self.generator: torch.Generator | None = None
+        if not params.greedy:
+            self.generator = torch.Generator()
+            self.generator.manual_seed(seed if seed is not None else torch.seed())
+        self.structured = None  # a forge.structured matcher when the request is constrained
+        # Output state.
+        self.detokenizer = detokenizer
+        self.output_logprobs: list[dict[int, Logprob]] = []
+        self.cumulative_logprob = 0.0
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+        self.stop_text_cut: int | None = None  # length of the text kept after a stop string
+        self.arrival_time = time.monotonic()
+        self.first_token_time: float | None = None
+        self.last_token_time: float | None = None
+
+    # -- token bookkeeping -------------------------------------------------------------
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED
+
+    # -- text ----------------------------------------------------------------------------
+    @property
+    def output_text(self) -> str:
+        """Text so far; while running, a tail that could still become a stop string is held back."""
+        text = self.detokenizer.text if self.detokenizer else ""
+        if self.stop_text_cut is not None:
+            return text[: self.stop_text_cut]
+        if not self.is_finished and self.params.stop:
+            return text[: len(text) - _partial_stop_suffix(text, self.params.stop)]
+        return text
+
+    def __repr__(self) -> str:
+        return (
+            f"Sequence(id={self.seq_id}, req={self.request_id}, tokens={self.num_tokens}, "
+            f"computed={self.num_computed_tokens}, status={self.status.value})"
+        )
+
+
+def _partial_stop_suffix(text: str, stops: list[str]) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
+    best = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), best, -1):
+            if text.endswith(stop[:k]):
+                best = k
+                break
+    return best

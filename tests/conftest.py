@@ -1,0 +1,55 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "smollm2_135m_q4_1_greedy.json"
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def reference_cases() -> list[dict]:
+    if not REFERENCE.exists():
+        pytest.skip(f"reference file {REFERENCE} not found")
+    return json.loads(REFERENCE.read_text())
+
+
+@pytest.fixture(scope="session")
+def default_model_path():
+    from forge.loader import default_model_path
+
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def default_loaded(default_model_path):
+    from forge.loader import load_model
+
+    return load_model(default_model_path)
+
+
+@pytest.fixture(scope="session")
+def default_llm():
+    """The real default model on the CPU, shared by every test that only reads from it."""
+    from forge import LLM
+
+    return LLM(max_model_len=2048, num_kv_blocks=512)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, default_loaded):
+    """A random-weight Llama with the default model's tokenizer: fast enough for scheduler tests."""
+    from tests.util import make_random_model_dir
+
+    return make_random_model_dir(tmp_path_factory.mktemp("tiny"), default_loaded.tokenizer)

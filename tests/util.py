@@ -1,0 +1,51 @@
+"""Helpers for tests: random-weight Llama models of any shape, saved as HF directories."""
+
+from pathlib import Path
+
+import torch
+
+from forge.config import ModelConfig
+from forge.loader.safetensors import save_hf_dir
+
+
+def random_weights(config: ModelConfig, seed: int = 0, scale: float = 0.05) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g) * scale
+
+    c = config
+    w = {
+        "model.embed_tokens.weight": rnd(c.vocab_size, c.hidden_size) * 10,
+        "model.norm.weight": 1 + rnd(c.hidden_size),
+    }
+    if not c.tie_word_embeddings:
+        w["lm_head.weight"] = rnd(c.vocab_size, c.hidden_size)
+    for i in range(c.num_layers):
+        p = f"model.layers.{i}."
+        w[p + "input_layernorm.weight"] = 1 + rnd(c.hidden_size)
+        w[p + "post_attention_layernorm.weight"] = 1 + rnd(c.hidden_size)
+        w[p + "self_attn.q_proj.weight"] = rnd(c.q_size, c.hidden_size)
+        w[p + "self_attn.k_proj.weight"] = rnd(c.kv_size, c.hidden_size)
+        w[p + "self_attn.v_proj.weight"] = rnd(c.kv_size, c.hidden_size)
+        w[p + "self_attn.o_proj.weight"] = rnd(c.hidden_size, c.q_size)
+        w[p + "mlp.gate_proj.weight"] = rnd(c.intermediate_size, c.hidden_size)
+        w[p + "mlp.up_proj.weight"] = rnd(c.intermediate_size, c.hidden_size)
+        w[p + "mlp.down_proj.weight"] = rnd(c.hidden_size, c.intermediate_size)
+    return w
+
+
+def tiny_config(vocab_size: int = 49152, **overrides) -> ModelConfig:
+    cfg = dict(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+        num_kv_heads=2, head_dim=16, max_position_embeddings=2048, rope_theta=10000.0,
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+    )
+    cfg.update(overrides)
+    return ModelConfig(**cfg)
+
+
+def make_random_model_dir(path: Path, tokenizer, seed: int = 0, **overrides) -> Path:
+    config = tiny_config(vocab_size=tokenizer.vocab_size, **overrides)
+    save_hf_dir(path, config, random_weights(config, seed), tokenizer)
+    return path
