@@ -1,9 +1,9 @@
 """forge: a readable LLM inference engine for Llama-family models."""
 
-from forge.sampling_params import SamplingParams
+from forge.sampling_params import SamplingParams, StructuredOutputsParams
 from forge.outputs import CompletionOutput, RequestOutput
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "RequestOutput", "CompletionOutput"]
 __version__ = "0.1.0"
 
 

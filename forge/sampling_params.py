@@ -1,9 +1,30 @@
 """Per-request sampling parameters, with vLLM's names and defaults so users can switch."""
 
 from dataclasses import dataclass, field
-from typing import Any
-
 from forge.errors import InvalidRequestError
+
+
+@dataclass
+class StructuredOutputsParams:
+    """Constrain generation to a JSON schema, any JSON object, a regex, one of several strings, or an
+    EBNF grammar (exactly one of them), like vLLM's `StructuredOutputsParams`."""
+
+    json: dict | str | None = None  # a JSON schema (dict or its JSON text)
+    json_object: bool = False  # any valid JSON object
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None  # EBNF (GBNF-style, as xgrammar reads it)
+
+    def __post_init__(self):
+        given = [k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            raise InvalidRequestError(
+                f"structured outputs need exactly one of json, json_object, regex, choice, grammar; got {given or 'none'}",
+                param="structured_outputs",
+            )
+        if self.choice is not None and (not self.choice or not all(isinstance(c, str) and c for c in self.choice)):
+            raise InvalidRequestError("choice must be a non-empty list of non-empty strings", param="choice")
 
 
 @dataclass
@@ -26,7 +47,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
-    structured_outputs: Any = None  # forge.structured spec: json schema / regex / choice / grammar
+    structured_outputs: StructuredOutputsParams | None = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):

@@ -49,3 +49,34 @@ def make_random_model_dir(path: Path, tokenizer, seed: int = 0, **overrides) -> 
     config = tiny_config(vocab_size=tokenizer.vocab_size, **overrides)
     save_hf_dir(path, config, random_weights(config, seed), tokenizer)
     return path
+
+
+def single_sequence_metadata(num_tokens: int, block_size: int):
+    """Attention metadata for one fresh sequence occupying blocks 0, 1, 2, ... of the cache."""
+    from forge.ops.metadata import AttentionMetadata
+
+    num_blocks = -(-num_tokens // block_size)
+    return AttentionMetadata(
+        positions=torch.arange(num_tokens),
+        slot_mapping=torch.arange(num_tokens),
+        query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32),
+        context_lens=torch.tensor([num_tokens], dtype=torch.int32),
+        block_tables=torch.arange(num_blocks, dtype=torch.int32)[None],
+        max_query_len=num_tokens,
+        max_context_len=num_tokens,
+        query_lens_cpu=[num_tokens],
+        context_lens_cpu=[num_tokens],
+    )
+
+
+@torch.inference_mode()
+def forward_logits(runner, token_ids: list[int]) -> torch.Tensor:
+    """All-position logits of one prompt through a ModelRunner's model (uses its KV cache blocks 0..)."""
+    meta = single_sequence_metadata(len(token_ids), runner.block_size)
+    ids = torch.tensor(token_ids, device=runner.device)
+    meta.positions, meta.slot_mapping = meta.positions.to(runner.device), meta.slot_mapping.to(runner.device)
+    meta.block_tables = meta.block_tables.to(runner.device)
+    meta.context_lens = meta.context_lens.to(runner.device)
+    meta.query_start_loc = meta.query_start_loc.to(runner.device)
+    hidden = runner.model.forward(ids, meta, runner.kv_caches)
+    return runner.model.compute_logits(hidden)
