@@ -10,6 +10,10 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#ifndef INFINITY  // NVRTC has no <math.h>
+#define INFINITY __int_as_float(0x7f800000)
+#endif
+
 #ifndef FORGE_DTYPE
 #define FORGE_DTYPE 1
 #endif

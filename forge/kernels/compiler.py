@@ -39,6 +39,8 @@ except ImportError:  # pragma: no cover - older cuda.core
 
 _lock = threading.Lock()
 _kernels: dict[tuple, object] = {}
+_modules: dict[tuple, object] = {}  # one compiled module per (file, arch, defines)
+_fast: dict[tuple, object] = {}  # call-site key -> kernel, skips the arch lookup
 _streams: dict[int, object] = {}
 _local = threading.local()
 _include_dirs: list[str] | None = None
@@ -120,7 +122,7 @@ def compile_source(file: str, defines: dict[str, object], arch: str):
         arch=arch,
         std="c++17",
         include_path=[str(KERNEL_DIR), *cuda_include_dirs()],
-        define_macro=[(k, str(v)) for k, v in defines.items()],
+        define_macro=[(k, str(v)) for k, v in defines.items()] or None,
         # Fast-math flags stay off: exp2f/logf use their accurate versions; results match torch.
     )
     t0 = time.perf_counter()
@@ -142,6 +144,14 @@ def _ensure_device_current():
 
 def get_kernel(file: str, name: str, dtype: torch.dtype | None = None, **defines):
     """The compiled kernel `name` of `file` for `dtype` with macros `defines` (cached)."""
+    fast_key = (file, name, dtype, tuple(defines.items()), torch.cuda.current_device())
+    kernel = _fast.get(fast_key)
+    if kernel is None:
+        kernel = _fast[fast_key] = _get_kernel(file, name, dtype, defines)
+    return kernel
+
+
+def _get_kernel(file: str, name: str, dtype: torch.dtype | None, defines: dict):
     dev_index = _ensure_device_current()
     arch = arch_of(dev_index)
     all_defines = dict(defines)
@@ -153,7 +163,10 @@ def get_kernel(file: str, name: str, dtype: torch.dtype | None = None, **defines
         with _lock:
             kernel = _kernels.get(key)
             if kernel is None:
-                obj = compile_source(file, all_defines, arch)
+                mod_key = (file, arch, key[3])
+                obj = _modules.get(mod_key)
+                if obj is None:
+                    obj = _modules[mod_key] = compile_source(file, all_defines, arch)
                 kernel = obj.get_kernel(name)
                 _kernels[key] = kernel
     return kernel

@@ -1,0 +1,248 @@
+"""The `forge` command: generate, chat, serve, bench."""
+
+import argparse
+import logging
+import sys
+import time
+
+EXAMPLES = """examples:
+  forge generate "The capital of France is"
+  forge generate --chat "Write a haiku about the sea" --temperature 0.7 --seed 1
+  forge chat --system "You are a pirate."
+  forge serve --port 8000
+  forge bench --batch-sizes 1 16
+"""
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and engine")
+    g.add_argument("--model", "-m", default=None, help="path to a .gguf file or an HF model directory "
+                   "(default: the embedded SmolLM2-135M-Instruct Q4_1)")
+    g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="compute dtype (auto: float32 on CPU, bfloat16 on CUDA)")
+    g.add_argument("--max-model-len", type=int, default=None, help="context length cap (default: model's, at most 8192)")
+    g.add_argument("--max-num-seqs", type=int, default=64, help="most sequences decoded together (default: 64)")
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                   help="token budget of one step; longer prompts are prefilled in chunks (default: 2048)")
+    g.add_argument("--num-kv-blocks", type=int, default=None, help="KV-cache blocks of 16 tokens (default: sized from memory)")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.90,
+                   help="fraction of GPU memory forge may use, KV cache included (default: 0.90)")
+    g.add_argument("--no-prefix-caching", action="store_true", help="disable reuse of cached prompt prefixes")
+    g.add_argument("--enforce-eager", action="store_true", help="CUDA: run decode without CUDA graphs")
+    g.add_argument("--verbose", "-v", action="store_true", help="log engine details (KV blocks, backends)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 256) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=max_tokens, help=f"most tokens to generate (default: {max_tokens})")
+    g.add_argument("--temperature", "-t", type=float, default=0.0,
+                   help="0 = greedy (default); higher = more random")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the smallest set of tokens "
+                   "whose probability reaches top_p (default: 1.0 = off)")
+    g.add_argument("--top-k", type=int, default=0, help="keep only the k most likely tokens (default: 0 = off)")
+    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability (default: 0 = off)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default: 1.0 = off)")
+    g.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
+
+
+def engine_config(args):
+    from forge.config import EngineConfig
+
+    return EngineConfig(
+        model=args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        num_kv_blocks=args.num_kv_blocks, gpu_memory_utilization=args.gpu_memory_utilization,
+        enable_prefix_caching=not args.no_prefix_caching, enforce_eager=args.enforce_eager,
+    )
+
+
+def sampling_params(args):
+    from forge import SamplingParams
+
+    return SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
+        ignore_eos=args.ignore_eos,
+    )
+
+
+def stream(engine, prompt, params, out=sys.stdout) -> tuple[str, int, float]:
+    """Generate one completion, writing text as it arrives. Returns (text, tokens, seconds)."""
+    request_id = engine.add_request(prompt, params)
+    start, shown, text, n = time.perf_counter(), 0, "", 0
+    try:
+        while engine.has_unfinished_requests():
+            for output in engine.step():
+                if output.request_id != request_id:
+                    continue
+                completion = output.outputs[0]
+                text, n = completion.text, len(completion.token_ids)
+                out.write(text[shown:])
+                out.flush()
+                shown = len(text)
+    except KeyboardInterrupt:
+        engine.abort_request(request_id)
+        raise
+    return text, n, time.perf_counter() - start
+
+
+def cmd_generate(args) -> None:
+    from forge.engine.llm_engine import LLMEngine
+
+    engine = LLMEngine(engine_config(args))
+    params = sampling_params(args)
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    if args.chat:
+        tok = engine.tokenizer
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": prompt}]
+        prompt = {"prompt_token_ids": tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True))}
+    if args.echo and isinstance(prompt, str):
+        sys.stdout.write(prompt)
+    _, n, seconds = stream(engine, prompt, params)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if args.stats:
+        print(f"[{n} tokens in {seconds:.2f} s: {n / seconds:.1f} tok/s]", file=sys.stderr)
+
+
+class ChatSession:
+    """A conversation: each user turn is rendered with the whole history through the chat template."""
+
+    def __init__(self, engine, params, system: str | None = None):
+        self.engine, self.params, self.system = engine, params, system
+        self.reset()
+
+    def reset(self) -> None:
+        self.history = [{"role": "system", "content": self.system}] if self.system else []
+
+    def prompt_ids(self, user_message: str) -> list[int]:
+        tok = self.engine.tokenizer
+        return tok.encode(tok.apply_chat_template(self.history + [{"role": "user", "content": user_message}]))
+
+    def send(self, user_message: str, out=sys.stdout) -> str:
+        ids = self.prompt_ids(user_message)
+        if len(ids) + (self.params.max_tokens or 0) > self.engine.max_model_len:
+            from forge.errors import PromptTooLongError
+
+            raise PromptTooLongError(f"the conversation ({len(ids)} tokens) no longer fits the context; /reset it")
+        reply, _, _ = stream(self.engine, {"prompt_token_ids": ids}, self.params, out=out)
+        self.history += [{"role": "user", "content": user_message}, {"role": "assistant", "content": reply}]
+        return reply
+
+
+def cmd_chat(args) -> None:
+    from forge.engine.llm_engine import LLMEngine
+    from forge.errors import InvalidRequestError
+
+    session = ChatSession(LLMEngine(engine_config(args)), sampling_params(args), args.system)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("forge chat - /reset clears the history, /exit or Ctrl-D quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> " if interactive else "").strip()
+        except EOFError:
+            break
+        if line == "/exit":
+            break
+        if line == "/reset":
+            session.reset()
+        elif line:
+            try:
+                session.send(line)
+                print()
+            except InvalidRequestError as e:
+                print(f"error: {e}", file=sys.stderr)
+            except KeyboardInterrupt:
+                print("\n[interrupted]", file=sys.stderr)
+
+
+def cmd_serve(args) -> None:
+    from forge.server.api_server import serve
+
+    serve(engine_config(args), host=args.host, port=args.port, api_key=args.api_key, max_waiting=args.max_waiting,
+          served_model_name=args.served_model_name)
+
+
+def cmd_bench(args) -> None:
+    import random
+
+    from forge import SamplingParams
+    from forge.engine.llm_engine import LLMEngine
+
+    engine = LLMEngine(engine_config(args))
+    rng = random.Random(0)
+    vocab = engine.model_config.vocab_size
+    print(f"{'batch':>6} {'prompt':>7} {'output':>7} {'seconds':>8} {'out tok/s':>10}")
+    for batch in args.batch_sizes:
+        for rep in range(2):  # the first round warms up
+            params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
+            for _ in range(batch):
+                engine.add_request({"prompt_token_ids": [rng.randrange(vocab) for _ in range(args.prompt_len)]}, params)
+            start = time.perf_counter()
+            while engine.has_unfinished_requests():
+                engine.step()
+            seconds = time.perf_counter() - start
+        print(f"{batch:>6} {args.prompt_len:>7} {args.output_len:>7} {seconds:>8.2f} {batch * args.output_len / seconds:>10.1f}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="forge", description="forge: LLM inference for Llama-family models.",
+                                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,chat,serve,bench}")
+
+    p = sub.add_parser("generate", help="complete a prompt, streaming the text", epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("prompt", nargs="?", default=None, help="the prompt (default: read stdin)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the model's chat template")
+    p.add_argument("--system", default=None, help="system message (with --chat)")
+    p.add_argument("--echo", action="store_true", help="print the prompt before the completion")
+    p.add_argument("--stats", action="store_true", help="print tokens/s to stderr at the end")
+    add_model_args(p)
+    add_sampling_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive chat that keeps the conversation history")
+    p.add_argument("--system", default=None, help="system message")
+    add_model_args(p)
+    add_sampling_args(p, max_tokens=512)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1/*")
+    p.add_argument("--max-waiting", type=int, default=256, help="queued requests beyond which new ones get 503")
+    p.add_argument("--served-model-name", default=None, help="model name clients use (default: the file's stem)")
+    add_model_args(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("bench", help="offline decode throughput on random prompts")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=64)
+    add_model_args(p)
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from forge.errors import ForgeError
+
+    try:
+        args.func(args)
+    except ForgeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

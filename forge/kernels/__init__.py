@@ -1,0 +1,18 @@
+"""forge's CUDA kernels: readable CUDA C sources compiled at run time with NVRTC (cuda.core).
+
+Each kernel is a `.cu` file in this folder (a comment block at its top gives the grid/block
+layout and the bytes it must move) with a small Python launcher beside it:
+
+    activation.py      silu_mul
+    norm.py            rms_norm, add_rms_norm
+    rope_cache.py      qkv_rope_cache (split QKV, neox RoPE, KV-cache write)
+    paged_attention.py paged_decode_attention (split-K flash-decoding over the paged cache)
+    sampling.py        sample, top_k_candidates (Gumbel-max with per-row seeded noise)
+
+compiler.py compiles and caches them per (file, kernel, dtype, defines, arch) and launches
+them on torch's current stream (so they are captured by CUDA graphs).
+"""
+
+from forge.kernels.compiler import available
+
+__all__ = ["available"]

@@ -1,0 +1,134 @@
+"""Paged decode attention launcher (kernels: paged_attention.cu).
+
+`paged_decode_attention` is graph-capturable: the launch shape and the split-K scratch depend
+only on tensor shapes and the `max_context_len` hint, never on the values in `context_lens`,
+and nothing synchronizes with the host. Any hint is *correct* (each block derives its chunk of
+the context on the device); the hint only steers how many splits are launched.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from forge.kernels import compiler
+
+LOG2E = 1.4426950408889634
+MIN_CHUNK = 128  # tokens: fewer per split and the split overhead outweighs the parallelism
+
+
+def kernel_config(head_dim: int, group: int, cache_dtype: torch.dtype, num_warps: int | None = None,
+                  tile: int | None = None, tpt: int | None = None, min_blocks: int | None = None) -> dict:
+    """Compile-time shape constants of the decode kernel for this model shape."""
+    elt = torch.empty((), dtype=cache_dtype).element_size()
+    vec = 16 // elt
+    if head_dim % vec:
+        raise ValueError(f"head_dim {head_dim} must be a multiple of {vec} for {cache_dtype}")
+    nvec = head_dim // vec
+    num_warps = num_warps or 4
+    threads = num_warps * 32
+    if nvec > threads:
+        raise ValueError(f"head_dim {head_dim} too large")
+    tile = tile or (64 if elt <= 2 else 32)
+    if tpt is None:
+        # Threads per token in QK^T: enough that the GROUP query slices fit in ~64 registers.
+        want = max(1, math.ceil(group * head_dim / 64), threads // tile)
+        tpt = 1
+        while tpt < want and tpt < 32 and nvec % (tpt * 2) == 0:
+            tpt *= 2
+    if threads // tpt > tile:
+        raise ValueError("tile too small for this head_dim")
+    if min_blocks is None:
+        min_blocks = 2 if num_warps <= 4 else 1
+    return dict(HEAD_DIM=head_dim, GROUP=group, NUM_WARPS=num_warps, TPT=tpt, TILE=tile, MIN_BLOCKS=min_blocks)
+
+
+_occupancy: dict[tuple, int] = {}
+
+
+def choose_num_splits(batch: int, num_kv_heads: int, max_context_len: int, ctas_per_sm: int = 2,
+                      waves: float = 2.0) -> int:
+    """Split the context when B * Hkv blocks would leave SMs idle (flash-decoding)."""
+    slots = compiler.num_sms() * ctas_per_sm
+    base = max(1, batch * num_kv_heads)
+    max_by_len = max(1, -(-max_context_len // MIN_CHUNK))
+    if base >= slots * waves * 0.9:
+        return 1
+    return int(max(1, min(max_by_len, math.ceil(waves * slots / base), 256)))
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    max_context_len: int | None = None,
+    num_splits: int | None = None,
+    out: torch.Tensor | None = None,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """q [B, H, D] (one new token per sequence) over its paged context -> [B, H, D].
+
+    k_cache/v_cache: [num_blocks, block_size, Hkv, D]; block_tables: int32 [B, max_blocks];
+    context_lens: int32 [B] (0 = padding row: zeros out). `max_context_len` is an upper bound
+    on context_lens (default: what the block table can address); it picks the split count.
+    """
+    b, h, d = q.shape
+    num_blocks, block_size, hkv, d2 = k_cache.shape
+    assert d == d2 and h % hkv == 0, (q.shape, k_cache.shape)
+    assert k_cache.is_contiguous() and v_cache.is_contiguous() and v_cache.shape == k_cache.shape
+    assert block_size & (block_size - 1) == 0, "block_size must be a power of two"
+    group = h // hkv
+    q = q.contiguous()
+    if out is None:
+        out = torch.empty_like(q)
+    if b == 0:
+        return out
+    if block_tables.dtype != torch.int32:
+        block_tables = block_tables.to(torch.int32)
+    if block_tables.stride(-1) != 1:
+        block_tables = block_tables.contiguous()
+    if context_lens.dtype != torch.int32:
+        context_lens = context_lens.to(torch.int32)
+    if max_context_len is None:
+        max_context_len = block_tables.shape[1] * block_size
+    cfg = dict(config) if config else kernel_config(d, group, k_cache.dtype)
+    cfg["BLOCK_SIZE"] = block_size
+    cfg["FORGE_CACHE_DTYPE"] = compiler.dtype_code(k_cache.dtype)
+    kernel = compiler.get_kernel("paged_attention.cu", "paged_decode_kernel", q.dtype, **cfg)
+    if num_splits is None:
+        key = tuple(sorted(cfg.items())) + (q.dtype,)
+        per_sm = _occupancy.get(key)
+        if per_sm is None:
+            try:
+                per_sm = kernel.occupancy.max_active_blocks_per_multiprocessor(cfg["NUM_WARPS"] * 32, 0)
+            except Exception:  # noqa: BLE001 - older cuda.core
+                per_sm = 2
+            _occupancy[key] = per_sm = max(1, int(per_sm))
+        num_splits = choose_num_splits(b, hkv, max_context_len, per_sm)
+    num_splits = max(1, int(num_splits))
+    if num_splits > 1:
+        part_o = torch.empty(b, h, num_splits, d, dtype=torch.float32, device=q.device)
+        part_ml = torch.empty(b, h, num_splits, 2, dtype=torch.float32, device=q.device)
+    else:
+        part_o = part_ml = out  # unused by the kernel
+    compiler.run(
+        kernel, (num_splits, hkv, b), cfg["NUM_WARPS"] * 32,
+        compiler.ptr(out), compiler.ptr(part_o), compiler.ptr(part_ml), compiler.ptr(q),
+        compiler.ptr(k_cache), compiler.ptr(v_cache), compiler.ptr(block_tables),
+        np.int32(block_tables.stride(0)), compiler.ptr(context_lens),
+        np.int32(hkv), np.int32(num_splits), np.float32(scale * LOG2E),
+    )
+    if num_splits > 1:
+        combine = compiler.get_kernel(
+            "paged_attention.cu", "paged_decode_combine_kernel", q.dtype, **cfg
+        )
+        compiler.run(
+            combine, (h, b), d, compiler.ptr(out), compiler.ptr(part_o), compiler.ptr(part_ml),
+            np.int32(h), np.int32(num_splits),
+        )
+    return out

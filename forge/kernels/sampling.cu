@@ -1,0 +1,92 @@
+// Seeded categorical sampling by the Gumbel-max trick, fused with temperature and the
+// top-k / top-p / min-p threshold, and greedy (temperature <= 0) rows.
+//
+// For row r: x_i = logits[r, i] / T_r; tokens with x_i < threshold[r] are masked (the launcher
+// turns top-k, top-p and min-p into one value threshold per row in the scaled space);
+// token = argmax_i x_i + G_i, with Gumbel noise G_i = -log(-log(u_i)) and
+// u_i = U(splitmix64 stream of key(seed_r, step_r), element i) in (0, 1). argmax(x + G) is an
+// exact draw from softmax(x) restricted to the kept tokens, and u depends only on
+// (seed, step, i): a request's draw does not depend on the rest of the batch.
+// Greedy rows (T <= 0) take argmax_i logits[r, i] (first index on ties, like torch.argmax).
+//
+// Layout: grid = (B), block = 1024 threads; each thread walks the row with stride 1024
+// (coalesced 4-byte loads), keeps its best (score, index), then a warp-shuffle + shared-memory
+// argmax reduction. Bytes moved: 4 * B * V read + 8 * B written; work: one 64-bit hash and two
+// logs per element.
+#include "common.cuh"
+
+__device__ __forceinline__ unsigned long long splitmix64(unsigned long long z) {
+    z += 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+__device__ __forceinline__ bool better(float s, int i, float best, int best_i) {
+    return s > best || (s == best && (unsigned)i < (unsigned)best_i);
+}
+
+extern "C" __global__ void __launch_bounds__(1024) gumbel_sample_kernel(
+    long long* __restrict__ out, const float* __restrict__ logits, long long row_stride, int vocab,
+    const float* __restrict__ temperature, const float* __restrict__ threshold,
+    const long long* __restrict__ seeds, const long long* __restrict__ steps) {
+    __shared__ float s_best[32];
+    __shared__ int s_idx[32];
+    const int row = blockIdx.x;
+    const float* x = logits + (long long)row * row_stride;
+    const float t = temperature[row];
+    const bool greedy = !(t > 0.f);
+    const float thr = threshold[row];
+    const unsigned long long key =
+        splitmix64((unsigned long long)seeds[row] ^ splitmix64((unsigned long long)steps[row]));
+
+    float best = -INFINITY;
+    int best_i = -1;  // (unsigned)-1 loses every tie
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+        const float l = x[i];
+        float s;
+        if (greedy) {
+            s = l;
+        } else {
+            const float xs = l / t;
+            if (!(xs >= thr)) continue;  // masked (also skips NaN)
+            const unsigned long long h = splitmix64(key + (unsigned long long)i * 0x9E3779B97F4A7C15ull);
+            const float u = ((float)(h >> 41) + 0.5f) * (1.0f / 8388608.0f);  // (0, 1), 23 bits
+            s = xs - logf(-logf(u));
+        }
+        if (better(s, i, best, best_i)) {
+            best = s;
+            best_i = i;
+        }
+    }
+    // argmax reduction: warp, then across warps
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ob = __shfl_xor_sync(0xffffffffu, best, o);
+        const int oi = __shfl_xor_sync(0xffffffffu, best_i, o);
+        if (better(ob, oi, best, best_i)) {
+            best = ob;
+            best_i = oi;
+        }
+    }
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = (blockDim.x + 31) >> 5;
+    if (lane == 0) {
+        s_best[warp] = best;
+        s_idx[warp] = best_i;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        best = lane < nwarps ? s_best[lane] : -INFINITY;
+        best_i = lane < nwarps ? s_idx[lane] : -1;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            const float ob = __shfl_xor_sync(0xffffffffu, best, o);
+            const int oi = __shfl_xor_sync(0xffffffffu, best_i, o);
+            if (better(ob, oi, best, best_i)) {
+                best = ob;
+                best_i = oi;
+            }
+        }
+        if (lane == 0) out[row] = best_i < 0 ? 0 : best_i;
+    }
+}
