@@ -122,6 +122,7 @@ class EngineConfig:
     """How the engine runs a model: device, memory and batching limits."""
 
     model: str | None = None  # path to a .gguf file or an HF directory; None = the embedded default
+    load_format: str = "auto"  # "dummy": random weights of the model's shape (benchmarks; needs only config.json)
     device: str = "cpu"
     dtype: str = "auto"  # auto = float32 on CPU, bfloat16 on CUDA
     max_model_len: int | None = None  # defaults to min(model context, 8192)

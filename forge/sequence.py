@@ -2,6 +2,7 @@
 
 import enum
 import itertools
+import secrets
 import time
 
 import torch
@@ -44,10 +45,12 @@ class Sequence:
         self.num_preemptions = 0
         # Sampling: a private generator so this stream's draws don't depend on the batch.
         self.seed = seed
+        # The GPU sampler hashes (sampling_seed, output position); the CPU one draws from `generator`.
+        self.sampling_seed = seed if seed is not None else secrets.randbits(62)
         self.generator: torch.Generator | None = None
         if not params.greedy:
             self.generator = torch.Generator()
-            self.generator.manual_seed(seed if seed is not None else torch.seed())
+            self.generator.manual_seed(self.sampling_seed)
         self.structured = None  # a forge.structured matcher when the request is constrained
         # Output state.
         self.detokenizer = detokenizer

@@ -10,7 +10,7 @@ import torch
 from forge.config import EngineConfig
 from forge.engine.block_manager import BlockManager
 from forge.engine.model_runner import ModelRunner
-from forge.engine.sampler import SampleResult, Sampler
+from forge.engine.sampler import DeviceSampler, SampleResult, Sampler
 from forge.engine.scheduler import Scheduler
 from forge.errors import InvalidRequestError, PromptTooLongError
 from forge.loader import load_model
@@ -43,7 +43,7 @@ class LLMEngine:
         self.config = config
         if config.device.startswith("cuda") and not torch.cuda.is_available():
             raise InvalidRequestError("--device cuda was asked for but torch sees no CUDA GPU", param="device")
-        loaded = load_model(config.model)
+        loaded = load_model(config.model, config.load_format)
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
         self.model_path = loaded.path
@@ -55,7 +55,7 @@ class LLMEngine:
         self.max_model_len = min(self.max_model_len, num_blocks * config.block_size)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.sampler = Sampler()
+        self.sampler = DeviceSampler() if config.device.startswith("cuda") else Sampler()
         self.eos_token_ids = set(self.tokenizer.stop_token_ids)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()

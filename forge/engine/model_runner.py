@@ -33,14 +33,53 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.ops = get_ops(config.device)
         self.model = LlamaModel(model_config, weights, self.ops, config.device, self.dtype, max_model_len)
+        self.activation_peak_bytes = self._profile_activations() if self.device.type == "cuda" else 0
         self.num_kv_blocks = self._plan_kv_blocks()
-        shape = (self.num_kv_blocks, self.block_size, model_config.num_kv_heads, model_config.head_dim)
-        self.kv_caches = [
+        self.kv_caches = self._allocate_kv_caches(self.num_kv_blocks)
+        logger.info("KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB)", self.num_kv_blocks, self.block_size,
+                    self.num_kv_blocks * self.block_size, self.num_kv_blocks * self.kv_block_bytes / 2**30)
+        self.graphs = None
+        if self.device.type == "cuda" and not config.enforce_eager:
+            from forge.engine.cuda_graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(self.model, self.kv_caches, config.max_num_seqs, max_model_len, self.block_size)
+            self.graphs.capture()
+
+    def _allocate_kv_caches(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        c = self.model_config
+        shape = (num_blocks, self.block_size, c.num_kv_heads, c.head_dim)
+        return [
             (torch.zeros(shape, dtype=self.dtype, device=self.device), torch.zeros(shape, dtype=self.dtype, device=self.device))
-            for _ in range(model_config.num_layers)
+            for _ in range(c.num_layers)
         ]
-        logger.info("KV cache: %d blocks of %d tokens (%d tokens)", self.num_kv_blocks, self.block_size,
-                    self.num_kv_blocks * self.block_size)
+
+    @torch.inference_mode()
+    def _profile_activations(self) -> int:
+        """Peak extra memory of the largest step (a full token budget of prefill), measured, not guessed."""
+        tokens = min(self.config.max_num_batched_tokens, self.max_model_len)
+        blocks = -(-tokens // self.block_size)
+        caches = self._allocate_kv_caches(blocks)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        from forge.ops.metadata import AttentionMetadata
+
+        meta = AttentionMetadata(
+            positions=torch.arange(tokens, device=self.device),
+            slot_mapping=torch.arange(tokens, device=self.device),
+            query_start_loc=torch.tensor([0, tokens], dtype=torch.int32, device=self.device),
+            context_lens=torch.tensor([tokens], dtype=torch.int32, device=self.device),
+            block_tables=torch.arange(blocks, dtype=torch.int32, device=self.device)[None],
+            max_query_len=tokens, max_context_len=tokens, query_lens_cpu=[tokens], context_lens_cpu=[tokens],
+        )
+        hidden = self.model.forward(torch.zeros(tokens, dtype=torch.long, device=self.device), meta, caches)
+        self.model.compute_logits(hidden[-self.config.max_num_seqs:])
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated(self.device) - base
+        del caches, hidden
+        torch.cuda.empty_cache()
+        logger.info("profiled activation peak: %.1f MiB for %d tokens", peak / 2**20, tokens)
+        return peak
 
     @property
     def kv_block_bytes(self) -> int:
@@ -51,8 +90,10 @@ class ModelRunner:
         if self.config.num_kv_blocks:
             return self.config.num_kv_blocks
         if self.device.type == "cuda":
+            # Weights are loaded; of what is left under the utilization cap, keep room for the
+            # profiled activation peak (and a margin for CUDA graphs), give the rest to the KV cache.
             free, total = torch.cuda.mem_get_info(self.device)
-            budget = free - (1 - self.config.gpu_memory_utilization) * total
+            budget = free - (1 - self.config.gpu_memory_utilization) * total - self.activation_peak_bytes * 1.1
         else:
             budget = self.config.cpu_kv_cache_gb * 2**30
         # Never more than every sequence at full length could use.
@@ -106,5 +147,7 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput) -> torch.Tensor:
         """Run the step; returns float32 logits for the sequences that sample, in scheduled order."""
         input_ids, meta, logits_rows = self.prepare_inputs(sched)
+        if self.graphs is not None and self.graphs.can_run(len(sched.scheduled), meta):
+            return self.graphs.run(input_ids, meta)[logits_rows]
         hidden = self.model.forward(input_ids, meta, self.kv_caches)
         return self.model.compute_logits(hidden[logits_rows])

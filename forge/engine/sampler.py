@@ -75,3 +75,48 @@ class Sampler:
                     result.top_logprobs = list(zip(top.indices.tolist(), top.values.tolist()))
             results.append(result)
         return results
+
+
+class DeviceSampler:
+    """Batched sampling on the GPU (forge.kernels.sampling): one launch for the whole batch.
+
+    The random draw of a row is a pure function of (request seed, output position), so a request's
+    tokens do not depend on the batch it ran in. Only token ids and requested logprobs cross to
+    the host.
+    """
+
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampleResult]:
+        from forge.kernels.sampling import sample
+
+        device = logits.device
+        penalized = [i for i, s in enumerate(seqs) if s.params.has_penalties]
+        if penalized:
+            logits = logits.clone()
+            for i in penalized:
+                apply_penalties(logits[i], seqs[i])
+        params = [s.params for s in seqs]
+        host = torch.tensor(
+            [[0.0 if p.greedy else p.temperature, p.top_p, p.min_p] for p in params], dtype=torch.float32
+        )
+        ints = torch.tensor([[p.top_k, s.sampling_seed, s.num_output_tokens] for p, s in zip(params, seqs)],
+                            dtype=torch.int64)
+        host, ints = host.pin_memory().to(device, non_blocking=True), ints.pin_memory().to(device, non_blocking=True)
+        num_logprobs = max((p.logprobs or 0) for p in params)
+        token_ids, chosen, top_ids, top_lps = sample(
+            logits, host[:, 0], ints[:, 0], host[:, 1], host[:, 2], ints[:, 1], ints[:, 2], num_logprobs,
+            use_top_k_p=any(not p.greedy and (p.top_k > 0 or p.top_p < 1.0) for p in params),
+            use_min_p=any(not p.greedy and p.min_p > 0 for p in params),
+        )
+        want = any(p.logprobs is not None for p in params)
+        token_ids = token_ids.tolist()
+        if want:
+            chosen, top_ids, top_lps = chosen.tolist(), top_ids.tolist(), top_lps.tolist()
+        results = []
+        for i, p in enumerate(params):
+            r = SampleResult(token_ids[i])
+            if p.logprobs is not None:
+                r.logprob = chosen[i]
+                if p.logprobs > 0:
+                    r.top_logprobs = list(zip(top_ids[i][: p.logprobs], top_lps[i][: p.logprobs]))
+            results.append(r)
+        return results

@@ -32,10 +32,21 @@ def default_model_path() -> Path:
     return found[0]
 
 
-def load_model(path: str | os.PathLike | None = None) -> LoadedModel:
+def load_model(path: str | os.PathLike | None = None, load_format: str = "auto") -> LoadedModel:
+    """Load config, weights and tokenizer. load_format="dummy" skips the weights (weights == {}):
+    the model is then initialised with random values of the right shape, like vLLM's dummy format."""
     p = Path(path) if path is not None else default_model_path()
     if not p.exists():
         raise ModelLoadError(f"model not found: {p}")
+    if load_format == "dummy":
+        from forge.loader.safetensors import load_hf_config
+        from forge.tokenizer import Tokenizer
+
+        if not p.is_dir():
+            raise ModelLoadError("load_format='dummy' needs an HF directory with config.json and tokenizer files")
+        return LoadedModel(config=load_hf_config(p), weights={}, tokenizer=Tokenizer.from_hf_dir(p), path=p)
+    if load_format != "auto":
+        raise ModelLoadError(f"unknown load_format {load_format!r} (auto or dummy)")
     if p.is_dir():
         from forge.loader.safetensors import load_hf_dir
 

@@ -11,17 +11,21 @@ from forge.config import ModelConfig
 from forge.errors import ModelLoadError
 
 
-def load_hf_dir(path: Path):
-    from forge.loader import LoadedModel
-    from forge.tokenizer import Tokenizer
-
+def load_hf_config(path: Path) -> ModelConfig:
     config_file = path / "config.json"
     if not config_file.exists():
         raise ModelLoadError(f"{path} has no config.json")
     try:
-        config = ModelConfig.from_hf_dict(json.loads(config_file.read_text()))
+        return ModelConfig.from_hf_dict(json.loads(config_file.read_text()))
     except (json.JSONDecodeError, KeyError) as e:
         raise ModelLoadError(f"bad config.json in {path}: {type(e).__name__}: {e}") from None
+
+
+def load_hf_dir(path: Path):
+    from forge.loader import LoadedModel
+    from forge.tokenizer import Tokenizer
+
+    config = load_hf_config(path)
     index = path / "model.safetensors.index.json"
     if index.exists():
         files = sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})

@@ -23,6 +23,33 @@ class LayerWeights:
     down_proj: torch.Tensor  # [hidden, intermediate]
 
 
+def dummy_weights(config: ModelConfig, device: torch.device, dtype: torch.dtype, seed: int = 0) -> dict:
+    """Random weights with a sane scale (norms 1, matrices N(0, 0.02)), for benchmarks and tests."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    c = config
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, device=device, dtype=dtype) * 0.02
+
+    ones = lambda: torch.ones(c.hidden_size, device=device, dtype=dtype)  # noqa: E731
+    w = {"model.embed_tokens.weight": rnd(c.vocab_size, c.hidden_size), "model.norm.weight": ones()}
+    if not c.tie_word_embeddings:
+        w["lm_head.weight"] = rnd(c.vocab_size, c.hidden_size)
+    for i in range(c.num_layers):
+        p = f"model.layers.{i}."
+        w.update({
+            p + "input_layernorm.weight": ones(), p + "post_attention_layernorm.weight": ones(),
+            p + "self_attn.q_proj.weight": rnd(c.q_size, c.hidden_size),
+            p + "self_attn.k_proj.weight": rnd(c.kv_size, c.hidden_size),
+            p + "self_attn.v_proj.weight": rnd(c.kv_size, c.hidden_size),
+            p + "self_attn.o_proj.weight": rnd(c.hidden_size, c.q_size),
+            p + "mlp.gate_proj.weight": rnd(c.intermediate_size, c.hidden_size),
+            p + "mlp.up_proj.weight": rnd(c.intermediate_size, c.hidden_size),
+            p + "mlp.down_proj.weight": rnd(c.hidden_size, c.intermediate_size),
+        })
+    return w
+
+
 class LlamaModel:
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], ops, device: str, dtype: torch.dtype,
                  max_positions: int):
@@ -31,6 +58,9 @@ class LlamaModel:
         self.device = torch.device(device)
         self.dtype = dtype
         self.scale = config.head_dim ** -0.5
+
+        if not weights:  # load_format="dummy": random weights of the right shape, made on the device
+            weights = dummy_weights(config, self.device, dtype)
 
         def w(name: str) -> torch.Tensor:
             return weights[name].to(device=self.device, dtype=dtype)

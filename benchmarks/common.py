@@ -1,0 +1,63 @@
+"""Shared benchmark helpers: model shapes, dummy-weight model directories, result files."""
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+SHAPES = {
+    # SmolLM2-135M (the default model's shape)
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, head_dim=64, rope_theta=100000.0,
+                         tie_word_embeddings=True, max_position_embeddings=8192),
+    # Llama-3.1-8B
+    "llama-3.1-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=500000.0,
+                         tie_word_embeddings=False, max_position_embeddings=131072,
+                         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+}
+
+
+def hf_config_dict(shape: str, **overrides) -> dict:
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+           "rms_norm_eps": 1e-5, "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16"}
+    cfg.update(SHAPES[shape])
+    cfg.update(overrides)
+    return cfg
+
+
+def dummy_model_dir(shape: str, root: Path | None = None, **overrides) -> Path:
+    """A model directory with config.json and the default model's tokenizer, for load_format='dummy'."""
+    from forge.loader import default_model_path
+    from forge.loader.gguf import read_metadata
+    from forge.tokenizer import Tokenizer
+
+    root = Path(root or os.environ.get("TMPDIR", "/tmp")) / f"forge-dummy-{shape}"
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    (root / "config.json").write_text(json.dumps(hf_config_dict(shape, **overrides), indent=2))
+    tokenizer_src = os.environ.get("FORGE_TOKENIZER_DIR")
+    if tokenizer_src:  # a directory with tokenizer.json (the device has no GGUF of the default model)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(Path(tokenizer_src) / name, root / name)
+    else:
+        from gguf import GGUFReader
+
+        Tokenizer.from_gguf_metadata(read_metadata(GGUFReader(default_model_path()))).save_hf_dir(root)
+    return root
+
+
+def write_results(name: str, payload: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    payload = {"timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"), **payload}
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2))
+    out = os.environ.get("OUT")
+    if out:
+        shutil.copy(path, Path(out) / path.name)
+    return path
