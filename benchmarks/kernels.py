@@ -35,6 +35,15 @@ PEAK = 2.94e12  # B/s, H100 SXM HBM3 copy bandwidth used as the ceiling
 L2_FOOTPRINT = 160 << 20  # rotate inputs until a graph touches this many bytes
 DEV = "cuda"
 results: dict = {"kernels": [], "decode": [], "decode_variants": [], "notes": []}
+# decode kernel variants compared at a few batch sizes (kwargs of kernel_config)
+DECODE_VARIANTS = [
+    dict(impl="async", num_warps=4, tpt=8, tile=32, stages=2, min_blocks=4),  # default
+    dict(impl="async", num_warps=4, tpt=16, tile=32, stages=2, min_blocks=5),
+    dict(impl="async", num_warps=8, tpt=8, tile=32, stages=2, min_blocks=2),
+    dict(impl="async", num_warps=4, tpt=8, tile=16, stages=4, min_blocks=4),
+    dict(impl="async", num_warps=4, tpt=8, tile=32, stages=2, min_blocks=3),
+    dict(impl="regs", num_warps=4, tpt=8, tile=64, min_blocks=2),
+]
 
 
 def time_graph(fns, reps: int = 15) -> float:
@@ -155,10 +164,13 @@ def bench_decode(batches=(1, 8, 32, 64, 128), ctx=4096, h=32, hkv=8, d=128, bs=1
         nbytes = kv_bytes + 2 * b * h * d * elt
         sets = [build_decode(b, ctx, h, hkv, d, bs, dtype, seed=i) for i in range(n_sets(kv_bytes, cap=8))]
         cfg = kernel_config(d, h // hkv, dtype)
+        from forge.kernels.paged_attention import FILES
+
+        file_cfg = {k: v for k, v in cfg.items() if k != "IMPL"}
         sweep = {}
         cands = [1, 2, 4, 8, 16, 32, 64]
-        kern = compiler.get_kernel("paged_attention.cu", "paged_decode_kernel", dtype,
-                                   **cfg, BLOCK_SIZE=bs, FORGE_CACHE_DTYPE=compiler.dtype_code(dtype))
+        kern = compiler.get_kernel(FILES[cfg["IMPL"]], "paged_decode_kernel", dtype,
+                                   **file_cfg, BLOCK_SIZE=bs, FORGE_CACHE_DTYPE=compiler.dtype_code(dtype))
         try:
             per_sm = kern.occupancy.max_active_blocks_per_multiprocessor(cfg["NUM_WARPS"] * 32, 0)
         except Exception:  # noqa: BLE001
@@ -215,37 +227,42 @@ def bench_decode(batches=(1, 8, 32, 64, 128), ctx=4096, h=32, hkv=8, d=128, bs=1
         torch.cuda.empty_cache()
 
 
-def bench_decode_variants(batches=(8, 64), ctx=4096, h=32, hkv=8, d=128, bs=16, dtype=torch.bfloat16):
+def bench_decode_variants(batches=(1, 8, 64), ctx=4096, h=32, hkv=8, d=128, bs=16, dtype=torch.bfloat16):
     elt = torch.empty((), dtype=dtype).element_size()
     scale = d ** -0.5
-    variants = [(4, 8, 64, 2), (4, 8, 32, 2), (4, 8, 32, 3), (8, 8, 64, 1), (4, 16, 64, 2), (8, 16, 128, 1)]
     for b in batches:
         nbytes = 2 * b * ctx * hkv * d * elt
         sets = [build_decode(b, ctx, h, hkv, d, bs, dtype, seed=i) for i in range(n_sets(nbytes, cap=8))]
-        for nw, tpt, tile, mb in variants:
-            cfg = kernel_config(d, h // hkv, dtype, num_warps=nw, tile=tile, tpt=tpt, min_blocks=mb)
-            kern = compiler.get_kernel("paged_attention.cu", "paged_decode_kernel", dtype, **cfg, BLOCK_SIZE=bs,
+        for kw in DECODE_VARIANTS:
+            cfg = kernel_config(d, h // hkv, dtype, **kw)
+            file_cfg = {k: v for k, v in cfg.items() if k != "IMPL"}
+            from forge.kernels.paged_attention import FILES
+
+            kern = compiler.get_kernel(FILES[cfg["IMPL"]], "paged_decode_kernel", dtype, **file_cfg, BLOCK_SIZE=bs,
                                        FORGE_CACHE_DTYPE=compiler.dtype_code(dtype))
             try:
                 regs = kern.attributes.num_regs
                 regs = regs() if callable(regs) else regs
-                per_sm = kern.occupancy.max_active_blocks_per_multiprocessor(nw * 32, 0)
+                per_sm = kern.occupancy.max_active_blocks_per_multiprocessor(cfg["NUM_WARPS"] * 32, 0)
             except Exception:  # noqa: BLE001
                 regs, per_sm = None, None
+            heur = choose_num_splits(b, hkv, ctx, per_sm or 2)
             timings = {}
-            for s in (1, 2, 4, 8, 16, 32):
+            for s in sorted({1, 2, 4, 8, 16, 32, 64, heur}):
                 timings[s] = time_graph([
                     lambda st=st, s=s: paged_decode_attention(st[0], st[1], st[2], st[3], st[4], scale,
                                                               max_context_len=ctx, num_splits=s, config=cfg)
                     for st in sets], reps=7)
             best = min(timings, key=timings.get)
             frac = nbytes / (timings[best] * 1e-6) / PEAK
-            results["decode_variants"].append(dict(batch=b, num_warps=nw, tpt=tpt, tile=tile, min_blocks=mb,
-                                                   regs=regs, ctas_per_sm=per_sm, best_splits=best,
-                                                   us=round(timings[best], 2), frac_of_peak=round(frac, 3),
+            results["decode_variants"].append(dict(batch=b, config=cfg, regs=regs, ctas_per_sm=per_sm,
+                                                   best_splits=best, us=round(timings[best], 2),
+                                                   frac_of_peak=round(frac, 3), heuristic_splits=heur,
                                                    sweep_us={str(k): round(v, 2) for k, v in timings.items()}))
-            print(f"  variant B={b:<3} warps={nw} tpt={tpt:<2} tile={tile:<3} minb={mb} regs={regs} "
-                  f"ctas/SM={per_sm}: best S={best:<2} {timings[best]:8.1f} us {frac:6.1%}", flush=True)
+            print(f"  variant B={b:<3} {cfg['IMPL']:<5} warps={cfg['NUM_WARPS']} tpt={cfg['TPT']:<2} "
+                  f"tile={cfg['TILE']:<3} stages={cfg.get('STAGES', '-')} minb={cfg['MIN_BLOCKS']} regs={regs} "
+                  f"ctas/SM={per_sm}: best S={best:<2} {timings[best]:8.1f} us {frac:6.1%}"
+                  f" (heuristic S={heur}: {timings.get(heur, float('nan')):8.1f} us)", flush=True)
         del sets
         torch.cuda.empty_cache()
 

@@ -38,12 +38,18 @@ for dt in (torch.float32, torch.bfloat16, torch.float16):
             print("skip", d, g, dt, e)
             continue
         for bs in (16, 32):
-            variants.append(("paged_attention.cu", dict(FORGE_DTYPE=c, FORGE_CACHE_DTYPE=c, BLOCK_SIZE=bs, **cfg)))
+            variants.append((paged_attention.FILES[cfg.pop("IMPL")] if "IMPL" in cfg else "paged_attention.cu",
+                             dict(FORGE_DTYPE=c, FORGE_CACHE_DTYPE=c, BLOCK_SIZE=bs, **cfg)))
+            cfg["IMPL"] = "async"
 variants.append(("sampling.cu", dict()))
 # decode-kernel variants swept by the benchmark
-for nw, tpt, tile, mb in [(4, 8, 64, 2), (4, 8, 32, 2), (4, 8, 32, 3), (8, 8, 64, 1), (4, 16, 64, 2), (8, 16, 128, 1)]:
-    cfg = paged_attention.kernel_config(128, 4, torch.bfloat16, num_warps=nw, tile=tile, tpt=tpt, min_blocks=mb)
-    variants.append(("paged_attention.cu", dict(FORGE_DTYPE=1, FORGE_CACHE_DTYPE=1, BLOCK_SIZE=16, **cfg)))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from kernels import DECODE_VARIANTS  # noqa: E402
+
+for kw in DECODE_VARIANTS:
+    cfg = paged_attention.kernel_config(128, 4, torch.bfloat16, **kw)
+    file = paged_attention.FILES[cfg.pop("IMPL")]
+    variants.append((file, dict(FORGE_DTYPE=1, FORGE_CACHE_DTYPE=1, BLOCK_SIZE=16, **cfg)))
 
 cuobjdump = shutil.which("cuobjdump")
 failed = 0

@@ -10,6 +10,7 @@ PKGS=(
     anyio sniffio h11 prometheus-client
     jsonschema jsonschema-specifications referencing rpds-py attrs
     tqdm jinja2 markupsafe
+    apache-tvm-ffi opentelemetry-api importlib-metadata annotated-doc  # needs of xgrammar, fastapi
 )
 for p in "${PKGS[@]}"; do
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

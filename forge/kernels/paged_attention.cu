@@ -1,4 +1,5 @@
-// Paged decode attention (one query token per sequence) with split-K ("flash-decoding").
+// Paged decode attention (one query token per sequence) with split-K ("flash-decoding"),
+// K/V streamed into shared memory by a cp.async double-buffered pipeline.
 //
 //   q:            [B, H, D] scalar_t            H = Hkv * GROUP
 //   k/v_cache:    [num_blocks, BLOCK_SIZE, Hkv, D] cache_t
@@ -7,24 +8,26 @@
 //
 // Layout: grid = (num_splits, Hkv, B), block = NUM_WARPS * 32 threads. A block takes one
 // (sequence, kv head) and one contiguous chunk of that sequence's context
-// (chunk = ceil(ctx / num_splits) rounded up to TILE tokens; computed on the device from
+// (chunk = ceil(ctx / num_splits) rounded up to 64 tokens; computed on the device from
 // context_lens, so any num_splits is correct and the launch shape depends on shapes only —
 // graph-capturable). All GROUP query heads of the kv head are processed together, so every
-// K/V vector is loaded once per kv head (GQA sharing). The chunk is walked in tiles of TILE
-// tokens; per tile:
-//   1. each thread issues the 16-byte V loads it will need for this tile (prefetch, overlaps
-//      with the K loads and the softmax);
-//   2. QK^T: TPT threads share one token (each holds D/TPT dims of the GROUP queries in
+// K/V vector is read from HBM once per kv head (GQA sharing).
+//
+// The chunk is walked in tiles of TILE tokens. STAGES shared-memory buffers hold the K and V
+// rows of consecutive tiles; tile i+STAGES-1 is requested with 16-byte cp.async copies (L2
+// only, zero-filled past the end) while tile i is computed, so HBM traffic overlaps the math
+// and no registers are spent on loads in flight. Per tile:
+//   1. QK^T: TPT threads share one token (each holds D/TPT dims of the GROUP queries in
 //      registers, pre-scaled by scale*log2(e)); partial dots are reduced with shuffles and the
 //      GROUP logits of the tile go to shared memory;
-//   3. online softmax in float32 (warp per head): tile max, p = exp2(s - m), running (m, l),
+//   2. online softmax in float32 (warp per head): tile max, p = exp2(s - m), running (m, l),
 //      rescale factor alpha for the accumulators;
-//   4. PV: thread (lane, c) owns 16-byte column chunk c of D and every NL-th token of the
-//      tile; acc[h] = acc[h] * alpha[h] + sum p[h][t] * V[t, c].
-// Logits and alphas are double-buffered, so a tile costs two __syncthreads.
-// Epilogue: the NL token lanes are summed through shared memory. With num_splits == 1 the
-// block writes out = acc / l directly; otherwise it writes the normalized partial output and
-// (m, l) to float32 scratch [B, H, S, D] / [B, H, S, 2] and paged_decode_combine merges them.
+//   3. PV: thread (lane, c) owns 16-byte column chunk c of D and every NL-th token of the
+//      tile; acc[h] = acc[h] * alpha[h] + sum_t p[h][t] * V[t, c].
+// Epilogue: the NL token lanes are summed through shared memory (reusing the K buffers). With
+// num_splits == 1 the block writes out = acc / l directly; otherwise it writes the normalized
+// partial output and (m, l) to float32 scratch [B, H, S, D] / [B, H, S, 2] and
+// paged_decode_combine_kernel merges them.
 //
 // Bytes moved: K and V of every context token once per kv head: 2 * sum(ctx) * Hkv * D * size
 // (+ q, out, block table and split scratch, all small). At batch 64 x 4096 tokens, Hkv = 8,
@@ -55,7 +58,10 @@ typedef DtypeOf<FORGE_CACHE_DTYPE>::type cache_t;
 #define MIN_BLOCKS 1
 #endif
 #ifndef TILE
-#define TILE 64
+#define TILE 32
+#endif
+#ifndef STAGES
+#define STAGES 2
 #endif
 
 constexpr int THREADS = NUM_WARPS * 32;
@@ -67,18 +73,28 @@ constexpr int KPT = TILE / NT;                    // tokens per thread per tile 
 constexpr int NL = THREADS / NVEC;                // token lanes (PV)
 constexpr int PV_THREADS = NL * NVEC;
 constexpr int VPL = (TILE + NL - 1) / NL;         // tokens per lane per tile (PV)
+constexpr int TILE_CHUNKS = TILE * NVEC;          // 16-byte copies per tile (K or V)
+constexpr int CPT = (TILE_CHUNKS + THREADS - 1) / THREADS;
+constexpr int SPL = (TILE + 31) / 32;             // softmax values per lane
 
 static_assert(HEAD_DIM % VEC == 0, "head_dim must be a multiple of the 16-byte vector");
 static_assert(NVEC % TPT == 0 && TPT <= 32 && (TPT & (TPT - 1)) == 0, "bad TPT");
-static_assert(TILE % NT == 0 && TILE % 32 == 0, "bad TILE");
+static_assert(KPT >= 1 && TILE % NT == 0, "bad TILE");
 static_assert(NL >= 1, "head_dim too large for the block");
 static_assert((BLOCK_SIZE & (BLOCK_SIZE - 1)) == 0, "block_size must be a power of two");
+static_assert(STAGES >= 2, "need at least double buffering");
+static_assert(STAGES * TILE * HEAD_DIM * sizeof(cache_t) >= NL * HEAD_DIM * sizeof(float), "s_red reuses s_k");
 
 typedef Vec<cache_t, VEC> kv_vec;
 
-__device__ __forceinline__ long long kv_offset(const int* __restrict__ bt_row, int tok, int num_kv_heads, int kvh) {
-    const int block = __ldg(bt_row + tok / BLOCK_SIZE);
-    return (((long long)block * BLOCK_SIZE + (tok & (BLOCK_SIZE - 1))) * num_kv_heads + kvh) * HEAD_DIM;
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool pred) {
+    const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    const int n = pred ? 16 : 0;  // 0: no global read, the 16 bytes are zero-filled
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(n) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) paged_decode_kernel(
@@ -86,10 +102,11 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) paged_decode_k
     const scalar_t* __restrict__ q, const cache_t* __restrict__ k_cache, const cache_t* __restrict__ v_cache,
     const int* __restrict__ block_tables, int bt_stride, const int* __restrict__ context_lens,
     int num_kv_heads, int num_splits, float scale_log2) {
-    __shared__ float s_logits[2][GROUP][TILE];
-    __shared__ float s_alpha[2][GROUP];
+    __shared__ __align__(16) cache_t s_k[STAGES][TILE * HEAD_DIM];
+    __shared__ __align__(16) cache_t s_v[STAGES][TILE * HEAD_DIM];
+    __shared__ float s_p[GROUP][TILE];
+    __shared__ float s_alpha[GROUP];
     __shared__ float s_m[GROUP], s_l[GROUP];
-    __shared__ __align__(16) float s_red[NL * HEAD_DIM];
 
     const int split = blockIdx.x, kvh = blockIdx.y, seq = blockIdx.z;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -98,7 +115,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) paged_decode_k
 
     const int ctx = context_lens[seq];
     int chunk = (ctx + num_splits - 1) / num_splits;
-    chunk = (chunk + TILE - 1) / TILE * TILE;
+    chunk = (chunk + 63) / 64 * 64;
     const int start = split * chunk;
     const int end = min(start + chunk, ctx);
 
@@ -112,6 +129,36 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) paged_decode_k
     }
 
     const int* bt_row = block_tables + (long long)seq * bt_stride;
+    const int n_tiles = (end - start + TILE - 1) / TILE;  // 0 when ctx == 0
+
+    // Request the K and V rows of tile `it` into stage it % STAGES.
+    auto issue = [&](int it) {
+        const int tile0 = start + it * TILE;
+        const int stage = it % STAGES;
+#pragma unroll
+        for (int i = 0; i < CPT; ++i) {
+            const int c = tid + i * THREADS;
+            if (TILE_CHUNKS % THREADS == 0 || c < TILE_CHUNKS) {
+                const int tt = c / NVEC, part = c % NVEC;
+                const int tok = tile0 + tt;
+                const bool ok = tok < end;
+                long long off = 0;
+                if (ok) {
+                    const int block = __ldg(bt_row + tok / BLOCK_SIZE);
+                    off = (((long long)block * BLOCK_SIZE + (tok & (BLOCK_SIZE - 1))) * num_kv_heads + kvh) * HEAD_DIM +
+                          part * VEC;
+                }
+                cp_async16(&s_k[stage][tt * HEAD_DIM + part * VEC], k_cache + off, ok);
+                cp_async16(&s_v[stage][tt * HEAD_DIM + part * VEC], v_cache + off, ok);
+            }
+        }
+    };
+
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < n_tiles) issue(s);
+        cp_async_commit();
+    }
 
     // QK role: token group g (TPT threads), lane-in-group lig. PV role: token lane, column chunk.
     const int g = tid / TPT, lig = tid % TPT;
@@ -138,35 +185,23 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) paged_decode_k
         s_m[tid] = -INFINITY;
         s_l[tid] = 0.f;
     }
-    __syncthreads();
 
-    int buf = 0;
-    for (int tile0 = start; tile0 < end; tile0 += TILE, buf ^= 1) {
-        // 1. prefetch V for this tile
-        kv_vec vv[VPL];
-        if (pv_active) {
-#pragma unroll
-            for (int k = 0; k < VPL; ++k) {
-                const int tt = k * NL + pv_lane;
-                const int tok = tile0 + tt;
-                if (tt < TILE && tok < end)
-                    vv[k] = load_vec_stream<cache_t, VEC>(v_cache + kv_offset(bt_row, tok, num_kv_heads, kvh) + pv_c * VEC);
-            }
-        }
-        // 2. QK^T
-        kv_vec kk[KPT][VPT];
+    for (int it = 0; it < n_tiles; ++it) {
+        cp_async_wait<STAGES - 2>();  // this thread's copies of tile `it` have landed
+        __syncthreads();              // ... everyone's; and everyone is done with tile it-1
+        if (it + STAGES - 1 < n_tiles) issue(it + STAGES - 1);  // into the stage of tile it-1
+        cp_async_commit();
+
+        const int tile0 = start + it * TILE;
+        const cache_t* sk = s_k[it % STAGES];
+        const cache_t* sv = s_v[it % STAGES];
+        // 1. QK^T
 #pragma unroll
         for (int k = 0; k < KPT; ++k) {
-            const int tok = tile0 + k * NT + g;
-            if (tok < end) {
-                const cache_t* kp = k_cache + kv_offset(bt_row, tok, num_kv_heads, kvh);
+            const int tt = k * NT + g;
+            kv_vec kk[VPT];
 #pragma unroll
-                for (int j = 0; j < VPT; ++j) kk[k][j] = load_vec_stream<cache_t, VEC>(kp + (j * TPT + lig) * VEC);
-            }
-        }
-#pragma unroll
-        for (int k = 0; k < KPT; ++k) {
-            const int tok = tile0 + k * NT + g;
+            for (int j = 0; j < VPT; ++j) kk[j] = *reinterpret_cast<const kv_vec*>(sk + tt * HEAD_DIM + (j * TPT + lig) * VEC);
             float dot[GROUP];
 #pragma unroll
             for (int h = 0; h < GROUP; ++h) dot[h] = 0.f;
@@ -174,7 +209,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) paged_decode_k
             for (int j = 0; j < VPT; ++j)
 #pragma unroll
                 for (int e = 0; e < VEC; ++e) {
-                    const float kf = to_float(kk[k][j].v[e]);
+                    const float kf = to_float(kk[j].v[e]);
 #pragma unroll
                     for (int h = 0; h < GROUP; ++h) dot[h] = fmaf(qf[h][j][e], kf, dot[h]);
                 }
@@ -182,17 +217,18 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) paged_decode_k
             for (int h = 0; h < GROUP; ++h) {
 #pragma unroll
                 for (int o = TPT / 2; o > 0; o >>= 1) dot[h] += __shfl_xor_sync(0xffffffffu, dot[h], o);
-                if (lig == h % TPT) s_logits[buf][h][k * NT + g] = tok < end ? dot[h] : -INFINITY;
+                if (lig == h % TPT) s_p[h][tt] = tile0 + tt < end ? dot[h] : -INFINITY;
             }
         }
         __syncthreads();
-        // 3. online softmax, one warp per head
+        // 2. online softmax, one warp per head
         for (int h = warp; h < GROUP; h += NUM_WARPS) {
-            float vals[TILE / 32];
+            float vals[SPL];
             float mx = -INFINITY;
 #pragma unroll
-            for (int i = 0; i < TILE / 32; ++i) {
-                vals[i] = s_logits[buf][h][lane + 32 * i];
+            for (int i = 0; i < SPL; ++i) {
+                const int t = lane + 32 * i;
+                vals[i] = t < TILE ? s_p[h][t] : -INFINITY;
                 mx = fmaxf(mx, vals[i]);
             }
             mx = warp_max(mx);
@@ -200,25 +236,26 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) paged_decode_k
             const float m_new = fmaxf(m_old, mx);
             float sum = 0.f;
 #pragma unroll
-            for (int i = 0; i < TILE / 32; ++i) {
+            for (int i = 0; i < SPL; ++i) {
+                const int t = lane + 32 * i;
                 const float p = exp2f(vals[i] - m_new);
-                s_logits[buf][h][lane + 32 * i] = p;
+                if (t < TILE) s_p[h][t] = p;
                 sum += p;
             }
             sum = warp_sum(sum);
             if (lane == 0) {
                 const float alpha = exp2f(m_old - m_new);  // 0 on the first tile (m_old = -inf)
-                s_alpha[buf][h] = alpha;
+                s_alpha[h] = alpha;
                 s_m[h] = m_new;
                 s_l[h] = s_l[h] * alpha + sum;
             }
         }
         __syncthreads();
-        // 4. PV
+        // 3. PV
         if (pv_active) {
 #pragma unroll
             for (int h = 0; h < GROUP; ++h) {
-                const float a = s_alpha[buf][h];
+                const float a = s_alpha[h];
 #pragma unroll
                 for (int e = 0; e < VEC; ++e) acc[h][e] *= a;
             }
@@ -226,12 +263,13 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) paged_decode_k
             for (int k = 0; k < VPL; ++k) {
                 const int tt = k * NL + pv_lane;
                 if (tt < TILE && tile0 + tt < end) {
+                    const kv_vec vv = *reinterpret_cast<const kv_vec*>(sv + tt * HEAD_DIM + pv_c * VEC);
                     float vf[VEC];
 #pragma unroll
-                    for (int e = 0; e < VEC; ++e) vf[e] = to_float(vv[k].v[e]);
+                    for (int e = 0; e < VEC; ++e) vf[e] = to_float(vv.v[e]);
 #pragma unroll
                     for (int h = 0; h < GROUP; ++h) {
-                        const float p = s_logits[buf][h][tt];
+                        const float p = s_p[h][tt];
 #pragma unroll
                         for (int e = 0; e < VEC; ++e) acc[h][e] = fmaf(p, vf[e], acc[h][e]);
                     }
@@ -239,8 +277,10 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) paged_decode_k
             }
         }
     }
+    cp_async_wait<0>();  // no copy may land in s_k while it is reused below
 
-    // Epilogue: sum the NL token lanes of each head, normalize, write.
+    // Epilogue: sum the NL token lanes of each head, normalize, write. s_k is free now.
+    float* s_red = reinterpret_cast<float*>(&s_k[0][0]);
 #pragma unroll
     for (int h = 0; h < GROUP; ++h) {
         __syncthreads();
@@ -271,25 +311,4 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) paged_decode_k
     }
 }
 
-// Merge the split partials: out = sum_s w_s o_s / sum_s w_s, w_s = l_s * 2^(m_s - max m).
-// grid = (H, B), block = HEAD_DIM threads (one per output element); reads 4*(D + 2) bytes
-// per split per head.
-extern "C" __global__ void paged_decode_combine_kernel(scalar_t* __restrict__ out, const float* __restrict__ part_o,
-                                                       const float* __restrict__ part_ml, int num_heads, int num_splits) {
-    const int head = blockIdx.x, seq = blockIdx.y, d = threadIdx.x;
-    const long long row = (long long)seq * num_heads + head;
-    const float* ml = part_ml + row * num_splits * 2;
-    float m = -INFINITY;
-    for (int s = 0; s < num_splits; ++s)
-        if (ml[2 * s + 1] > 0.f) m = fmaxf(m, ml[2 * s]);
-    float num = 0.f, den = 0.f;
-    for (int s = 0; s < num_splits; ++s) {
-        const float l = ml[2 * s + 1];
-        if (l > 0.f) {
-            const float w = l * exp2f(ml[2 * s] - m);
-            num = fmaf(w, part_o[(row * num_splits + s) * HEAD_DIM + d], num);
-            den += w;
-        }
-    }
-    out[row * HEAD_DIM + d] = from_float<scalar_t>(den > 0.f ? num / den : 0.f);
-}
+#include "paged_attention_combine.cuh"

@@ -19,9 +19,18 @@ LOG2E = 1.4426950408889634
 MIN_CHUNK = 128  # tokens: fewer per split and the split overhead outweighs the parallelism
 
 
+FILES = {"async": "paged_attention.cu", "regs": "paged_attention_regs.cu"}
+SMEM_BUDGET = 40 << 10  # bytes of K/V stage buffers per block (static shared memory: < 48 KB)
+
+
 def kernel_config(head_dim: int, group: int, cache_dtype: torch.dtype, num_warps: int | None = None,
-                  tile: int | None = None, tpt: int | None = None, min_blocks: int | None = None) -> dict:
-    """Compile-time shape constants of the decode kernel for this model shape."""
+                  tile: int | None = None, tpt: int | None = None, min_blocks: int | None = None,
+                  stages: int | None = None, impl: str = "async") -> dict:
+    """Compile-time shape constants of the decode kernel for this model shape.
+
+    impl "async" (default): cp.async double-buffered K/V tiles in shared memory
+    (paged_attention.cu); "regs": register-prefetch variant (paged_attention_regs.cu).
+    """
     elt = torch.empty((), dtype=cache_dtype).element_size()
     vec = 16 // elt
     if head_dim % vec:
@@ -31,21 +40,44 @@ def kernel_config(head_dim: int, group: int, cache_dtype: torch.dtype, num_warps
     threads = num_warps * 32
     if nvec > threads:
         raise ValueError(f"head_dim {head_dim} too large")
-    tile = tile or (64 if elt <= 2 else 32)
+    if impl == "async":
+        stages = stages or 2
+        if tile is None:
+            tile = 64
+            while tile > 8 and stages * 2 * tile * head_dim * elt > SMEM_BUDGET:
+                tile //= 2
+    else:
+        tile = tile or (64 if elt <= 2 else 32)
     if tpt is None:
-        # Threads per token in QK^T: enough that the GROUP query slices fit in ~64 registers.
-        want = max(1, math.ceil(group * head_dim / 64), threads // tile)
+        # Threads per token in QK^T: enough that the GROUP query slices fit in ~64 registers,
+        # and few enough tokens per pass that a tile holds at least one pass.
+        want = max(1, math.ceil(group * head_dim / 64), -(-threads // tile))
         tpt = 1
         while tpt < want and tpt < 32 and nvec % (tpt * 2) == 0:
             tpt *= 2
-    if threads // tpt > tile:
-        raise ValueError("tile too small for this head_dim")
+    if threads // tpt > tile or tile % (threads // tpt):
+        raise ValueError(f"no TILE/TPT combination for head_dim {head_dim}, group {group}")
     if min_blocks is None:
-        min_blocks = 2 if num_warps <= 4 else 1
-    return dict(HEAD_DIM=head_dim, GROUP=group, NUM_WARPS=num_warps, TPT=tpt, TILE=tile, MIN_BLOCKS=min_blocks)
+        if impl == "async":
+            min_blocks = max(1, 4 * 4 // num_warps)  # 16 warps per SM: 128 registers a thread
+        else:
+            min_blocks = 2 if num_warps <= 4 else 1
+    cfg = dict(HEAD_DIM=head_dim, GROUP=group, NUM_WARPS=num_warps, TPT=tpt, TILE=tile, MIN_BLOCKS=min_blocks)
+    if impl == "async":
+        cfg["STAGES"] = stages
+    cfg["IMPL"] = impl
+    return cfg
 
 
 _occupancy: dict[tuple, int] = {}
+_defaults: dict[tuple, dict] = {}
+
+
+def _default_config(head_dim: int, group: int, cache_dtype: torch.dtype) -> dict:
+    key = (head_dim, group, cache_dtype)
+    if key not in _defaults:
+        _defaults[key] = kernel_config(head_dim, group, cache_dtype)
+    return _defaults[key]
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_context_len: int, ctas_per_sm: int = 2,
@@ -56,7 +88,10 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_context_len: int, ctas_
     max_by_len = max(1, -(-max_context_len // MIN_CHUNK))
     if base >= slots * waves * 0.9:
         return 1
-    return int(max(1, min(max_by_len, math.ceil(waves * slots / base), 256)))
+    splits = int(max(1, min(max_by_len, math.ceil(waves * slots / base), 256)))
+    # the kernel rounds each chunk up to a whole tile (64 tokens): drop splits that would be empty
+    chunk = -(-(-(-max_context_len // splits)) // 64) * 64
+    return max(1, -(-max_context_len // chunk))
 
 
 def paged_decode_attention(
@@ -96,12 +131,13 @@ def paged_decode_attention(
         context_lens = context_lens.to(torch.int32)
     if max_context_len is None:
         max_context_len = block_tables.shape[1] * block_size
-    cfg = dict(config) if config else kernel_config(d, group, k_cache.dtype)
+    cfg = dict(config) if config else _default_config(d, group, k_cache.dtype)
+    file = FILES[cfg.pop("IMPL", "async")]
     cfg["BLOCK_SIZE"] = block_size
     cfg["FORGE_CACHE_DTYPE"] = compiler.dtype_code(k_cache.dtype)
-    kernel = compiler.get_kernel("paged_attention.cu", "paged_decode_kernel", q.dtype, **cfg)
+    kernel = compiler.get_kernel(file, "paged_decode_kernel", q.dtype, **cfg)
     if num_splits is None:
-        key = tuple(sorted(cfg.items())) + (q.dtype,)
+        key = (file, q.dtype) + tuple(sorted(cfg.items()))
         per_sm = _occupancy.get(key)
         if per_sm is None:
             try:
@@ -124,9 +160,7 @@ def paged_decode_attention(
         np.int32(hkv), np.int32(num_splits), np.float32(scale * LOG2E),
     )
     if num_splits > 1:
-        combine = compiler.get_kernel(
-            "paged_attention.cu", "paged_decode_combine_kernel", q.dtype, **cfg
-        )
+        combine = compiler.get_kernel(file, "paged_decode_combine_kernel", q.dtype, **cfg)
         compiler.run(
             combine, (h, b), d, compiler.ptr(out), compiler.ptr(part_o), compiler.ptr(part_ml),
             np.int32(h), np.int32(num_splits),

@@ -99,14 +99,18 @@ class CpuOps:
 
     @staticmethod
     def _causal_attention(q, k, v, group: int, scale: float) -> torch.Tensor:
-        """q: [n, H, D] (the last n positions); k, v: [ctx, Hkv, D]. Float32 softmax."""
-        n, ctx = q.shape[0], k.shape[0]
-        k = k.repeat_interleave(group, dim=1).transpose(0, 1).float()  # [H, ctx, D]
-        v = v.repeat_interleave(group, dim=1).transpose(0, 1).float()
-        scores = torch.matmul(q.transpose(0, 1).float(), k.transpose(1, 2)) * scale  # [H, n, ctx]
+        """q: [n, H, D] (the last n positions); k, v: [ctx, Hkv, D]. Float32 softmax.
+
+        The query heads of each KV head are stacked as rows of one matrix (no K/V repeat for GQA).
+        """
+        n, num_heads, d = q.shape
+        ctx, num_kv_heads = k.shape[0], k.shape[1]
+        # [Hkv, group * n, D], rows ordered (head in group, query index)
+        qg = q.view(n, num_kv_heads, group, d).permute(1, 2, 0, 3).reshape(num_kv_heads, group * n, d)
+        scores = torch.matmul(qg.float(), k.permute(1, 2, 0).float()) * scale  # [Hkv, group * n, ctx]
         if n > 1:
-            query_pos = torch.arange(ctx - n, ctx)[:, None]
-            mask = torch.arange(ctx)[None, :] > query_pos
-            scores.masked_fill_(mask, float("-inf"))
+            query_pos = torch.arange(ctx - n, ctx).repeat(group)[:, None]
+            scores.masked_fill_(torch.arange(ctx)[None, :] > query_pos, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
-        return torch.matmul(probs, v).transpose(0, 1).to(q.dtype)
+        out = torch.matmul(probs, v.permute(1, 0, 2).float())  # [Hkv, group * n, D]
+        return out.view(num_kv_heads, group, n, d).permute(2, 0, 1, 3).reshape(n, num_heads, d).to(q.dtype)
