@@ -8,6 +8,10 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/forge_out}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+# Dummy-weight benchmark models take the default model's tokenizer from here (git-ignored; carried).
+[ -f .device/tokenizer/tokenizer.json ] && export FORGE_TOKENIZER_DIR="$PWD/.device/tokenizer"
+# $OUT brings back at most 8 files: one log, the result JSONs and the decode plot.
+exec > >(tee "$OUT/device.log") 2>&1
 
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -32,15 +36,16 @@ PY
 
 echo "== pytest -m cuda"
 # shellcheck disable=SC2086
-python3 -m pytest -m cuda ${PYTEST_PATHS:-tests} -q ${PYTEST_ARGS:--x} -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log"
-rc=${PIPESTATUS[0]}
+python3 -m pytest -m cuda ${PYTEST_PATHS:-tests} -q ${PYTEST_ARGS-"-x"} -p no:cacheprovider
+rc=$?
 
 benches=("$@")
 [ ${#benches[@]} -eq 0 ] && benches=(kernels)
 for b in "${benches[@]}"; do
     echo "== benchmark $b"
-    python3 "benchmarks/$b.py" 2>&1 | tee "$OUT/bench_$b.log"
+    python3 "benchmarks/$b.py"
     [ -f "benchmarks/results/$b.json" ] && cp "benchmarks/results/$b.json" "$OUT/" 2>/dev/null
+    [ -f "benchmarks/results/$b.png" ] && cp "benchmarks/results/$b.png" "$OUT/" 2>/dev/null
 done
 echo "== pytest exit code $rc"
 exit "$rc"

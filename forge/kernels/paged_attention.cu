@@ -76,6 +76,7 @@ constexpr int VPL = (TILE + NL - 1) / NL;         // tokens per lane per tile (P
 constexpr int TILE_CHUNKS = TILE * NVEC;          // 16-byte copies per tile (K or V)
 constexpr int CPT = (TILE_CHUNKS + THREADS - 1) / THREADS;
 constexpr int SPL = (TILE + 31) / 32;             // softmax values per lane
+constexpr int GP = (GROUP + 3) / 4 * 4;           // s_p row: the GROUP probabilities of a token, 16-byte aligned
 
 static_assert(HEAD_DIM % VEC == 0, "head_dim must be a multiple of the 16-byte vector");
 static_assert(NVEC % TPT == 0 && TPT <= 32 && (TPT & (TPT - 1)) == 0, "bad TPT");
@@ -104,7 +105,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) paged_decode_k
     int num_kv_heads, int num_splits, float scale_log2) {
     __shared__ __align__(16) cache_t s_k[STAGES][TILE * HEAD_DIM];
     __shared__ __align__(16) cache_t s_v[STAGES][TILE * HEAD_DIM];
-    __shared__ float s_p[GROUP][TILE];
+    __shared__ __align__(16) float s_p[TILE][GP];  // logits, then probabilities, of the tile
     __shared__ float s_alpha[GROUP];
     __shared__ float s_m[GROUP], s_l[GROUP];
 
@@ -217,7 +218,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) paged_decode_k
             for (int h = 0; h < GROUP; ++h) {
 #pragma unroll
                 for (int o = TPT / 2; o > 0; o >>= 1) dot[h] += __shfl_xor_sync(0xffffffffu, dot[h], o);
-                if (lig == h % TPT) s_p[h][tt] = tile0 + tt < end ? dot[h] : -INFINITY;
+                if (lig == h % TPT) s_p[tt][h] = tile0 + tt < end ? dot[h] : -INFINITY;
             }
         }
         __syncthreads();
@@ -228,7 +229,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) paged_decode_k
 #pragma unroll
             for (int i = 0; i < SPL; ++i) {
                 const int t = lane + 32 * i;
-                vals[i] = t < TILE ? s_p[h][t] : -INFINITY;
+                vals[i] = t < TILE ? s_p[t][h] : -INFINITY;
                 mx = fmaxf(mx, vals[i]);
             }
             mx = warp_max(mx);
@@ -239,7 +240,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) paged_decode_k
             for (int i = 0; i < SPL; ++i) {
                 const int t = lane + 32 * i;
                 const float p = exp2f(vals[i] - m_new);
-                if (t < TILE) s_p[h][t] = p;
+                if (t < TILE) s_p[t][h] = p;
                 sum += p;
             }
             sum = warp_sum(sum);
@@ -267,9 +268,12 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) paged_decode_k
                     float vf[VEC];
 #pragma unroll
                     for (int e = 0; e < VEC; ++e) vf[e] = to_float(vv.v[e]);
+                    float pr[GP];  // one 16-byte shared load per 4 heads
+#pragma unroll
+                    for (int i = 0; i < GP; i += 4) *reinterpret_cast<float4*>(&pr[i]) = *reinterpret_cast<const float4*>(&s_p[tt][i]);
 #pragma unroll
                     for (int h = 0; h < GROUP; ++h) {
-                        const float p = s_p[h][tt];
+                        const float p = pr[h];
 #pragma unroll
                         for (int e = 0; e < VEC; ++e) acc[h][e] = fmaf(p, vf[e], acc[h][e]);
                     }

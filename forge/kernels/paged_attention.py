@@ -17,6 +17,7 @@ from forge.kernels import compiler
 
 LOG2E = 1.4426950408889634
 MIN_CHUNK = 128  # tokens: fewer per split and the split overhead outweighs the parallelism
+SPLIT_OVERHEAD = 128  # fixed cost of one block, in tokens of context (fitted on an H100)
 
 
 FILES = {"async": "paged_attention.cu", "regs": "paged_attention_regs.cu"}
@@ -59,7 +60,10 @@ def kernel_config(head_dim: int, group: int, cache_dtype: torch.dtype, num_warps
         raise ValueError(f"no TILE/TPT combination for head_dim {head_dim}, group {group}")
     if min_blocks is None:
         if impl == "async":
-            min_blocks = max(1, 4 * 4 // num_warps)  # 16 warps per SM: 128 registers a thread
+            # 16 warps per SM (<= 128 registers a thread) while the query slices and accumulators
+            # fit; fewer blocks when they would spill.
+            live = group * head_dim // tpt + group * vec
+            min_blocks = max(1, (4 if live <= 96 else 2) * 4 // num_warps)
         else:
             min_blocks = 2 if num_warps <= 4 else 1
     cfg = dict(HEAD_DIM=head_dim, GROUP=group, NUM_WARPS=num_warps, TPT=tpt, TILE=tile, MIN_BLOCKS=min_blocks)
@@ -80,17 +84,26 @@ def _default_config(head_dim: int, group: int, cache_dtype: torch.dtype) -> dict
     return _defaults[key]
 
 
-def choose_num_splits(batch: int, num_kv_heads: int, max_context_len: int, ctas_per_sm: int = 2,
-                      waves: float = 2.0) -> int:
-    """Split the context when B * Hkv blocks would leave SMs idle (flash-decoding)."""
-    slots = compiler.num_sms() * ctas_per_sm
+def choose_num_splits(batch: int, num_kv_heads: int, max_context_len: int, ctas_per_sm: int = 4) -> int:
+    """Split the context when B * Hkv blocks would leave SMs idle (flash-decoding).
+
+    Cost model: a launch runs ceil(B * Hkv * S / slots) waves (slots = SMs x resident blocks
+    per SM), each as long as one block's chunk, max_context_len / S tokens, plus a fixed cost
+    per block (prologue, epilogue, the combine) worth about SPLIT_OVERHEAD tokens. Pick the S
+    of least cost (ties: fewer splits), with at least MIN_CHUNK tokens per split. On an H100
+    this picks the measured best S at batch 1/8/32/64/128 x 4096 tokens (32/8/2/1/1); e.g.
+    S = 3 at batch 32 would leave a half-empty second wave and run 25% slower than S = 2.
+    """
+    slots = compiler.num_sms() * max(1, ctas_per_sm)
     base = max(1, batch * num_kv_heads)
-    max_by_len = max(1, -(-max_context_len // MIN_CHUNK))
-    if base >= slots * waves * 0.9:
-        return 1
-    splits = int(max(1, min(max_by_len, math.ceil(waves * slots / base), 256)))
+    max_splits = max(1, min(256, -(-max_context_len // MIN_CHUNK)))
+    best, best_cost = 1, float("inf")
+    for s in range(1, max_splits + 1):
+        cost = math.ceil(base * s / slots) * (max_context_len / s + SPLIT_OVERHEAD)
+        if cost < best_cost * (1 - 1e-9):
+            best, best_cost = s, cost
     # the kernel rounds each chunk up to a whole tile (64 tokens): drop splits that would be empty
-    chunk = -(-(-(-max_context_len // splits)) // 64) * 64
+    chunk = -(-(-(-max_context_len // best)) // 64) * 64
     return max(1, -(-max_context_len // chunk))
 
 
@@ -146,7 +159,7 @@ def paged_decode_attention(
                 per_sm = 2
             _occupancy[key] = per_sm = max(1, int(per_sm))
         num_splits = choose_num_splits(b, hkv, max_context_len, per_sm)
-    num_splits = max(1, int(num_splits))
+    num_splits = max(1, min(int(num_splits), 256))  # combine kernel holds <= 256 weights
     if num_splits > 1:
         part_o = torch.empty(b, h, num_splits, d, dtype=torch.float32, device=q.device)
         part_ml = torch.empty(b, h, num_splits, 2, dtype=torch.float32, device=q.device)

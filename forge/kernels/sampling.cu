@@ -9,10 +9,13 @@
 // (seed, step, i): a request's draw does not depend on the rest of the batch.
 // Greedy rows (T <= 0) take argmax_i logits[r, i] (first index on ties, like torch.argmax).
 //
-// Layout: grid = (B), block = 1024 threads; each thread walks the row with stride 1024
-// (coalesced 4-byte loads), keeps its best (score, index), then a warp-shuffle + shared-memory
-// argmax reduction. Bytes moved: 4 * B * V read + 8 * B written; work: one 64-bit hash and two
-// logs per element.
+// Layout: grid = (B, chunks), block = 256 threads; block (r, c) scans elements
+// [c * chunk_len, (c + 1) * chunk_len) of row r (coalesced 4-byte loads), keeps the best
+// (score, index) per thread, reduces over the block with shuffles + shared memory, and merges
+// into best[r] with one 64-bit atomicMax of (order-preserving score bits << 32 | ~index)
+// (higher score wins, then the lower index). best[] must be zeroed before the launch; the
+// launcher decodes the index. Several blocks per row keep all SMs busy: the hash and two logs
+// per element make this compute-, not bandwidth-bound. Bytes moved: 4 * B * V read.
 #include "common.cuh"
 
 __device__ __forceinline__ unsigned long long splitmix64(unsigned long long z) {
@@ -26,13 +29,21 @@ __device__ __forceinline__ bool better(float s, int i, float best, int best_i) {
     return s > best || (s == best && (unsigned)i < (unsigned)best_i);
 }
 
-extern "C" __global__ void __launch_bounds__(1024) gumbel_sample_kernel(
-    long long* __restrict__ out, const float* __restrict__ logits, long long row_stride, int vocab,
-    const float* __restrict__ temperature, const float* __restrict__ threshold,
+__device__ __forceinline__ unsigned long long pack(float s, int i) {
+    const unsigned bits = __float_as_uint(s);
+    const unsigned key = (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);  // monotone in s
+    return ((unsigned long long)key << 32) | (unsigned long long)(0xFFFFFFFFu - (unsigned)i);
+}
+
+extern "C" __global__ void __launch_bounds__(256) gumbel_sample_kernel(
+    unsigned long long* __restrict__ best_out, const float* __restrict__ logits, long long row_stride, int vocab,
+    int chunk_len, const float* __restrict__ temperature, const float* __restrict__ threshold,
     const long long* __restrict__ seeds, const long long* __restrict__ steps) {
     __shared__ float s_best[32];
     __shared__ int s_idx[32];
     const int row = blockIdx.x;
+    const int lo = blockIdx.y * chunk_len;
+    const int hi = min(vocab, lo + chunk_len);
     const float* x = logits + (long long)row * row_stride;
     const float t = temperature[row];
     const bool greedy = !(t > 0.f);
@@ -42,7 +53,7 @@ extern "C" __global__ void __launch_bounds__(1024) gumbel_sample_kernel(
 
     float best = -INFINITY;
     int best_i = -1;  // (unsigned)-1 loses every tie
-    for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+    for (int i = lo + threadIdx.x; i < hi; i += blockDim.x) {
         const float l = x[i];
         float s;
         if (greedy) {
@@ -87,6 +98,6 @@ extern "C" __global__ void __launch_bounds__(1024) gumbel_sample_kernel(
                 best_i = oi;
             }
         }
-        if (lane == 0) out[row] = best_i < 0 ? 0 : best_i;
+        if (lane == 0 && best_i >= 0) atomicMax(best_out + row, pack(best, best_i));
     }
 }

@@ -97,14 +97,19 @@ def _draw_cuda(logits, temperature, threshold, seeds, steps) -> torch.Tensor:
     import numpy as np
 
     b, v = logits.shape
-    out = torch.empty(b, dtype=torch.int64, device=logits.device)
+    threads = 256
+    # enough blocks to fill the GPU (about 4 per SM), each scanning at least 8 elements a thread
+    chunks = max(1, min(-(-v // (threads * 8)), -(-4 * compiler.num_sms() // max(b, 1))))
+    chunk_len = -(-v // chunks)
+    best = torch.zeros(b, dtype=torch.int64, device=logits.device)
     kernel = compiler.get_kernel("sampling.cu", "gumbel_sample_kernel", None)
     compiler.run(
-        kernel, b, 1024,
-        compiler.ptr(out), compiler.ptr(logits), np.int64(logits.stride(0)), np.int32(v),
+        kernel, (b, chunks), threads,
+        compiler.ptr(best), compiler.ptr(logits), np.int64(logits.stride(0)), np.int32(v), np.int32(chunk_len),
         compiler.ptr(temperature), compiler.ptr(threshold), compiler.ptr(seeds), compiler.ptr(steps),
     )
-    return out
+    # low 32 bits hold 0xFFFFFFFF - index (see sampling.cu)
+    return (0xFFFFFFFF - (best & 0xFFFFFFFF)).clamp_(0, v - 1)
 
 
 def sample(
