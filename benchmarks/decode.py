@@ -42,7 +42,7 @@ def forge_decode(model_dir: Path, batch_sizes, prompt_len, output_len) -> tuple[
         start = time.perf_counter()
         first_decode = None
         while engine.has_unfinished_requests():
-            engine.step()
+            engine.step(emit="finished")
             if first_decode is None and all(s.num_output_tokens >= 1 for s in engine.scheduler.running):
                 torch.cuda.synchronize()
                 first_decode = time.perf_counter()

@@ -35,15 +35,14 @@ def make_engine(model_dir, prefix_caching=True, max_num_seqs=256, max_num_batche
 
 def run_all(engine, requests):
     """requests: [(prompt ids, SamplingParams)]; returns (seconds, {request_id: first-token latency})."""
-    arrival = time.perf_counter()
+    start = time.perf_counter()
     ids = [engine.add_request({"prompt_token_ids": p}, sp) for p, sp in requests]
     ttft = {}
     while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.request_id not in ttft and out.outputs[0].token_ids:
-                ttft[out.request_id] = time.perf_counter() - arrival
+        for out in engine.step(emit="finished"):
+            ttft[out.request_id] = out.metrics["first_token_time"] - out.metrics["arrival_time"]
     torch.cuda.synchronize()
-    return time.perf_counter() - arrival, [ttft[i] for i in ids]
+    return time.perf_counter() - start, [ttft[i] for i in ids]
 
 
 def throughput(model_dir, num_requests, seed=0):

@@ -71,7 +71,7 @@ class LLM:
         bar = tqdm(total=len(request_ids), desc="Generating", disable=not use_tqdm, dynamic_ncols=True)
         try:
             while len(done) < len(wanted) and engine.has_unfinished_requests():
-                for out in engine.step():
+                for out in engine.step(emit="finished"):
                     if out.finished and out.request_id in wanted:
                         done[out.request_id] = out
                         bar.update(1)

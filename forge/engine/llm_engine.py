@@ -137,7 +137,10 @@ class LLMEngine:
         return len(self.requests)
 
     # -- the step --------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
+    def step(self, emit: str = "all") -> list[RequestOutput]:
+        """Run one engine step. Returns outputs of the requests that got a token this step
+        (emit="all", for streaming) or only of those that finished (emit="finished": skips building
+        per-step output objects, which costs O(output length) per request per step)."""
         sched = self.scheduler.schedule()
         if not sched:
             return []
@@ -154,7 +157,7 @@ class LLMEngine:
         for seq, result in zip(seqs, results):
             self._append_token(seq, result, now)
             touched[seq.request_id] = self.requests[seq.request_id]
-        outputs = [self._make_output(req) for req in touched.values()]
+        outputs = [self._make_output(req) for req in touched.values() if emit == "all" or req.finished]
         for req in touched.values():
             if req.finished:
                 del self.requests[req.request_id]

@@ -23,6 +23,33 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
+class HostStager:
+    """Copies a step's integer inputs to the device through a persistent pinned buffer per dtype.
+
+    Allocating pinned memory every step costs more than the copy itself; one buffer, grown on
+    demand, is reused (the previous step's copy has finished: its sampled tokens were read back).
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.host: dict[torch.dtype, torch.Tensor] = {}
+        self.dev: dict[torch.dtype, torch.Tensor] = {}
+
+    def stage(self, dtype: torch.dtype, values: list[int]) -> torch.Tensor:
+        src = torch.tensor(values, dtype=dtype)
+        if self.device.type != "cuda":
+            return src
+        n = src.numel()
+        if dtype not in self.host or self.host[dtype].numel() < n:
+            size = max(n, 2 * self.host[dtype].numel() if dtype in self.host else 4096)
+            self.host[dtype] = torch.empty(size, dtype=dtype, pin_memory=True)
+            self.dev[dtype] = torch.empty(size, dtype=dtype, device=self.device)
+        self.host[dtype][:n].copy_(src)
+        out = self.dev[dtype][:n]
+        out.copy_(self.host[dtype][:n], non_blocking=True)
+        return out
+
+
 class ModelRunner:
     def __init__(self, model_config: ModelConfig, weights: dict, config: EngineConfig, max_model_len: int):
         self.config = config
@@ -32,6 +59,7 @@ class ModelRunner:
         self.block_size = config.block_size
         self.max_model_len = max_model_len
         self.ops = get_ops(config.device)
+        self.stager = HostStager(self.device)
         self.model = LlamaModel(model_config, weights, self.ops, config.device, self.dtype, max_model_len)
         self.activation_peak_bytes = self._profile_activations() if self.device.type == "cuda" else 0
         self.num_kv_blocks = self._plan_kv_blocks()
@@ -123,31 +151,31 @@ class ModelRunner:
         query_start = [0]
         for n in query_lens:
             query_start.append(query_start[-1] + n)
-
-        def to_device(data, dtype):
-            t = torch.tensor(data, dtype=dtype)
-            if self.device.type == "cuda":
-                return t.pin_memory().to(self.device, non_blocking=True)
-            return t
-
+        num_seqs, num_tokens = len(query_lens), len(input_ids)
+        # Two host->device copies per step (int64 and int32 fields), through persistent pinned buffers.
+        longs = self.stager.stage(torch.long, input_ids + positions + slots + logits_rows)
+        ints = self.stager.stage(torch.int32, query_start + context_lens + [b for row in block_tables for b in row])
+        t = num_tokens
         meta = AttentionMetadata(
-            positions=to_device(positions, torch.long),
-            slot_mapping=to_device(slots, torch.long),
-            query_start_loc=to_device(query_start, torch.int32),
-            context_lens=to_device(context_lens, torch.int32),
-            block_tables=to_device(block_tables, torch.int32),
+            positions=longs[t : 2 * t],
+            slot_mapping=longs[2 * t : 3 * t],
+            query_start_loc=ints[: num_seqs + 1],
+            context_lens=ints[num_seqs + 1 : 2 * num_seqs + 1],
+            block_tables=ints[2 * num_seqs + 1 :].view(num_seqs, max_blocks),
             max_query_len=max(query_lens),
             max_context_len=max(context_lens),
             query_lens_cpu=query_lens,
             context_lens_cpu=context_lens,
         )
-        return to_device(input_ids, torch.long), meta, to_device(logits_rows, torch.long)
+        return longs[:t], meta, longs[3 * t :]
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> torch.Tensor:
         """Run the step; returns float32 logits for the sequences that sample, in scheduled order."""
         input_ids, meta, logits_rows = self.prepare_inputs(sched)
+        all_rows = logits_rows.shape[0] == input_ids.shape[0]  # pure decode: every row samples
         if self.graphs is not None and self.graphs.can_run(len(sched.scheduled), meta):
-            return self.graphs.run(input_ids, meta)[logits_rows]
+            logits = self.graphs.run(input_ids, meta)
+            return logits if all_rows else logits[logits_rows]
         hidden = self.model.forward(input_ids, meta, self.kv_caches)
-        return self.model.compute_logits(hidden[logits_rows])
+        return self.model.compute_logits(hidden if all_rows else hidden[logits_rows])

@@ -89,12 +89,14 @@ class DeviceSampler:
         from forge.kernels.sampling import sample
 
         device = logits.device
+        params = [s.params for s in seqs]
+        if all(p.greedy and p.logprobs is None and not p.has_penalties for p in params):
+            return [SampleResult(t) for t in logits.argmax(dim=-1).tolist()]  # the common greedy case: one op
         penalized = [i for i, s in enumerate(seqs) if s.params.has_penalties]
         if penalized:
             logits = logits.clone()
             for i in penalized:
                 apply_penalties(logits[i], seqs[i])
-        params = [s.params for s in seqs]
         host = torch.tensor(
             [[0.0 if p.greedy else p.temperature, p.top_p, p.min_p] for p in params], dtype=torch.float32
         )

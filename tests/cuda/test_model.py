@@ -92,15 +92,14 @@ def test_batch_equals_sequential_and_graphs_equal_eager(model_dir, tokenizer):
 
 def test_graph_replay_logits_match_eager_bf16(model_dir, tokenizer):
     """Decode logits through a replayed CUDA graph equal the eager forward within bf16 noise."""
-    from forge.engine.scheduler import ScheduledSeq, SchedulerOutput
-
     llm = LLM(str(model_dir), device="cuda", dtype="bfloat16", num_kv_blocks=128, max_num_seqs=8)
     engine = llm.llm_engine
     for p in prompts(tokenizer)[:3]:
         engine.add_request(p, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     engine.step()  # prefill
     engine.step()  # one decode through the graph
-    sched = SchedulerOutput([ScheduledSeq(s, 1) for s in engine.scheduler.running])
+    sched = engine.scheduler.schedule()  # the next decode step (allocates its slots)
+    assert all(item.num_new_tokens == 1 for item in sched.scheduled)
     runner = engine.runner
     graph_logits = runner.execute(sched).clone()
     graphs, runner.graphs = runner.graphs, None

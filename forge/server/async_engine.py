@@ -1,0 +1,334 @@
+"""An asyncio front for LLMEngine: the engine steps in its own thread, HTTP handlers await outputs.
+
+The step loop and the event loop never wait on each other:
+  * handlers hand work to the engine thread through a thread-safe command deque, processed between
+    steps (so LLMEngine is only ever touched from one thread);
+  * after each step the engine thread posts every request's newest output to the owning event loop
+    with one `call_soon_threadsafe` per loop, and goes straight on to the next step.
+Outputs are cumulative (each RequestOutput holds the whole text so far), so a request's stream keeps
+only the newest one: a slow client costs one object of memory, never a growing queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+
+from forge.engine.llm_engine import LLMEngine
+from forge.outputs import RequestOutput
+from forge.sampling_params import SamplingParams
+from forge.sequence import Sequence
+
+logger = logging.getLogger("forge.server")
+
+# After this many failed steps in a row, blaming a single request clearly is not working: fail them all.
+_MAX_BLAMED_FAILURES = 2
+
+
+class EngineRequestError(RuntimeError):
+    """The engine failed this request (an exception in a step it took part in, or a dead engine)."""
+
+
+@dataclass
+class EngineSnapshot:
+    """Counters the engine thread refreshes every loop, for /metrics and back-pressure (reads are lock-free)."""
+
+    num_running: int = 0
+    num_waiting: int = 0  # sequences in the scheduler's waiting queue
+    kv_cache_usage: float = 0.0
+    prefix_cache_hit_rate: float = 0.0
+
+
+class RequestStream:
+    """The receiving end of one engine request: `async for output in stream` yields the newest
+    cumulative RequestOutput, ends after the finished one, and raises if the engine failed it."""
+
+    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop):
+        self.request_id = request_id
+        self.loop = loop
+        self.accepted: asyncio.Future = loop.create_future()  # None, or the add_request exception
+        self.finished = False
+        self._latest: RequestOutput | None = None
+        self._error: BaseException | None = None
+        self._ready = asyncio.Event()
+        # Owned by the engine thread: timing for the TTFT / inter-token histograms.
+        self.submit_time = time.monotonic()
+        self.tokens_seen: dict[int, int] = {}
+        self.last_token_time: dict[int, float] = {}
+        self.started = False  # has produced a token (so it no longer counts as waiting)
+
+    # -- called on the event loop thread (via call_soon_threadsafe) -------------------------------
+    def _put(self, item: RequestOutput | BaseException) -> None:
+        if isinstance(item, BaseException):
+            if not self.accepted.done():
+                self.accepted.set_result(item)
+            self._error = item
+        else:
+            self._latest = item
+        self._ready.set()
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        while self._latest is None and self._error is None:
+            await self._ready.wait()
+            self._ready.clear()
+        if self._latest is not None:
+            out, self._latest = self._latest, None
+            self.finished = out.finished
+            return out
+        self.finished = True
+        raise self._error
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, metrics=None):
+        self.engine = engine
+        self.metrics = metrics  # a forge.server.metrics.ServerMetrics, or None
+        self.snapshot = EngineSnapshot()
+        self._commands: collections.deque = collections.deque()  # deque appends/pops are thread-safe
+        self._wakeup = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._streams: dict[str, RequestStream] = {}  # engine thread only
+        self._failures_in_a_row = 0
+        self._stats_seen = {"prompt_tokens": 0, "generation_tokens": 0}
+        # Requests submitted that have not produced a token yet: the server's waiting queue. Counted
+        # from the handlers' side so a client that saw its request accepted also sees it counted.
+        self._waiting_lock = threading.Lock()
+        self._num_waiting_requests = 0
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="forge-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wakeup.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def num_waiting_requests(self) -> int:
+        return self._num_waiting_requests
+
+    # -- the handlers' side ----------------------------------------------------------------------
+    async def generate(self, prompt: str | dict | list[int], params: SamplingParams, request_id: str) -> RequestStream:
+        """Submit a request and wait until the engine has accepted it (between two steps).
+
+        Raises the engine's validation error (InvalidRequestError, ...) if it refused the request.
+        """
+        if not self.is_alive:
+            raise EngineRequestError("the engine is not running")
+        stream = RequestStream(request_id, asyncio.get_running_loop())
+        self._change_waiting(+1)
+        self._commands.append(("add", stream, prompt, params))
+        self._wakeup.set()
+        try:
+            error = await asyncio.shield(stream.accepted)
+        except asyncio.CancelledError:
+            self.abort(request_id)  # the client left before the engine even saw the request
+            raise
+        if error is not None:
+            raise error
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request (client gone); its KV blocks are freed before the next step."""
+        self._commands.append(("abort", request_id))
+        self._wakeup.set()
+
+    def _change_waiting(self, delta: int) -> None:
+        with self._waiting_lock:
+            self._num_waiting_requests += delta
+
+    # -- the engine thread -------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException:  # a bug in this loop: say so loudly, and don't leave clients hanging
+            logger.critical("engine thread died:\n%s", traceback.format_exc())
+        finally:
+            error = EngineRequestError("the engine stopped")
+            leftover = [(s, error) for s in self._streams.values()]
+            leftover += [(cmd[1], error) for cmd in self._commands if cmd[0] == "add"]
+            self._streams.clear()
+            self._commands.clear()
+            for stream, _ in leftover:
+                self._mark_started(stream)
+                try:  # leave the engine clean in case it is started again
+                    self.engine.abort_request(stream.request_id)
+                except Exception:
+                    pass
+            self._deliver(leftover)
+
+    def _loop(self) -> None:
+        engine = self.engine
+        while not self._stop.is_set():
+            deliveries: list[tuple[RequestStream, RequestOutput | BaseException]] = []
+            self._process_commands(deliveries)
+            if engine.has_unfinished_requests():
+                try:
+                    outputs = engine.step()
+                    self._failures_in_a_row = 0
+                except Exception as exc:  # one bad request must not take the server down
+                    logger.error("engine step failed:\n%s", traceback.format_exc())
+                    outputs = self._recover_from_failed_step(exc, deliveries)
+                now = time.monotonic()
+                for out in outputs:
+                    stream = self._streams.get(out.request_id)
+                    if stream is None:
+                        continue
+                    self._observe_timing(stream, out, now)
+                    if out.finished:
+                        del self._streams[out.request_id]
+                    deliveries.append((stream, out))
+            self._refresh_snapshot()
+            self._deliver(deliveries)
+            if not engine.has_unfinished_requests() and not self._commands:
+                self._wakeup.wait(timeout=0.5)  # idle: sleep until a command arrives
+                self._wakeup.clear()
+
+    def _process_commands(self, deliveries: list) -> None:
+        while self._commands:
+            cmd = self._commands.popleft()
+            if cmd[0] == "add":
+                _, stream, prompt, params = cmd
+                try:
+                    self.engine.add_request(prompt, params, request_id=stream.request_id)
+                except Exception as exc:  # validation errors travel back to the handler that submitted it
+                    if not isinstance(exc, ValueError):
+                        logger.error("add_request failed:\n%s", traceback.format_exc())
+                    self._mark_started(stream)
+                    deliveries.append((stream, exc))
+                    continue
+                self._streams[stream.request_id] = stream
+                deliveries.append((stream, None))  # accepted
+            else:
+                request_id = cmd[1]
+                self.engine.abort_request(request_id)
+                stream = self._streams.pop(request_id, None)
+                if stream is not None:
+                    self._mark_started(stream)
+
+    def _deliver(self, deliveries: list) -> None:
+        """Hand outputs to their event loops: one call_soon_threadsafe per loop per step."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for stream, item in deliveries:
+            by_loop.setdefault(stream.loop, []).append((stream, item))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver_on_loop, items)
+            except RuntimeError:  # that event loop is closed: nobody will read these requests
+                for stream, _ in items:
+                    self.engine.abort_request(stream.request_id)
+                    self._streams.pop(stream.request_id, None)
+                    self._mark_started(stream)
+
+    def _mark_started(self, stream: RequestStream) -> None:
+        if not stream.started:
+            stream.started = True
+            self._change_waiting(-1)
+
+    def _observe_timing(self, stream: RequestStream, out: RequestOutput, now: float) -> None:
+        if out.finished:
+            self._mark_started(stream)
+        for completion in out.outputs:
+            n = len(completion.token_ids)
+            seen = stream.tokens_seen.get(completion.index, 0)
+            if n <= seen:
+                continue
+            if not stream.started:
+                self._mark_started(stream)
+            if self.metrics is not None:
+                if seen == 0:
+                    if completion.index == 0:
+                        self.metrics.time_to_first_token.observe(now - stream.submit_time)
+                else:
+                    self.metrics.inter_token_latency.observe((now - stream.last_token_time[completion.index]) / (n - seen))
+            stream.tokens_seen[completion.index] = n
+            stream.last_token_time[completion.index] = now
+
+    def _refresh_snapshot(self) -> None:
+        e = self.engine
+        self.snapshot = EngineSnapshot(e.num_running(), e.num_waiting(), e.kv_cache_usage, e.prefix_cache_hit_rate)
+        if self.metrics is not None:
+            for key in self._stats_seen:
+                delta = e.stats[key] - self._stats_seen[key]
+                if delta:
+                    self.metrics.add_tokens(key, delta)
+                    self._stats_seen[key] = e.stats[key]
+
+    # -- failure isolation -------------------------------------------------------------------------
+    def _recover_from_failed_step(self, exc: Exception, deliveries: list) -> list[RequestOutput]:
+        """Fail the request that broke the step, put the engine back in a consistent state, go on.
+
+        A step can fail halfway (tokens appended to some sequences, computed-token counts advanced),
+        so every sequence that was running is preempted: its blocks are freed and it recomputes from
+        its tokens, exactly as after a KV-cache preemption. Only the culprit is failed when it can be
+        named; otherwise (or when blaming did not help) every request that was in the step fails.
+        """
+        engine, scheduler = self.engine, self.engine.scheduler
+        self._failures_in_a_row += 1
+        in_step = {seq.request_id for seq in scheduler.running}
+        culprit = _blame(exc)
+        if culprit in engine.requests and self._failures_in_a_row <= _MAX_BLAMED_FAILURES:
+            to_fail = {culprit}
+        else:
+            to_fail = in_step or set(engine.requests)  # nothing was running: the waiting ones broke it
+        message = f"the engine failed this request: {type(exc).__name__}: {exc}"
+        for request_id in to_fail:
+            engine.abort_request(request_id)
+            stream = self._streams.pop(request_id, None)
+            if stream is not None:
+                self._mark_started(stream)
+                deliveries.append((stream, EngineRequestError(message)))
+        for seq in reversed(list(scheduler.running)):  # reversed: appendleft keeps their order
+            scheduler._preempt(seq)
+        # Requests the failed step finished but never reported: report them now.
+        outputs = []
+        for request_id, req in list(engine.requests.items()):
+            if req.finished:
+                outputs.append(engine._make_output(req))
+                del engine.requests[request_id]
+        return outputs
+
+
+def _blame(exc: BaseException) -> str | None:
+    """The request an exception came from: its `request_id` attribute if it has one, else the
+    innermost traceback frame that was handling a Sequence in a local called `seq`."""
+    request_id = getattr(exc, "request_id", None)
+    if request_id is not None:
+        return request_id
+    tb, found = exc.__traceback__, None
+    while tb is not None:
+        seq = tb.tb_frame.f_locals.get("seq")
+        if isinstance(seq, Sequence):
+            found = seq.request_id
+        tb = tb.tb_next
+    return found
+
+
+def _deliver_on_loop(items: list) -> None:
+    for stream, item in items:
+        if item is None:
+            stream.accepted.set_result(None)
+        else:
+            stream._put(item)

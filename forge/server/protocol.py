@@ -1,0 +1,347 @@
+"""OpenAI request bodies and their translation into SamplingParams.
+
+Bodies are parsed by hand (UTF-8, JSON, then pydantic in strict mode) rather than by FastAPI, so every
+mistake a client can make becomes one OpenAI-style error, `{"error": {message, type, param, code}}`,
+with a 4xx status. Unknown fields are ignored, as OpenAI does; known fields must have the right JSON
+type ("5" is not an integer, true is not a number).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from forge.errors import InvalidRequestError
+from forge.sampling_params import SamplingParams, StructuredOutputsParams
+
+MAX_BODY_BYTES = 4 * 1024 * 1024  # a full 8k-token context is ~50 KB of text; 4 MiB leaves room for token-id lists
+MAX_CHOICES = 128  # n x number of prompts in one request
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # seeds go into int64 generator state
+
+
+class APIError(Exception):
+    """An error the API returns as `{"error": {...}}` with an HTTP status."""
+
+    def __init__(self, message: str, status: int = 400, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.message, self.status, self.type, self.param, self.code = message, status, type, param, code
+        self.headers = headers
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    @classmethod
+    def from_invalid_request(cls, e: InvalidRequestError) -> "APIError":
+        from forge.errors import PromptTooLongError
+
+        code = "context_length_exceeded" if isinstance(e, PromptTooLongError) else None
+        return cls(str(e), param=e.param, code=code)
+
+
+# -- parsing ------------------------------------------------------------------------------------------
+
+def parse_json_object(raw: bytes) -> dict:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise APIError(f"request body is not valid UTF-8 (bad byte at offset {e.start})") from None
+    if not text.strip():
+        raise APIError("request body is empty; expected a JSON object")
+    try:
+        data = json.loads(text, parse_constant=_reject_constant)
+    except json.JSONDecodeError as e:
+        raise APIError(f"request body is not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
+    except RecursionError:
+        raise APIError("request body is nested too deeply") from None
+    if not isinstance(data, dict):
+        raise APIError(f"request body must be a JSON object, got a JSON {type(data).__name__}")
+    _check_strings(data)
+    return data
+
+
+def _reject_constant(name: str):
+    raise APIError(f"request body contains {name}, which is not valid JSON")
+
+
+def _check_strings(data: Any) -> None:
+    """JSON escapes can smuggle in lone UTF-16 surrogates ("\\ud800"), which no tokenizer can encode."""
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise APIError("a string in the request contains an unpaired UTF-16 surrogate") from None
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
+def validate(model_cls: type[BaseModel], data: dict):
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as e:
+        raise _validation_error(e) from None
+
+
+_UNION_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
+
+
+def _validation_error(e: ValidationError) -> APIError:
+    errors = e.errors(include_url=False)
+    first = errors[0]
+
+    def param_of(err) -> str:
+        # pydantic adds union-member tags such as 'str' or 'list[int]' to the location; drop them.
+        parts = [p for p in err["loc"] if not (isinstance(p, str) and (p in _UNION_TAGS or "[" in p))]
+        out = ""
+        for p in parts:
+            out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+        return out
+
+    param = param_of(first)
+    if first["type"] == "missing":
+        return APIError(f"'{param}' is a required field", param=param)
+    # A union reports one error per member it tried: say them all, for the same field.
+    msgs = list(dict.fromkeys(err["msg"] for err in errors if param_of(err) == param))
+    got = first.get("input")
+    shown = json.dumps(got) if isinstance(got, (int, float, str, bool)) or got is None else f"a JSON {_json_type(got)}"
+    if len(shown) > 80:
+        shown = shown[:77] + "..."
+    return APIError(f"invalid value for '{param}': {' or '.join(msgs)} (got {shown})", param=param)
+
+
+def _json_type(value: Any) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}.get(
+        type(value), type(value).__name__)
+
+
+# -- request models -----------------------------------------------------------------------------------
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False, populate_by_name=True)
+
+
+class StreamOptions(_Body):
+    include_usage: bool | None = False
+
+
+class JsonSchemaSpec(_Body):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+
+class StructuredOutputsBody(_Body):
+    """forge's extension (vLLM's name): exactly one of these."""
+
+    json_: dict | str | None = Field(default=None, alias="json")
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+
+class _SamplingRequest(_Body):
+    """Fields shared by /v1/completions and /v1/chat/completions. None means "not given"."""
+
+    model: str | None = None
+    n: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int | None = None
+    ignore_eos: bool | None = None
+    skip_special_tokens: bool | None = None
+    include_stop_str_in_output: bool | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    logit_bias: dict[str, float] | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsBody | None = None
+    guided_json: dict | str | None = None  # vLLM's older spellings of structured_outputs
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None, num_prompts: int = 1) -> SamplingParams:
+        n = 1 if self.n is None else self.n
+        if n * num_prompts > MAX_CHOICES:
+            raise APIError(f"n x prompts = {n * num_prompts} choices; at most {MAX_CHOICES} per request", param="n")
+        if self.seed is not None and not INT64_MIN <= self.seed <= INT64_MAX - max(n, 1):
+            raise APIError(f"seed must be a 64-bit signed integer (below {INT64_MAX - max(n, 1) + 1} for n={n}), "
+                           f"got {self.seed}", param="seed")
+        if self.logit_bias:
+            raise APIError("logit_bias is not supported", param="logit_bias")
+        if self.stream_options is not None and not self.stream:
+            raise APIError("stream_options is only allowed when stream is true", param="stream_options")
+
+        def given(value, default):
+            return default if value is None else value
+
+        return SamplingParams(
+            n=n, max_tokens=max_tokens, logprobs=logprobs,
+            temperature=given(self.temperature, 1.0), top_p=given(self.top_p, 1.0), top_k=given(self.top_k, 0),
+            min_p=given(self.min_p, 0.0), seed=self.seed, stop=self.stop, stop_token_ids=self.stop_token_ids,
+            presence_penalty=given(self.presence_penalty, 0.0), frequency_penalty=given(self.frequency_penalty, 0.0),
+            repetition_penalty=given(self.repetition_penalty, 1.0), min_tokens=given(self.min_tokens, 0),
+            ignore_eos=given(self.ignore_eos, False), skip_special_tokens=given(self.skip_special_tokens, True),
+            include_stop_str_in_output=given(self.include_stop_str_in_output, False),
+            structured_outputs=self.structured_outputs_params(),
+        )
+
+    def structured_outputs_params(self) -> StructuredOutputsParams | None:
+        """response_format, structured_outputs and guided_* all say the same thing: accept one of them."""
+        specs: dict[str, dict] = {}
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            specs["response_format"] = {"json_object": True}
+        elif rf is not None and rf.type == "json_schema":
+            if rf.json_schema is None or rf.json_schema.schema_ is None:
+                raise APIError("response_format of type json_schema needs json_schema.schema",
+                               param="response_format.json_schema")
+            specs["response_format"] = {"json": rf.json_schema.schema_}
+        so = self.structured_outputs
+        if so is not None:
+            fields = {"json": so.json_, "json_object": so.json_object, "regex": so.regex, "choice": so.choice,
+                      "grammar": so.grammar}
+            specs["structured_outputs"] = {k: v for k, v in fields.items() if v is not None and v is not False}
+        guided = {"json": self.guided_json, "regex": self.guided_regex, "choice": self.guided_choice,
+                  "grammar": self.guided_grammar}
+        guided = {k: v for k, v in guided.items() if v is not None}
+        if guided:
+            specs["guided_*"] = guided
+        if not specs:
+            return None
+        if len(specs) > 1:
+            raise APIError(f"give at most one of response_format, structured_outputs and guided_*; got {sorted(specs)}",
+                           param="response_format")
+        (where, spec), = specs.items()
+        try:
+            return StructuredOutputsParams(**spec)
+        except InvalidRequestError as e:
+            raise APIError(str(e), param=where if e.param == "structured_outputs" else e.param) from None
+
+
+class CompletionRequest(_SamplingRequest):
+    prompt: Any = None  # str | list[str] | list[int] | list[list[int]]: checked by prompts()
+    max_tokens: int | None = 16  # OpenAI's default for completions
+    echo: bool | None = None
+    logprobs: int | None = None
+    suffix: str | None = None
+    best_of: int | None = None
+
+    def prompts(self) -> list[str | list[int]]:
+        p = self.prompt
+        if p is None:
+            raise APIError("'prompt' is a required field", param="prompt")
+        if isinstance(p, str):
+            return [p]
+        if isinstance(p, list) and p:
+            if all(isinstance(x, str) for x in p):
+                return list(p)
+            if all(_is_token_id(x) for x in p):
+                return [list(p)]
+            if all(isinstance(x, list) and all(_is_token_id(t) for t in x) for x in p):
+                return [list(x) for x in p]
+        if isinstance(p, list) and not p:
+            raise APIError("prompt is empty", param="prompt")
+        raise APIError("prompt must be a string, a list of strings, a list of token ids or a list of lists of "
+                       "token ids", param="prompt")
+
+    def check_supported(self) -> None:
+        if self.suffix:
+            raise APIError("suffix is not supported", param="suffix")
+        if self.best_of is not None and self.best_of != (self.n or 1):
+            raise APIError("best_of other than n is not supported", param="best_of")
+        if self.echo and self.logprobs is not None:
+            raise APIError("echo with logprobs needs prompt logprobs, which forge does not compute", param="echo")
+
+
+def _is_token_id(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+class ContentPart(_Body):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Body):
+    role: str
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+# "developer" is OpenAI's newer name for the system role.
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    messages: list[ChatMessage]
+    max_tokens: int | None = None  # None: up to the end of the context
+    max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens; wins when both are given
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    add_generation_prompt: bool | None = None
+    tools: list | None = None
+
+    @property
+    def max_new_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def num_logprobs(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError("top_logprobs needs logprobs to be true", param="top_logprobs")
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= 20:
+            raise APIError(f"top_logprobs must be in [0, 20], got {self.top_logprobs}", param="top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def conversation(self) -> list[dict]:
+        """The messages as the chat template wants them: {role, content} with text content."""
+        if not self.messages:
+            raise APIError("messages must not be empty", param="messages")
+        if self.tools:
+            raise APIError("tools are not supported", param="tools")
+        out = []
+        for i, m in enumerate(self.messages):
+            role = _ROLES.get(m.role)
+            if role is None:
+                raise APIError(f"unsupported role {m.role!r}; use system, user or assistant", param=f"messages[{i}].role")
+            content = m.content
+            if isinstance(content, list):
+                bad = [part.type for part in content if part.type != "text" or part.text is None]
+                if bad:
+                    raise APIError(f"only text content parts are supported, got {bad[0]!r}", param=f"messages[{i}].content")
+                content = "\n".join(part.text for part in content)
+            if content is None:
+                if role != "assistant":
+                    raise APIError(f"a {m.role} message needs content", param=f"messages[{i}].content")
+                content = ""
+            out.append({"role": role, "content": content})
+        return out
