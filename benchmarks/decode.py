@@ -19,7 +19,24 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import RESULTS, dummy_model_dir, hf_config_dict, write_results  # noqa: E402
 
-COPY_BANDWIDTH = 2.94e12  # bytes/s, measured on the H100
+H100_COPY_BANDWIDTH = 2.94e12  # bytes/s, measured on the lent H100
+
+
+def measure_copy_bandwidth() -> float:
+    """Device-to-device copy of 2 GiB, bytes read + written per second (median of 10)."""
+    src = torch.empty(2**30, dtype=torch.uint16, device="cuda").random_()
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(12):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * 2**31 / sorted(times[2:])[len(times[2:]) // 2]
 
 
 def forge_decode(model_dir: Path, batch_sizes, prompt_len, output_len) -> tuple[dict, int]:
@@ -118,12 +135,13 @@ def main():
     ap.add_argument("--output-len", type=int, default=256)
     ap.add_argument("--no-hf", action="store_true", help="skip the HF transformers baseline")
     args = ap.parse_args()
+    bandwidth = measure_copy_bandwidth()
     rows = []
     for shape in args.shapes:
         model_dir = dummy_model_dir(shape)
         forge_res, weight_bytes = forge_decode(model_dir, args.batch_sizes, args.prompt_len, args.output_len)
         hf_res = {} if args.no_hf else hf_decode(shape, args.batch_sizes, args.prompt_len, args.output_len)
-        roofline = COPY_BANDWIDTH / weight_bytes
+        roofline = bandwidth / weight_bytes
         for bs in args.batch_sizes:
             f = forge_res[bs]
             h = hf_res.get(bs, {}).get("tok_s")
@@ -136,7 +154,8 @@ def main():
                 "weight_gb": round(weight_bytes / 1e9, 3),
             })
     device = torch.cuda.get_device_name()
-    write_results("decode", {"device": device, "prompt_len": args.prompt_len, "output_len": args.output_len, "rows": rows})
+    write_results("decode", {"device": device, "copy_bandwidth_tb_s": round(bandwidth / 1e12, 3),
+                             "h100_copy_bandwidth_tb_s": H100_COPY_BANDWIDTH / 1e12, "prompt_len": args.prompt_len, "output_len": args.output_len, "rows": rows})
     with open(RESULTS / "decode.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
@@ -145,7 +164,8 @@ def main():
         plot(rows, RESULTS / "decode.png")
     except ImportError:
         print("matplotlib missing: no plot", file=sys.stderr)
-    print(f"decode throughput on {device} (prompt {args.prompt_len}, output {args.output_len}, bf16)")
+    print(f"decode throughput on {device} (prompt {args.prompt_len}, output {args.output_len}, bf16); "
+          f"measured copy bandwidth {bandwidth / 1e12:.2f} TB/s = the roofline's ceiling")
     print(f"{'shape':<14}{'batch':>6}{'forge tok/s':>13}{'decode tok/s':>14}{'HF tok/s':>10}{'x HF':>7}{'roofline':>10}")
     for r in rows:
         frac = f"{r['fraction_of_roofline']:.0%}" if r["fraction_of_roofline"] is not None else ""

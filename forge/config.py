@@ -134,5 +134,6 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
+    tensor_parallel_size: int = 1  # > 1: one process per device (forge.distributed), rank 0 schedules
     seed: int = 0
     extra: dict = field(default_factory=dict)

@@ -89,10 +89,17 @@ class Sequence:
         return self.status == SequenceStatus.FINISHED
 
     # -- text ----------------------------------------------------------------------------
+    def sync_text(self) -> str:
+        """Detokenize lazily: only when text is read (streaming, stop strings, the final output)."""
+        if self.detokenizer is None:
+            return ""
+        self.detokenizer.catch_up(self.token_ids[self.num_prompt_tokens :])
+        return self.detokenizer.text
+
     @property
     def output_text(self) -> str:
         """Text so far; while running, a tail that could still become a stop string is held back."""
-        text = self.detokenizer.text if self.detokenizer else ""
+        text = self.sync_text()
         if self.stop_text_cut is not None:
             return text[: self.stop_text_cut]
         if not self.is_finished and self.params.stop:

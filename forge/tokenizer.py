@@ -506,6 +506,11 @@ class IncrementalDetokenizer:
         self._text += delta
         return delta
 
+    def catch_up(self, output_ids: list[int]) -> None:
+        """Add every id of `output_ids` (all generated ids so far) not added yet."""
+        for token_id in output_ids[len(self._ids) - self._num_prompt_ids :]:
+            self.add(token_id)
+
     def flush(self) -> str:
         """Emit whatever is still held back (e.g. an incomplete character at the end of generation)."""
         if self._read_offset == len(self._ids):

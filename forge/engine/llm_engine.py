@@ -3,6 +3,7 @@
 import itertools
 import logging
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -48,7 +49,20 @@ class LLMEngine:
         self.tokenizer = loaded.tokenizer
         self.model_path = loaded.path
         self.max_model_len = min(config.max_model_len or 8192, loaded.config.max_position_embeddings)
-        self.runner = ModelRunner(loaded.config, loaded.weights, config, self.max_model_len)
+        self.tp = None  # tensor parallelism: this process is rank 0, workers follow its steps (forge.distributed)
+        if config.tensor_parallel_size > 1:
+            from forge.distributed.worker import TensorParallelExecutor
+
+            self.tp = TensorParallelExecutor(config, self.max_model_len, loaded.config)
+            weakref.finalize(self, self.tp.shutdown)  # workers exit with the engine (or at interpreter exit)
+        try:
+            self.runner = ModelRunner(loaded.config, loaded.weights, config, self.max_model_len,
+                                      tp=self.tp.group if self.tp is not None else None)
+        except BaseException:
+            self.shutdown()
+            raise
+        if self.tp is not None:
+            self.runner.step_hook = self.tp.broadcast_step
         del loaded
         num_blocks = self.runner.num_kv_blocks
         # A single sequence must always fit, or preemption could never make room for it.
@@ -60,6 +74,11 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0}
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers, if any (idempotent; also runs when the engine is collected)."""
+        if self.tp is not None:
+            self.tp.shutdown()
 
     # -- requests --------------------------------------------------------------------------
     def tokenize_prompt(self, prompt: str | dict | list[int]) -> tuple[str | None, list[int]]:
@@ -189,8 +208,6 @@ class LLMEngine:
             seq.output_logprobs.append(entry)
         if seq.structured is not None:
             seq.structured.accept(token)
-        old_len = len(seq.detokenizer.text)
-        seq.detokenizer.add(token)
         enough = seq.num_output_tokens >= p.min_tokens
         if enough and token in p.stop_token_ids:
             return self._finish(seq, "stop", token)
@@ -198,14 +215,16 @@ class LLMEngine:
             return self._finish(seq, "stop", token)
         if seq.structured is not None and seq.structured.is_terminated():
             return self._finish(seq, "stop", None)
-        if enough and p.stop:
-            text = seq.detokenizer.text
-            start = max(0, old_len - max(len(s) for s in p.stop) + 1)
-            for stop in p.stop:
-                idx = text.find(stop, start)
-                if idx != -1:
-                    seq.stop_text_cut = idx + len(stop) if p.include_stop_str_in_output else idx
-                    return self._finish(seq, "stop", stop)
+        if p.stop:  # stop strings need the text now; otherwise it is decoded when read
+            old_len = len(seq.detokenizer.text)
+            text = seq.sync_text()
+            if enough:
+                start = max(0, old_len - max(len(s) for s in p.stop) + 1)
+                for stop in p.stop:
+                    idx = text.find(stop, start)
+                    if idx != -1:
+                        seq.stop_text_cut = idx + len(stop) if p.include_stop_str_in_output else idx
+                        return self._finish(seq, "stop", stop)
         if p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens:
             return self._finish(seq, "length", None)
         if seq.num_tokens >= self.max_model_len:

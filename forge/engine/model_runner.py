@@ -2,6 +2,7 @@
 
 import logging
 
+import numpy as np
 import torch
 
 from forge.config import EngineConfig, ModelConfig
@@ -35,8 +36,8 @@ class HostStager:
         self.host: dict[torch.dtype, torch.Tensor] = {}
         self.dev: dict[torch.dtype, torch.Tensor] = {}
 
-    def stage(self, dtype: torch.dtype, values: list[int]) -> torch.Tensor:
-        src = torch.tensor(values, dtype=dtype)
+    def stage(self, dtype: torch.dtype, values: np.ndarray) -> torch.Tensor:
+        src = torch.from_numpy(values)
         if self.device.type != "cuda":
             return src
         n = src.numel()
@@ -51,7 +52,7 @@ class HostStager:
 
 
 class ModelRunner:
-    def __init__(self, model_config: ModelConfig, weights: dict, config: EngineConfig, max_model_len: int):
+    def __init__(self, model_config: ModelConfig, weights: dict, config: EngineConfig, max_model_len: int, tp=None):
         self.config = config
         self.model_config = model_config
         self.device = torch.device(config.device)
@@ -60,9 +61,13 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.ops = get_ops(config.device)
         self.stager = HostStager(self.device)
-        self.model = LlamaModel(model_config, weights, self.ops, config.device, self.dtype, max_model_len)
+        self.tp = tp  # forge.distributed.TPGroup (tensor parallelism) or None
+        self.step_hook = None  # rank 0 of tensor parallelism: broadcasts each step to the workers
+        self.model = LlamaModel(model_config, weights, self.ops, config.device, self.dtype, max_model_len, tp=tp)
         self.activation_peak_bytes = self._profile_activations() if self.device.type == "cuda" else 0
         self.num_kv_blocks = self._plan_kv_blocks()
+        if tp is not None:  # every rank keeps the same number of blocks (the smallest plan)
+            self.num_kv_blocks = tp.min_int(self.num_kv_blocks)
         self.kv_caches = self._allocate_kv_caches(self.num_kv_blocks)
         logger.info("KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB)", self.num_kv_blocks, self.block_size,
                     self.num_kv_blocks * self.block_size, self.num_kv_blocks * self.kv_block_bytes / 2**30)
@@ -75,7 +80,7 @@ class ModelRunner:
 
     def _allocate_kv_caches(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         c = self.model_config
-        shape = (num_blocks, self.block_size, c.num_kv_heads, c.head_dim)
+        shape = (num_blocks, self.block_size, self.model.num_kv_heads, c.head_dim)  # this rank's KV heads
         return [
             (torch.zeros(shape, dtype=self.dtype, device=self.device), torch.zeros(shape, dtype=self.dtype, device=self.device))
             for _ in range(c.num_layers)
@@ -112,7 +117,7 @@ class ModelRunner:
     @property
     def kv_block_bytes(self) -> int:
         c = self.model_config
-        return 2 * c.num_layers * self.block_size * c.num_kv_heads * c.head_dim * self.dtype.itemsize
+        return 2 * c.num_layers * self.block_size * self.model.num_kv_heads * c.head_dim * self.dtype.itemsize
 
     def _plan_kv_blocks(self) -> int:
         if self.config.num_kv_blocks:
@@ -133,28 +138,36 @@ class ModelRunner:
         bs = self.block_size
         input_ids, positions, slots = [], [], []
         query_lens, context_lens, logits_rows = [], [], []
+        num_seqs = len(sched.scheduled)
         max_blocks = max(len(s.seq.block_table) for s in sched.scheduled)
-        block_tables = []
-        for item in sched.scheduled:
+        block_tables = np.zeros((num_seqs, max_blocks), dtype=np.int32)
+        for i, item in enumerate(sched.scheduled):
             seq, n = item.seq, item.num_new_tokens
             start = seq.num_computed_tokens
-            input_ids.extend(seq.token_ids[start : start + n])
-            pos = range(start, start + n)
-            positions.extend(pos)
             table = seq.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in pos)
+            block_tables[i, : len(table)] = table
+            if n == 1:  # decode: the common case, without ranges
+                input_ids.append(seq.token_ids[start])
+                positions.append(start)
+                slots.append(table[start // bs] * bs + start % bs)
+            else:
+                input_ids.extend(seq.token_ids[start : start + n])
+                pos = range(start, start + n)
+                positions.extend(pos)
+                slots.extend(table[p // bs] * bs + p % bs for p in pos)
             query_lens.append(n)
             context_lens.append(start + n)
-            block_tables.append(table + [0] * (max_blocks - len(table)))
             if item.samples:
                 logits_rows.append(len(input_ids) - 1)
         query_start = [0]
         for n in query_lens:
             query_start.append(query_start[-1] + n)
-        num_seqs, num_tokens = len(query_lens), len(input_ids)
+        num_tokens = len(input_ids)
         # Two host->device copies per step (int64 and int32 fields), through persistent pinned buffers.
-        longs = self.stager.stage(torch.long, input_ids + positions + slots + logits_rows)
-        ints = self.stager.stage(torch.int32, query_start + context_lens + [b for row in block_tables for b in row])
+        longs = self.stager.stage(torch.long, np.array(input_ids + positions + slots + logits_rows, dtype=np.int64))
+        ints = self.stager.stage(
+            torch.int32, np.concatenate([np.array(query_start + context_lens, dtype=np.int32), block_tables.ravel()])
+        )
         t = num_tokens
         meta = AttentionMetadata(
             positions=longs[t : 2 * t],
@@ -172,6 +185,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> torch.Tensor:
         """Run the step; returns float32 logits for the sequences that sample, in scheduled order."""
+        if self.step_hook is not None:
+            self.step_hook(sched)
         input_ids, meta, logits_rows = self.prepare_inputs(sched)
         all_rows = logits_rows.shape[0] == input_ids.shape[0]  # pure decode: every row samples
         if self.graphs is not None and self.graphs.can_run(len(sched.scheduled), meta):

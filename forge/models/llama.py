@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 
 from forge.config import ModelConfig
+from forge.distributed.parallel_state import SINGLE
+from forge.distributed.sharding import gather_logits, plan_shard, shard_weights, vocab_parallel_embedding
 from forge.models.rope import build_cos_sin_cache
 from forge.ops.metadata import AttentionMetadata
 
@@ -52,15 +54,22 @@ def dummy_weights(config: ModelConfig, device: torch.device, dtype: torch.dtype,
 
 class LlamaModel:
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], ops, device: str, dtype: torch.dtype,
-                 max_positions: int):
+                 max_positions: int, tp=None):
         self.config = config
         self.ops = ops
         self.device = torch.device(device)
         self.dtype = dtype
         self.scale = config.head_dim ** -0.5
+        # Tensor parallelism (forge.distributed): this rank's shard; collectives are no-ops at size 1.
+        self.tp = tp or SINGLE
+        self.shard = plan_shard(config, self.tp.rank, self.tp.world_size)
+        self.num_heads, self.num_kv_heads = self.shard.num_heads, self.shard.num_kv_heads
+        self.q_size = self.num_heads * config.head_dim
 
         if not weights:  # load_format="dummy": random weights of the right shape, made on the device
-            weights = dummy_weights(config, self.device, dtype)
+            weights = dummy_weights(self.shard.local_config(config), self.device, dtype, seed=self.tp.rank)
+        elif self.tp.world_size > 1:
+            weights = shard_weights(weights, config, self.shard)
 
         def w(name: str) -> torch.Tensor:
             return weights[name].to(device=self.device, dtype=dtype)
@@ -104,7 +113,10 @@ class LlamaModel:
         """input_ids: [T] -> final normed hidden states [T, hidden]."""
         ops, cfg = self.ops, self.config
         num_tokens = input_ids.shape[0]
-        hidden = ops.embedding(input_ids, self.embed_tokens)
+        if self.tp.world_size > 1:
+            hidden = vocab_parallel_embedding(ops, input_ids, self.embed_tokens, self.shard, self.tp)
+        else:
+            hidden = ops.embedding(input_ids, self.embed_tokens)
         residual = None
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             if residual is None:
@@ -115,15 +127,18 @@ class LlamaModel:
             qkv = ops.linear(x, layer.qkv_proj)
             q = ops.qkv_rope_cache(
                 qkv, meta.positions, self.cos_sin_cache, k_cache, v_cache, meta.slot_mapping,
-                cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                self.num_heads, self.num_kv_heads, cfg.head_dim,
             )
             attn = ops.attention(q, k_cache, v_cache, meta, self.scale)
-            hidden = ops.linear(attn.reshape(num_tokens, cfg.q_size), layer.o_proj)
+            hidden = self.tp.all_reduce(ops.linear(attn.reshape(num_tokens, self.q_size), layer.o_proj))
             x, residual = ops.add_rms_norm(hidden, residual, layer.post_attention_norm, cfg.rms_norm_eps)
-            hidden = ops.linear(ops.silu_mul(ops.linear(x, layer.gate_up_proj)), layer.down_proj)
+            hidden = self.tp.all_reduce(ops.linear(ops.silu_mul(ops.linear(x, layer.gate_up_proj)), layer.down_proj))
         hidden, _ = ops.add_rms_norm(hidden, residual, self.norm, cfg.rms_norm_eps)
         return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[n, hidden] -> float32 logits [n, vocab]."""
-        return self.ops.linear(hidden, self.lm_head).float()
+        logits = self.ops.linear(hidden, self.lm_head)
+        if self.tp.world_size > 1:  # vocab-parallel lm_head: gather every rank's slice of the vocabulary
+            logits = gather_logits(logits, self.shard, self.tp)
+        return logits.float()

@@ -1,0 +1,129 @@
+"""Megatron-style sharding of a Llama model's HF-named weights for one tensor-parallel rank.
+
+* q_proj rows by query head; k_proj/v_proj rows by KV head, or the one KV head a rank's query
+  heads use when there are fewer KV heads than ranks (replicated);
+* o_proj columns (same heads as q): row-parallel, one all-reduce after it;
+* gate_proj/up_proj rows (column-parallel), down_proj columns (row-parallel, one all-reduce);
+* embed_tokens and lm_head rows by vocabulary, padded with zero rows to a multiple of the world
+  size: the embedding is masked + all-reduced, the logits are all-gathered and the padding cut;
+* norms (and rope_freqs) replicated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from forge.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    rank: int
+    world_size: int
+    num_heads: int  # local query heads
+    num_kv_heads: int  # local KV heads (1 when replicated)
+    head_start: int  # first global query head of this rank
+    kv_head_start: int  # first global KV head of this rank
+    intermediate_size: int  # local MLP width
+    vocab_size: int  # global (unpadded) vocabulary
+    vocab_per_rank: int  # rows of this rank's embedding / lm_head shard (padded)
+    total_kv_heads: int  # global KV heads
+
+    @property
+    def vocab_start(self) -> int:
+        return self.rank * self.vocab_per_rank
+
+    @property
+    def kv_replicated(self) -> bool:
+        """Fewer KV heads than ranks: several ranks hold (copies of) the same KV head."""
+        return self.num_kv_heads * self.world_size > self.total_kv_heads
+
+    def local_config(self, config: ModelConfig) -> ModelConfig:
+        """The shape of this rank's shard, as a ModelConfig (for random dummy weights)."""
+        return dataclasses.replace(config, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+                                   intermediate_size=self.intermediate_size, vocab_size=self.vocab_per_rank)
+
+
+def plan_shard(config: ModelConfig, rank: int, world_size: int) -> ShardPlan:
+    tp = world_size
+    if not 0 <= rank < tp:
+        raise ValueError(f"rank {rank} outside a world of {tp}")
+    h, hkv = config.num_heads, config.num_kv_heads
+    if h % tp:
+        raise ValueError(f"tensor_parallel_size {tp} must divide the number of attention heads ({h})")
+    if config.intermediate_size % tp:
+        raise ValueError(f"tensor_parallel_size {tp} must divide intermediate_size ({config.intermediate_size})")
+    if hkv >= tp:
+        if hkv % tp:
+            raise ValueError(f"tensor_parallel_size {tp} must divide the number of KV heads ({hkv})")
+        local_kv, kv_start = hkv // tp, rank * (hkv // tp)
+    else:  # fewer KV heads than ranks: each rank keeps the one KV head its query heads attend with
+        if tp % hkv:
+            raise ValueError(f"with {hkv} KV heads, tensor_parallel_size {tp} must be a multiple of {hkv}")
+        local_kv, kv_start = 1, rank * hkv // tp
+    plan = ShardPlan(
+        rank=rank, world_size=tp, num_heads=h // tp, num_kv_heads=local_kv, head_start=rank * (h // tp),
+        kv_head_start=kv_start, intermediate_size=config.intermediate_size // tp, vocab_size=config.vocab_size,
+        vocab_per_rank=-(-config.vocab_size // tp), total_kv_heads=hkv,
+    )
+    return plan
+
+
+def _rows(t: torch.Tensor, start: int, count: int) -> torch.Tensor:
+    return t.narrow(0, start, count).clone(memory_format=torch.contiguous_format)
+
+
+def _cols(t: torch.Tensor, start: int, count: int) -> torch.Tensor:
+    return t.narrow(1, start, count).clone(memory_format=torch.contiguous_format)
+
+
+def _vocab_rows(t: torch.Tensor, plan: ShardPlan) -> torch.Tensor:
+    start = plan.vocab_start
+    n = max(0, min(plan.vocab_per_rank, plan.vocab_size - start))
+    out = t.new_zeros((plan.vocab_per_rank,) + tuple(t.shape[1:]))
+    if n:
+        out[:n] = t[start:start + n]
+    return out
+
+
+def shard_weights(weights: dict[str, torch.Tensor], config: ModelConfig, plan: ShardPlan) -> dict[str, torch.Tensor]:
+    """This rank's slice of every HF-named weight (new tensors: the full ones can be freed)."""
+    d = config.head_dim
+    q0, nq = plan.head_start * d, plan.num_heads * d
+    kv0, nkv = plan.kv_head_start * d, plan.num_kv_heads * d
+    i0, ni = plan.rank * plan.intermediate_size, plan.intermediate_size
+    out: dict[str, torch.Tensor] = {}
+    for name, t in weights.items():
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            out[name] = _vocab_rows(t, plan)
+        elif name.endswith("self_attn.q_proj.weight"):
+            out[name] = _rows(t, q0, nq)
+        elif name.endswith(("self_attn.k_proj.weight", "self_attn.v_proj.weight")):
+            out[name] = _rows(t, kv0, nkv)
+        elif name.endswith("self_attn.o_proj.weight"):
+            out[name] = _cols(t, q0, nq)
+        elif name.endswith(("mlp.gate_proj.weight", "mlp.up_proj.weight")):
+            out[name] = _rows(t, i0, ni)
+        elif name.endswith("mlp.down_proj.weight"):
+            out[name] = _cols(t, i0, ni)
+        else:  # norms, rope_freqs: replicated
+            out[name] = t
+    return out
+
+
+def vocab_parallel_embedding(ops, token_ids: torch.Tensor, weight: torch.Tensor, plan: ShardPlan, tp) -> torch.Tensor:
+    """Embedding lookup with the vocabulary split over ranks: each rank fills the rows of the ids it
+    holds (zeros elsewhere) and one all-reduce sums them. Graph-capturable (no host sync)."""
+    local = token_ids - plan.vocab_start
+    outside = (local < 0) | (local >= plan.vocab_per_rank)
+    hidden = ops.embedding(local.masked_fill(outside, 0), weight)
+    hidden = hidden.masked_fill(outside[:, None], 0)
+    return tp.all_reduce(hidden)
+
+
+def gather_logits(logits: torch.Tensor, plan: ShardPlan, tp) -> torch.Tensor:
+    """[n, vocab_per_rank] on every rank -> [n, vocab] (rank order, padding cut)."""
+    return tp.all_gather(logits, dim=-1)[:, : plan.vocab_size]

@@ -1,0 +1,347 @@
+"""The OpenAI completions and chat endpoints: requests -> engine submissions -> responses or SSE chunks."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from forge.errors import InvalidRequestError
+from forge.outputs import CompletionOutput, Logprob, RequestOutput
+from forge.sampling_params import SamplingParams
+from forge.server.async_engine import AsyncEngine, EngineRequestError, RequestStream
+from forge.server.protocol import APIError, ChatCompletionRequest, CompletionRequest
+
+# JSON has no -inf; a token the sampler could not pick (e.g. masked by a grammar) gets this instead, as in vLLM.
+MIN_LOGPROB = -9999.0
+
+
+@dataclass
+class _Choice:
+    """What a stream has already sent for one choice (prompt i, completion j)."""
+
+    index: int
+    text_sent: int = 0
+    tokens_sent: int = 0
+    text_offset: int = 0  # completions logprobs: where the next token starts in the choice's text
+    finished: bool = False
+
+
+@dataclass
+class _Job:
+    """One API request: its prompts, and the engine streams once submitted."""
+
+    kind: str  # "completion" | "chat"
+    id: str
+    model: str
+    prompts: list[dict]  # {"prompt": str | None, "prompt_token_ids": list[int]}
+    params: SamplingParams
+    echo: bool = False
+    include_usage: bool = False
+    created: int = field(default_factory=lambda: int(time.time()))
+    streams: list[RequestStream] = field(default_factory=list)
+
+
+class OpenAIServing:
+    def __init__(self, async_engine: AsyncEngine, model_name: str, max_waiting: int):
+        self.engine = async_engine
+        self.tokenizer = async_engine.engine.tokenizer
+        self.model_name = model_name
+        self.max_waiting = max_waiting
+
+    # -- endpoints ----------------------------------------------------------------------------------
+    async def completions(self, req: CompletionRequest, raw: Request):
+        req.check_supported()
+        prompts = req.prompts()
+        params = req.sampling_params(req.max_tokens, req.logprobs, num_prompts=len(prompts))
+        self._check_capacity(len(prompts))
+        tokenized = [await asyncio.to_thread(self._tokenize, p) for p in prompts]
+        job = _Job("completion", f"cmpl-{uuid.uuid4().hex}", self.model_name, tokenized, params,
+                   echo=bool(req.echo), include_usage=req.include_usage)
+        return await self._run(job, bool(req.stream), raw)
+
+    async def chat(self, req: ChatCompletionRequest, raw: Request):
+        conversation = req.conversation()
+        params = req.sampling_params(req.max_new_tokens, req.num_logprobs)
+        self._check_capacity(1)
+        add_generation_prompt = req.add_generation_prompt is not False
+        ids = await asyncio.to_thread(self._render_chat, conversation, add_generation_prompt)
+        job = _Job("chat", f"chatcmpl-{uuid.uuid4().hex}", self.model_name,
+                   [{"prompt": None, "prompt_token_ids": ids}], params, include_usage=req.include_usage)
+        return await self._run(job, bool(req.stream), raw)
+
+    # -- shared machinery ------------------------------------------------------------------------------
+    def _check_capacity(self, num_new: int) -> None:
+        waiting = self.engine.num_waiting_requests
+        if waiting + num_new > self.max_waiting:
+            raise APIError(f"the server is busy: {waiting} requests are waiting (limit {self.max_waiting}); retry shortly",
+                           status=503, type="server_error", code="server_busy", headers={"Retry-After": "1"})
+
+    def _tokenize(self, prompt: str | list[int]) -> dict:
+        # Runs in a worker thread: a long prompt must not stall the event loop or the step loop.
+        text, ids = self.engine.engine.tokenize_prompt(prompt)
+        return {"prompt": text, "prompt_token_ids": ids}
+
+    def _render_chat(self, conversation: list[dict], add_generation_prompt: bool) -> list[int]:
+        text = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt)
+        return self.tokenizer.encode(text)
+
+    async def _run(self, job: _Job, stream: bool, raw: Request):
+        results = await asyncio.gather(
+            *(self.engine.generate(p, job.params, f"{job.id}-{i}") for i, p in enumerate(job.prompts)),
+            return_exceptions=True,
+        )
+        job.streams = [r for r in results if isinstance(r, RequestStream)]
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            self._abort(job)
+            if isinstance(errors[0], InvalidRequestError):
+                raise APIError.from_invalid_request(errors[0])
+            raise errors[0]
+        if stream:
+            headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+            return _AbortingStreamingResponse(self._sse(job), on_close=lambda: self._abort(job),
+                                              media_type="text/event-stream", headers=headers)
+        try:
+            finals = await self._collect(job, raw)
+        finally:
+            self._abort(job)
+        if finals is None:  # the client went away; nobody reads this
+            return JSONResponse({"error": {"message": "client disconnected"}}, status_code=499)
+        return JSONResponse(self._full_response(job, finals))
+
+    def _abort(self, job: _Job) -> None:
+        for s in job.streams:
+            if not s.finished:
+                self.engine.abort(s.request_id)
+
+    async def _collect(self, job: _Job, raw: Request) -> list[RequestOutput] | None:
+        """Wait for every stream to finish; None if the client disconnects first."""
+        finals: list[RequestOutput | None] = [None] * len(job.streams)
+
+        async def drain(i: int, s: RequestStream):
+            async for out in s:
+                finals[i] = out
+
+        work = asyncio.ensure_future(asyncio.gather(*(drain(i, s) for i, s in enumerate(job.streams))))
+        gone = asyncio.ensure_future(_wait_for_disconnect(raw))
+        try:
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not work.done():
+                work.cancel()
+        if not work.done() or work.cancelled():
+            return None
+        try:
+            work.result()
+        except EngineRequestError as e:
+            raise APIError(str(e), status=500, type="server_error") from None
+        return finals
+
+    async def _merged(self, job: _Job) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """(prompt index, output) from all of a job's streams, as they arrive."""
+        if len(job.streams) == 1:
+            async for out in job.streams[0]:
+                yield 0, out
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, s: RequestStream):
+            try:
+                async for out in s:
+                    queue.put_nowait((i, out))
+                queue.put_nowait((i, None))
+            except Exception as e:
+                queue.put_nowait((i, e))
+
+        tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(job.streams)]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                i, item = await queue.get()
+                if item is None:
+                    remaining -= 1
+                elif isinstance(item, Exception):
+                    raise item
+                else:
+                    yield i, item
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    async def _sse(self, job: _Job) -> AsyncIterator[str]:
+        """The server-sent events of a streamed job. Cancelled (client gone) -> the finally aborts."""
+        n = job.params.n
+        choices: dict[int, _Choice] = {}
+        finals: dict[int, RequestOutput] = {}
+        try:
+            if job.kind == "chat":
+                for j in range(n):  # OpenAI's first chunk of each choice carries only the role
+                    yield _sse(self._chunk(job, [{"index": j, "delta": {"role": "assistant", "content": ""},
+                                                   "logprobs": None, "finish_reason": None}]))
+            async for i, out in self._merged(job):
+                finals[i] = out
+                for completion in out.outputs:
+                    idx = i * n + completion.index
+                    choice = choices.setdefault(idx, _Choice(idx))
+                    if choice.finished:
+                        continue
+                    if choice.text_sent == 0 and choice.tokens_sent == 0 and job.echo:
+                        prompt_text = self._prompt_text(job.prompts[i])
+                        choice.text_offset = len(prompt_text)
+                    else:
+                        prompt_text = ""
+                    delta = self._delta(job, choice, completion)
+                    if delta is not None:
+                        if prompt_text and job.kind == "completion":
+                            delta["text"] = prompt_text + delta["text"]
+                        yield _sse(self._chunk(job, [delta]))
+            if job.include_usage:
+                yield _sse(self._chunk(job, [], usage=self._usage(job, [finals[i] for i in sorted(finals)])))
+        except EngineRequestError as e:
+            yield _sse(APIError(str(e), status=500, type="server_error").body())
+        finally:
+            self._abort(job)
+        yield "data: [DONE]\n\n"
+
+    def _delta(self, job: _Job, choice: _Choice, c: CompletionOutput) -> dict | None:
+        """The chunk choice for what is new in `c` since the last chunk, or None if nothing is."""
+        new_text = c.text[choice.text_sent:]
+        new_tokens = len(c.token_ids) - choice.tokens_sent
+        finished = c.finish_reason is not None
+        want_logprobs = job.params.logprobs is not None and new_tokens > 0
+        if not new_text and not finished and not want_logprobs:
+            return None
+        logprobs = None
+        if want_logprobs:
+            if job.kind == "chat":
+                logprobs = _chat_logprobs(c, choice.tokens_sent, job.params.logprobs)
+            else:
+                logprobs, choice.text_offset = _completion_logprobs(c, choice.tokens_sent, job.params.logprobs,
+                                                                     choice.text_offset)
+        choice.text_sent, choice.tokens_sent, choice.finished = len(c.text), len(c.token_ids), finished
+        reason = _finish_reason(c)
+        if job.kind == "chat":
+            return {"index": choice.index, "delta": {"content": new_text} if new_text else {},
+                    "logprobs": logprobs, "finish_reason": reason}
+        return {"index": choice.index, "text": new_text, "logprobs": logprobs, "finish_reason": reason,
+                "stop_reason": c.stop_reason if finished else None}
+
+    def _chunk(self, job: _Job, choices: list[dict], usage: dict | None = None) -> dict:
+        obj = "chat.completion.chunk" if job.kind == "chat" else "text_completion"
+        chunk = {"id": job.id, "object": obj, "created": job.created, "model": job.model, "choices": choices}
+        if job.include_usage:
+            chunk["usage"] = usage
+        return chunk
+
+    def _full_response(self, job: _Job, finals: list[RequestOutput]) -> dict:
+        n = job.params.n
+        choices = []
+        for i, out in enumerate(finals):
+            for c in sorted(out.outputs, key=lambda c: c.index):
+                index = i * n + c.index
+                if job.kind == "chat":
+                    logprobs = _chat_logprobs(c, 0, job.params.logprobs) if job.params.logprobs is not None else None
+                    choices.append({"index": index, "message": {"role": "assistant", "content": c.text},
+                                    "logprobs": logprobs, "finish_reason": _finish_reason(c)})
+                else:
+                    prefix = self._prompt_text(job.prompts[i]) if job.echo else ""
+                    k = job.params.logprobs
+                    logprobs = _completion_logprobs(c, 0, k, len(prefix))[0] if k is not None else None
+                    choices.append({"index": index, "text": prefix + c.text, "logprobs": logprobs,
+                                    "finish_reason": _finish_reason(c), "stop_reason": c.stop_reason})
+        obj = "chat.completion" if job.kind == "chat" else "text_completion"
+        return {"id": job.id, "object": obj, "created": job.created, "model": job.model, "choices": choices,
+                "usage": self._usage(job, finals)}
+
+    def _usage(self, job: _Job, finals: list[RequestOutput]) -> dict:
+        prompt = sum(len(p["prompt_token_ids"]) for p in job.prompts)
+        completion = sum(len(c.token_ids) for out in finals for c in out.outputs)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def _prompt_text(self, prompt: dict) -> str:
+        if prompt["prompt"] is not None:
+            return prompt["prompt"]
+        return self.tokenizer.decode(prompt["prompt_token_ids"], skip_special_tokens=False)
+
+
+class _AbortingStreamingResponse(StreamingResponse):
+    """A StreamingResponse that aborts its requests however it ends: finished, client gone, or
+    cancelled before the body generator ever started (whose own `finally` would then never run)."""
+
+    def __init__(self, content, on_close, **kwargs):
+        super().__init__(content, **kwargs)
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
+
+
+# -- helpers ------------------------------------------------------------------------------------------
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def _finish_reason(c: CompletionOutput) -> str | None:
+    # "abort" only reaches a client when the engine failed the request, which is reported as an error.
+    return None if c.finish_reason is None else ("length" if c.finish_reason == "length" else "stop")
+
+
+def _lp(value: float) -> float:
+    return MIN_LOGPROB if math.isnan(value) or value < MIN_LOGPROB else value
+
+
+def _ranked(entry: dict[int, Logprob], k: int) -> list[Logprob]:
+    """The top-k alternatives of a position, most likely first (the engine marks them rank 1..k)."""
+    return sorted((lp for lp in entry.values() if 1 <= lp.rank <= k), key=lambda lp: lp.rank)
+
+
+def _chat_logprobs(c: CompletionOutput, start: int, k: int) -> dict:
+    content = []
+    for tid, entry in zip(c.token_ids[start:], (c.logprobs or [])[start:]):
+        chosen = entry[tid]
+        token = chosen.decoded_token or ""
+        content.append({
+            "token": token, "logprob": _lp(chosen.logprob), "bytes": list(token.encode("utf-8")),
+            "top_logprobs": [{"token": lp.decoded_token or "", "logprob": _lp(lp.logprob),
+                              "bytes": list((lp.decoded_token or "").encode("utf-8"))} for lp in _ranked(entry, k)],
+        })
+    return {"content": content}
+
+
+def _completion_logprobs(c: CompletionOutput, start: int, k: int, offset: int) -> tuple[dict, int]:
+    """OpenAI's legacy logprobs object for tokens [start:], and the text offset after them."""
+    tokens, token_logprobs, top_logprobs, text_offset = [], [], [], []
+    for tid, entry in zip(c.token_ids[start:], (c.logprobs or [])[start:]):
+        chosen = entry[tid]
+        token = chosen.decoded_token or ""
+        tokens.append(token)
+        token_logprobs.append(_lp(chosen.logprob))
+        top = {lp.decoded_token or "": _lp(lp.logprob) for lp in _ranked(entry, k)}
+        top.setdefault(token, _lp(chosen.logprob))  # vLLM's convention: the chosen token is always listed
+        top_logprobs.append(top)
+        text_offset.append(offset)
+        offset += len(token)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
+            "text_offset": text_offset}, offset
+
+
+async def _wait_for_disconnect(raw: Request) -> None:
+    """Returns once the client has closed the connection (the body was already read)."""
+    while True:
+        message = await raw.receive()
+        if message["type"] == "http.disconnect":
+            return
+        await asyncio.sleep(0.05)  # an empty trailing body message: don't spin on it
