@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
 import socket
 
 import torch
 import torch.distributed as dist
+
+BROADCAST_BYTES = 1 << 16  # one step's description (ids, positions, block tables) fits in one broadcast
 
 # NVLink multicast must stay off (a program that uses it can take a shared host's GPUs down).
 MULTICAST_OFF_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
@@ -56,6 +59,7 @@ class TPGroup:
         self.device_group = device_group
         self.cpu_group = cpu_group
         self.backend = backend
+        self._bcast_buf: torch.Tensor | None = None
 
     @property
     def is_driver(self) -> bool:
@@ -84,12 +88,37 @@ class TPGroup:
 
     # -- host-side collectives (gloo) ----------------------------------------------------------
     def broadcast_object(self, obj=None):
-        """Rank 0 sends `obj`; every rank returns it."""
+        """Rank 0 sends `obj` (picklable); every rank returns it.
+
+        One gloo broadcast of a fixed-size buffer (length header + pickle) carries a step's
+        description; only a larger object needs a second one. (broadcast_object_list always costs two.)
+        """
         if self.world_size == 1:
             return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0, group=self.cpu_group)
-        return box[0]
+        buf = self._bcast_buf
+        if buf is None:
+            buf = self._bcast_buf = torch.zeros(BROADCAST_BYTES, dtype=torch.uint8)
+        if self.rank == 0:
+            data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+            n = len(data)
+            buf[:8] = torch.tensor([n], dtype=torch.int64).view(torch.uint8)
+            payload = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            if 8 + n <= BROADCAST_BYTES:
+                buf[8 : 8 + n] = payload
+                dist.broadcast(buf, src=0, group=self.cpu_group)
+            else:
+                dist.broadcast(buf, src=0, group=self.cpu_group)
+                dist.broadcast(payload, src=0, group=self.cpu_group)
+            return obj
+        dist.broadcast(buf, src=0, group=self.cpu_group)
+        n = int(buf[:8].view(torch.int64).item())
+        if 8 + n <= BROADCAST_BYTES:
+            data = buf[8 : 8 + n].numpy().tobytes()
+        else:
+            payload = torch.empty(n, dtype=torch.uint8)
+            dist.broadcast(payload, src=0, group=self.cpu_group)
+            data = payload.numpy().tobytes()
+        return pickle.loads(data)
 
     def min_int(self, value: int) -> int:
         """The smallest of every rank's `value` (e.g. KV blocks: every rank keeps the same number)."""
