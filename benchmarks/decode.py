@@ -24,7 +24,7 @@ H100_COPY_BANDWIDTH = 2.94e12  # bytes/s, measured on the lent H100
 
 def measure_copy_bandwidth() -> float:
     """Device-to-device copy of 2 GiB, bytes read + written per second (median of 10)."""
-    src = torch.empty(2**30, dtype=torch.uint16, device="cuda").random_()
+    src = torch.randn(2**30, dtype=torch.float16, device="cuda")
     dst = torch.empty_like(src)
     times = []
     for _ in range(12):

@@ -325,7 +325,8 @@ def test_full_waiting_queue_gets_503_with_retry_after(tiny_model_dir):
     long = completion(max_tokens=CONTEXT - 16, ignore_eos=True, stream=True)
     with LiveServer(engine, max_waiting=2) as srv, httpx.Client(base_url=srv.url, timeout=30) as client:
         with client.stream("POST", CMPL, json=long) as running:
-            next(running.iter_lines())  # it has started generating: no longer waiting
+            lines = running.iter_lines()  # (kept: dropping the iterator would close the stream)
+            next(lines)  # it has started generating: no longer waiting
             with client.stream("POST", CMPL, json=long) as w1, client.stream("POST", CMPL, json=long) as w2:
                 assert w1.status_code == w2.status_code == 200  # accepted, waiting
                 r = client.post(CMPL, json=completion())
