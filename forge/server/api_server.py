@@ -201,4 +201,7 @@ def serve(engine_config: EngineConfig, host: str = "127.0.0.1", port: int = 8000
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         logger.warning("serving on %s without --api-key: anyone who can reach this address can use the model", host)
     print(f"forge: serving {name!r} (context {engine.max_model_len} tokens) on http://{host}:{port}/v1", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level=log_level)
+    finally:
+        engine.shutdown()  # tensor-parallel workers, if any

@@ -225,8 +225,9 @@ class AsyncEngine:
                 request_id = cmd[1]
                 self.engine.abort_request(request_id)
                 stream = self._streams.pop(request_id, None)
-                if stream is not None:
+                if stream is not None:  # wake anyone still reading it
                     self._mark_started(stream)
+                    deliveries.append((stream, EngineRequestError("the request was aborted")))
 
     def _deliver(self, deliveries: list) -> None:
         """Hand outputs to their event loops: one call_soon_threadsafe per loop per step."""

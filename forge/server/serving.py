@@ -104,6 +104,8 @@ class OpenAIServing:
             self._abort(job)
             if isinstance(errors[0], InvalidRequestError):
                 raise APIError.from_invalid_request(errors[0])
+            if isinstance(errors[0], EngineRequestError):
+                raise APIError(str(errors[0]), status=503, type="server_error", code="engine_unavailable")
             raise errors[0]
         if stream:
             headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -130,20 +132,21 @@ class OpenAIServing:
             async for out in s:
                 finals[i] = out
 
-        work = asyncio.ensure_future(asyncio.gather(*(drain(i, s) for i, s in enumerate(job.streams))))
+        tasks = {asyncio.ensure_future(drain(i, s)) for i, s in enumerate(job.streams)}
         gone = asyncio.ensure_future(_wait_for_disconnect(raw))
         try:
-            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+            pending = set(tasks)
+            while pending:
+                done, pending = await asyncio.wait(pending | {gone}, return_when=asyncio.FIRST_COMPLETED)
+                pending.discard(gone)
+                if gone in done:
+                    return None
+                for t in done:
+                    if t.exception() is not None:
+                        raise APIError(str(t.exception()), status=500, type="server_error")
         finally:
-            gone.cancel()
-            if not work.done():
-                work.cancel()
-        if not work.done() or work.cancelled():
-            return None
-        try:
-            work.result()
-        except EngineRequestError as e:
-            raise APIError(str(e), status=500, type="server_error") from None
+            for t in tasks | {gone}:
+                t.cancel()
         return finals
 
     async def _merged(self, job: _Job) -> AsyncIterator[tuple[int, RequestOutput]]:
