@@ -55,6 +55,8 @@ class Sequence:
         # Output state.
         self.detokenizer = detokenizer
         self.output_logprobs: list[dict[int, Logprob]] = []
+        # Prompt logprobs (first prompt token: None), filled as prefill chunks run; None if not asked.
+        self.prompt_logprobs: list[dict[int, Logprob] | None] | None = [None] if params.prompt_logprobs is not None else None
         self.cumulative_logprob = 0.0
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None

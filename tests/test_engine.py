@@ -122,3 +122,36 @@ def test_utf8_never_split_in_output(default_llm):
     )[0].outputs[0]
     tok = default_llm.get_tokenizer()
     assert "\ufffd" not in out.text or "\ufffd" in tok.decode(out.token_ids)
+
+
+def test_prompt_logprobs_match_generation_logprobs(default_llm):
+    """Teacher forcing: the prompt logprobs of prompt+output equal the logprobs seen while generating."""
+    prompt = "The capital of France is"
+    gen = default_llm.generate(prompt, SamplingParams(temperature=0, max_tokens=6, logprobs=2), use_tqdm=False)[0]
+    ids = gen.prompt_token_ids + gen.outputs[0].token_ids
+    forced = default_llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=1, prompt_logprobs=2),
+                                  use_tqdm=False)[0]
+    plp = forced.prompt_logprobs
+    assert len(plp) == len(ids) and plp[0] is None
+    n = len(gen.prompt_token_ids)
+    for i, (tid, step) in enumerate(zip(gen.outputs[0].token_ids, gen.outputs[0].logprobs)):
+        entry = plp[n + i]
+        assert entry[tid].rank == 1  # greedy tokens are the most likely
+        assert abs(entry[tid].logprob - step[tid].logprob) < 1e-4
+        assert len(entry) == 2  # the target is also the top-1 here
+
+
+def test_prompt_logprobs_chunked_equals_unchunked(tiny_model_dir):
+    from forge import LLM
+
+    ids = list(range(1000, 1100))
+    params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=3)
+    whole = LLM(str(tiny_model_dir), num_kv_blocks=64).generate({"prompt_token_ids": ids}, params, use_tqdm=False)[0]
+    chunked = LLM(str(tiny_model_dir), num_kv_blocks=64, max_num_batched_tokens=16).generate(
+        {"prompt_token_ids": ids}, params, use_tqdm=False)[0]
+    assert len(whole.prompt_logprobs) == len(chunked.prompt_logprobs) == 100
+    for a, b in zip(whole.prompt_logprobs[1:], chunked.prompt_logprobs[1:]):
+        assert a.keys() == b.keys()
+        for t in a:
+            assert abs(a[t].logprob - b[t].logprob) < 1e-4 and a[t].rank == b[t].rank
+    assert whole.outputs[0].token_ids == chunked.outputs[0].token_ids

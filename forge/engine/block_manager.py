@@ -59,8 +59,8 @@ class BlockManager:
         At least one token is always left to compute, since the step that computes it is the one
         that produces the next token's logits.
         """
-        if not self.enable_prefix_caching:
-            return []
+        if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:
+            return []  # prompt logprobs need every prompt position computed
         hits: list[int] = []
         prev = None
         max_blocks = (seq.num_tokens - 1) // self.block_size

@@ -163,9 +163,10 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         if not sched:
             return []
-        sampling = [item for item in sched.scheduled if item.samples]
-        seqs = [item.seq for item in sampling]
+        seqs = [item.seq for item in sched.scheduled if item.samples]
         logits = self.runner.execute(sched)
+        if any(item.wants_prompt_logprobs for item in sched.scheduled):
+            logits = self._take_prompt_logprobs(sched, logits)
         if any(s.structured is not None for s in seqs):
             logits = self.apply_structured_masks(logits, seqs)
         results = self.sampler(logits, seqs) if seqs else []
@@ -181,6 +182,46 @@ class LLMEngine:
             if req.finished:
                 del self.requests[req.request_id]
         return outputs
+
+    def _take_prompt_logprobs(self, sched, logits: torch.Tensor) -> torch.Tensor:
+        """Record prompt logprobs from the chunk rows that carry them; return only the sampling rows."""
+        keep, row = [], 0
+        for item in sched.scheduled:
+            seq = item.seq
+            if not item.wants_prompt_logprobs:
+                if item.samples:
+                    keep.append(row)
+                    row += 1
+                continue
+            start, n = seq.num_computed_tokens, item.num_new_tokens
+            # The row of position p predicts token p + 1. Record prompt tokens not recorded yet
+            # (a sequence preempted mid-prefill recomputes positions it already recorded).
+            first = len(seq.prompt_logprobs)  # index of the next prompt token to record
+            end = min(start + n, seq.num_prompt_tokens - 1)  # positions [first - 1, end) predict [first, end + 1)
+            if end >= first:
+                rows = logits[row + first - 1 - start : row + end - start]
+                targets = seq.token_ids[first : end + 1]
+                seq.prompt_logprobs.extend(
+                    self._logprob_entries(torch.log_softmax(rows, -1), targets, seq.params.prompt_logprobs)
+                )
+            if item.samples:
+                keep.append(row + n - 1)
+            row += n
+        return logits[keep]
+
+    def _logprob_entries(self, logprobs: torch.Tensor, targets: list[int], top_n: int) -> list[dict[int, Logprob]]:
+        """One {token id: Logprob} per row: the target token (with its exact rank) and the top_n."""
+        target_lp = logprobs.gather(1, torch.tensor(targets, device=logprobs.device)[:, None]).squeeze(1)
+        ranks = (logprobs > target_lp[:, None]).sum(-1) + 1
+        top = torch.topk(logprobs, top_n, dim=-1) if top_n else None
+        entries = []
+        for i, tid in enumerate(targets):
+            entry = {tid: Logprob(float(target_lp[i]), int(ranks[i]), self.tokenizer.decode([tid], skip_special_tokens=False))}
+            if top is not None:
+                for rank, (t, lp) in enumerate(zip(top.indices[i].tolist(), top.values[i].tolist()), start=1):
+                    entry.setdefault(t, Logprob(lp, rank, self.tokenizer.decode([t], skip_special_tokens=False)))
+            entries.append(entry)
+        return entries
 
     def apply_structured_masks(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         from forge.structured import apply_masks
@@ -258,6 +299,7 @@ class LLMEngine:
             outputs=outs,
             finished=req.finished,
             num_cached_tokens=req.seqs[0].num_cached_tokens,
+            prompt_logprobs=req.seqs[0].prompt_logprobs,
             metrics=metrics,
         )
 

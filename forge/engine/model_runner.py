@@ -157,7 +157,9 @@ class ModelRunner:
                 slots.extend(table[p // bs] * bs + p % bs for p in pos)
             query_lens.append(n)
             context_lens.append(start + n)
-            if item.samples:
+            if item.wants_prompt_logprobs:  # every row: prompt logprobs, then (maybe) the sample
+                logits_rows.extend(range(len(input_ids) - n, len(input_ids)))
+            elif item.samples:
                 logits_rows.append(len(input_ids) - 1)
         query_start = [0]
         for n in query_lens:
@@ -184,7 +186,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> torch.Tensor:
-        """Run the step; returns float32 logits for the sequences that sample, in scheduled order."""
+        """Run the step; returns float32 logits of the rows the engine reads, in scheduled order: one
+        row per sampling sequence, or every row of a chunk whose prompt logprobs were asked for."""
         if self.step_hook is not None:
             self.step_hook(sched)
         input_ids, meta, logits_rows = self.prepare_inputs(sched)

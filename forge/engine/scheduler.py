@@ -24,6 +24,13 @@ class ScheduledSeq:
         """This step completes the sequence's known tokens, so it produces the next token."""
         return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
 
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """This chunk holds prompt positions whose next-token logprobs the request asked for."""
+        seq = self.seq
+        return seq.params.prompt_logprobs is not None and seq.prompt_logprobs is not None and \
+            len(seq.prompt_logprobs) < seq.num_prompt_tokens
+
 
 @dataclass
 class SchedulerOutput:
