@@ -171,19 +171,23 @@ def test_generate_tp2_equals_tp1_and_shutdown(tiny_model_dir):
     llm = LLM(str(tiny_model_dir), tensor_parallel_size=2, **kw)
     assert llm.llm_engine.runner.model.num_kv_heads == 1  # tiny model: 2 KV heads over 2 ranks
     assert _generate(llm) == expected
-    pids = llm.llm_engine.tp.worker_pids
+    procs = llm.llm_engine.tp.procs
+    start = time.monotonic()
     llm.llm_engine.shutdown()
-    assert all(_gone(pid) for pid in pids)
+    assert time.monotonic() - start < 5
+    assert [p.exitcode for p in procs] == [0]  # left on the shutdown command, not terminated
     assert not dist.is_initialized()
     llm.llm_engine.shutdown()  # idempotent
 
 
 def test_workers_exit_when_engine_is_collected(tiny_model_dir):
     llm = LLM(str(tiny_model_dir), num_kv_blocks=16, tensor_parallel_size=2)
-    pids = llm.llm_engine.tp.worker_pids
+    llm.generate([1, 2, 3], SamplingParams(max_tokens=2), use_tqdm=False)
+    procs = llm.llm_engine.tp.procs
     del llm
     gc.collect()
-    assert all(_gone(pid) for pid in pids)
+    assert all(_gone(p.pid) for p in procs)
+    assert [p.exitcode for p in procs] == [0]
     assert not dist.is_initialized()
 
 

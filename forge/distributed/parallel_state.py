@@ -97,7 +97,8 @@ class TPGroup:
             return obj
         buf = self._bcast_buf
         if buf is None:
-            buf = self._bcast_buf = torch.zeros(BROADCAST_BYTES, dtype=torch.uint8)
+            with torch.inference_mode(False):  # a normal tensor: writable in and out of inference mode
+                buf = self._bcast_buf = torch.zeros(BROADCAST_BYTES, dtype=torch.uint8)
         if self.rank == 0:
             data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
             n = len(data)
@@ -153,6 +154,8 @@ def init_tp_group(rank: int, world_size: int, port: int, device: str, store: dis
     kw = dict(store=store, rank=rank, world_size=world_size, timeout=timeout)
     if device.startswith("cuda"):
         dev = torch.device(device)
+        if dev.index is None:  # plain "cuda": the current device (NCCL needs an explicit index)
+            dev = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(dev)
         dist.init_process_group("nccl", device_id=dev, **kw)
         cpu_group = dist.new_group(backend="gloo", timeout=timeout)

@@ -28,6 +28,7 @@ from forge.distributed import parallel_state as ps
 logger = logging.getLogger("forge")
 
 READY_KEY = "forge_tp_workers_ready"
+TEARDOWN_S = 2.0  # how long to wait for destroy_process_group before going on without it
 
 
 # -- the step as workers see it -------------------------------------------------------------------
@@ -61,17 +62,20 @@ class _Seq:
 
 
 class _Item:
-    __slots__ = ("seq", "num_new_tokens", "samples")
+    """A ScheduledSeq: its sequence's window and the values of all its properties (samples, ...)."""
 
-    def __init__(self, seq: _Seq, num_new_tokens: int, samples: bool):
-        self.seq, self.num_new_tokens, self.samples = seq, num_new_tokens, samples
+    def __init__(self, seq: _Seq, num_new_tokens: int, props: dict):
+        self.__dict__.update(props)
+        self.seq, self.num_new_tokens = seq, num_new_tokens
 
 
 class _Step:
     """Duck-types forge.engine.scheduler.SchedulerOutput for ModelRunner.execute."""
 
-    def __init__(self, items: list[tuple]):
-        self.scheduled = [_Item(_Seq(start, ids, table), len(ids), samples) for start, ids, table, samples in items]
+    def __init__(self, payload: tuple):
+        names, items = payload
+        self.scheduled = [_Item(_Seq(start, ids, table), len(ids), dict(zip(names, props)))
+                          for start, ids, table, props in items]
         self.preempted = []
 
     @property
@@ -82,13 +86,31 @@ class _Step:
         return bool(self.scheduled)
 
 
-def encode_step(sched) -> list[tuple]:
+_PROPERTIES: dict[type, tuple[str, ...]] = {}
+
+
+def _properties(cls: type) -> tuple[str, ...]:
+    """Names of the (derived) properties of a ScheduledSeq class: evaluated on rank 0 and sent, so
+    that ModelRunner.prepare_inputs reads the same values on every rank."""
+    if cls not in _PROPERTIES:
+        _PROPERTIES[cls] = tuple(sorted(name for klass in cls.__mro__ for name, v in vars(klass).items()
+                                        if isinstance(v, property) and not name.startswith("_")))
+    return _PROPERTIES[cls]
+
+
+def encode_step(sched) -> tuple:
+    """What a worker needs of a step: per scheduled sequence its new tokens, position, block table
+    and the ScheduledSeq's property values (`samples`, ...)."""
+    if not sched.scheduled:
+        return (), []
+    names = _properties(type(sched.scheduled[0]))
     items = []
     for item in sched.scheduled:
         seq, n = item.seq, item.num_new_tokens
         start = seq.num_computed_tokens
-        items.append((start, list(seq.token_ids[start : start + n]), list(seq.block_table), bool(item.samples)))
-    return items
+        items.append((start, list(seq.token_ids[start : start + n]), list(seq.block_table),
+                      tuple(getattr(item, name) for name in names)))
+    return names, items
 
 
 # -- worker process ---------------------------------------------------------------------------
@@ -138,7 +160,9 @@ def worker_main(rank: int, world_size: int, port: int, config, max_model_len: in
         sys.stderr.flush()
         os._exit(1)
     del runner
-    _bounded(ps.destroy_tp_group, 10.0)  # at the same time as rank 0 (NCCL's teardown may wait for peers)
+    # At the same time as rank 0. NCCL's teardown can hang once CUDA graphs have captured collectives
+    # (pytorch/pytorch#115388; seen on H200): bounded, then the process exits regardless.
+    _bounded(ps.destroy_tp_group, TEARDOWN_S)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
@@ -152,7 +176,7 @@ def _bounded(fn, timeout: float) -> bool:
         try:
             fn()
         except Exception:  # noqa: BLE001
-            logger.debug("%s failed", getattr(fn, "__name__", fn), exc_info=True)
+            logger.warning("tensor parallel: %s failed", getattr(fn, "__name__", fn), exc_info=True)
         finally:
             done.set()
 
@@ -187,7 +211,8 @@ class TensorParallelExecutor:
         port = ps.free_port()
         store = ps.create_store(0, world_size, port)
         ctx = torch.multiprocessing.get_context("spawn")
-        threads = torch.get_num_threads() if not config.device.startswith("cuda") else None
+        # CPU ranks share the cores: each worker gets its share of rank 0's threads.
+        threads = max(1, torch.get_num_threads() // world_size) if not config.device.startswith("cuda") else None
         self.procs = []
         for rank in range(1, world_size):
             p = ctx.Process(target=worker_main, name=f"forge-tp-worker-{rank}", daemon=True,
@@ -234,9 +259,11 @@ class TensorParallelExecutor:
         if self.group is not None:
             if any(p.is_alive() for p in self.procs):
                 _bounded(self._send_shutdown, timeout)
-            # Leave the group while the workers leave theirs (NCCL's teardown may wait for peers).
-            if not _bounded(ps.destroy_tp_group, timeout):
-                logger.warning("tensor parallel: destroying the process group timed out")
+            # Leave the group while the workers leave theirs. NCCL's teardown can hang once CUDA graphs
+            # captured collectives (pytorch/pytorch#115388); the group is already unregistered by
+            # then, so a new one can be made in this process (seen on 2x H200): do not wait for it.
+            if not _bounded(ps.destroy_tp_group, TEARDOWN_S):
+                logger.info("tensor parallel: NCCL teardown still running after %.0f s; going on", TEARDOWN_S)
             self.group = None
         deadline = time.monotonic() + timeout
         for p in self.procs:
