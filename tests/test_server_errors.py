@@ -112,7 +112,7 @@ CORPUS = [
      "stream_options", None),
     ("suffix_unsupported", CMPL, completion(suffix="!"), 400, "suffix", None),
     ("logit_bias_unsupported", CMPL, completion(logit_bias={"50": 10}), 400, "logit_bias", None),
-    ("echo_with_logprobs", CMPL, completion(echo=True, logprobs=1), 400, "echo", None),
+    ("echo_as_string", CMPL, completion(echo="yes"), 400, "echo", None),
     ("unknown_model", CMPL, completion() | {"model": "gpt-5"}, 404, "model", "model_not_found"),
     ("model_wrong_type", CMPL, completion() | {"model": 123}, 400, "model", None),
     ("chat_missing_messages", CHAT, {"model": "default"}, 400, "messages", None),
@@ -136,6 +136,9 @@ CORPUS = [
     ("chat_response_format_and_guided", CHAT, chat(response_format={"type": "json_object"}, guided_regex="a"), 400,
      "response_format", None),
     ("chat_tools_unsupported", CHAT, chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools", None),
+    ("chat_invalid_regex", CHAT, chat(guided_regex="(("), 400, None, None),
+    ("chat_schema_not_json", CHAT, chat(guided_json="{not json"), 400, None, None),
+    ("chat_grammar_undefined_rule", CHAT, chat(structured_outputs={"grammar": "root ::= foo"}), 400, None, None),
     ("chat_context_exceeded", CHAT, chat(messages=[{"role": "user", "content": "word " * 300}]), 400, "prompt",
      "context_length_exceeded"),
 ]

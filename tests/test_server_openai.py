@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import re
 
 import httpx
 import openai
@@ -104,7 +105,8 @@ def test_streamed_completion_equals_non_streamed(client):
 
 
 def test_streamed_chat_equals_non_streamed(client):
-    kwargs = dict(model="default", messages=[{"role": "user", "content": "Name three colors."}], max_tokens=20, **GREEDY)
+    kwargs = dict(model="default", messages=[{"role": "user", "content": "Name three colors."}], max_tokens=20,
+                  **GREEDY)
     full = client.chat.completions.create(**kwargs)
     texts, reasons, usage = stream_chat(client, stream_options={"include_usage": True}, **kwargs)
     assert texts == {0: full.choices[0].message.content} and reasons == {0: full.choices[0].finish_reason}
@@ -132,7 +134,8 @@ def test_stream_wire_format(server):
 def test_stop_strings(client):
     base = client.completions.create(model="default", prompt="1, 2, 3, 4, 5,", max_tokens=16, **GREEDY).choices[0].text
     assert base.startswith(" 6, 7, 8")
-    out = client.completions.create(model="default", prompt="1, 2, 3, 4, 5,", max_tokens=16, stop=[" 8", "zzz"], **GREEDY)
+    out = client.completions.create(model="default", prompt="1, 2, 3, 4, 5,", max_tokens=16, stop=[" 8", "zzz"],
+                                    **GREEDY)
     assert out.choices[0].text == " 6, 7," and out.choices[0].finish_reason == "stop"
     texts, reasons, _ = stream_completion(client, model="default", prompt="1, 2, 3, 4, 5,", max_tokens=16, stop=" 8",
                                           **GREEDY)
@@ -156,8 +159,9 @@ def test_seeds_reproducible_and_n(client):
 
 
 def test_penalties_are_applied(client):
-    kwargs = dict(model="default", prompt="1, 2, 3, 4, 5,", max_tokens=8, **GREEDY)
+    kwargs = dict(model="default", prompt="Repeat after me: yes yes yes yes", max_tokens=8, **GREEDY)
     plain = client.completions.create(**kwargs).choices[0].text
+    assert plain == " yes" * 8
     for extra in ({"presence_penalty": 2.0}, {"frequency_penalty": 2.0}, {"extra_body": {"repetition_penalty": 1.8}}):
         assert client.completions.create(**kwargs, **extra).choices[0].text != plain, extra
 
@@ -211,16 +215,50 @@ def test_prompt_forms_and_echo(client):
     assert texts == {0: echo.choices[0].text}
 
 
-def test_structured_response_format(client):
-    pytest.importorskip("forge.structured", reason="structured outputs not built yet")
-    from forge import structured
+def test_echo_with_logprobs_scores_the_prompt(client):
+    """echo + logprobs returns the prompt tokens' logprobs too (the lm-eval loglikelihood recipe)."""
+    kwargs = dict(model="default", prompt="The capital of France is", max_tokens=3, logprobs=2, **GREEDY)
+    plain = client.completions.create(**kwargs).choices[0]
+    echo = client.completions.create(echo=True, **kwargs).choices[0]
+    lp = echo.logprobs
+    num_prompt = len(lp.tokens) - 3
+    assert echo.text == "The capital of France is" + plain.text and num_prompt == 5
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None  # nothing predicts the first token
+    assert all(v < 0 for v in lp.token_logprobs[1:num_prompt])
+    assert all(top[t] == pytest.approx(v) for t, v, top in
+               zip(lp.tokens[1:num_prompt], lp.token_logprobs[1:num_prompt], lp.top_logprobs[1:num_prompt]))
+    assert lp.tokens[num_prompt:] == plain.logprobs.tokens
+    assert lp.token_logprobs[num_prompt:] == pytest.approx(plain.logprobs.token_logprobs, abs=1e-4)
+    assert lp.text_offset[num_prompt] == len("The capital of France is")
+    streamed_tokens, streamed_text = [], ""
+    for chunk in client.completions.create(echo=True, stream=True, **kwargs):
+        for c in chunk.choices:
+            streamed_text += c.text
+            streamed_tokens += c.logprobs.tokens if c.logprobs else []
+    assert (streamed_text, streamed_tokens) == (echo.text, lp.tokens)
 
-    if not hasattr(structured, "make_matcher"):
-        pytest.skip("forge.structured has no make_matcher yet")
-    out = client.chat.completions.create(model="default", max_tokens=24, **GREEDY,
-                                         messages=[{"role": "user", "content": "Pick yes or no."}],
-                                         extra_body={"structured_outputs": {"choice": ["yes", "no"]}})
-    assert out.choices[0].message.content in ("yes", "no")
+
+def test_structured_outputs(client):
+    """response_format and forge's structured_outputs / vLLM's guided_* constrain the text."""
+    messages = [{"role": "user", "content": "Give me a JSON object with field a set to 5."}]
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"],
+              "additionalProperties": False}
+    out = client.chat.completions.create(model="default", messages=messages, max_tokens=24, **GREEDY,
+                                         response_format={"type": "json_schema",
+                                                          "json_schema": {"name": "a", "schema": schema}})
+    assert out.choices[0].finish_reason == "stop" and isinstance(json.loads(out.choices[0].message.content)["a"], int)
+    out = client.chat.completions.create(model="default", messages=messages, max_tokens=24, **GREEDY,
+                                         response_format={"type": "json_object"})
+    assert isinstance(json.loads(out.choices[0].message.content), dict)
+    out = client.completions.create(model="default", prompt="My phone number is", max_tokens=24, **GREEDY,
+                                    extra_body={"guided_regex": r"\d{3}-\d{4}"})
+    assert re.fullmatch(r"\d{3}-\d{4}", out.choices[0].text)
+    kwargs = dict(model="default", messages=[{"role": "user", "content": "Yes or no?"}], max_tokens=24, **GREEDY,
+                  extra_body={"structured_outputs": {"choice": ["yes", "no"]}})
+    text = client.chat.completions.create(**kwargs).choices[0].message.content
+    assert text in ("yes", "no") and stream_chat(client, **kwargs)[0] == {0: text}
+    with pytest.raises(openai.BadRequestError, match="regex"):
+        client.completions.create(model="default", prompt="x", max_tokens=4, extra_body={"guided_regex": "(("})
 
 
 # -- concurrency ----------------------------------------------------------------------------------------

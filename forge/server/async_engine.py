@@ -263,7 +263,8 @@ class AsyncEngine:
                     if completion.index == 0:
                         self.metrics.time_to_first_token.observe(now - stream.submit_time)
                 else:
-                    self.metrics.inter_token_latency.observe((now - stream.last_token_time[completion.index]) / (n - seen))
+                    gap = now - stream.last_token_time[completion.index]
+                    self.metrics.inter_token_latency.observe(gap / (n - seen))
             stream.tokens_seen[completion.index] = n
             stream.last_token_time[completion.index] = now
 

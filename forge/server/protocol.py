@@ -255,6 +255,13 @@ class CompletionRequest(_SamplingRequest):
     suffix: str | None = None
     best_of: int | None = None
 
+    def completion_params(self, num_prompts: int) -> SamplingParams:
+        params = self.sampling_params(self.max_tokens, self.logprobs, num_prompts=num_prompts)
+        if self.echo and self.logprobs is not None:  # echoed prompt tokens come with their logprobs too
+            params.prompt_logprobs = self.logprobs
+            params.validate()
+        return params
+
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt
         if p is None:
@@ -278,8 +285,6 @@ class CompletionRequest(_SamplingRequest):
             raise APIError("suffix is not supported", param="suffix")
         if self.best_of is not None and self.best_of != (self.n or 1):
             raise APIError("best_of other than n is not supported", param="best_of")
-        if self.echo and self.logprobs is not None:
-            raise APIError("echo with logprobs needs prompt logprobs, which forge does not compute", param="echo")
 
 
 def _is_token_id(x: Any) -> bool:
@@ -332,12 +337,14 @@ class ChatCompletionRequest(_SamplingRequest):
         for i, m in enumerate(self.messages):
             role = _ROLES.get(m.role)
             if role is None:
-                raise APIError(f"unsupported role {m.role!r}; use system, user or assistant", param=f"messages[{i}].role")
+                raise APIError(f"unsupported role {m.role!r}; use system, user or assistant",
+                               param=f"messages[{i}].role")
             content = m.content
             if isinstance(content, list):
                 bad = [part.type for part in content if part.type != "text" or part.text is None]
                 if bad:
-                    raise APIError(f"only text content parts are supported, got {bad[0]!r}", param=f"messages[{i}].content")
+                    raise APIError(f"only text content parts are supported, got {bad[0]!r}",
+                                   param=f"messages[{i}].content")
                 content = "\n".join(part.text for part in content)
             if content is None:
                 if role != "assistant":

@@ -31,6 +31,7 @@ class _Choice:
     text_sent: int = 0
     tokens_sent: int = 0
     text_offset: int = 0  # completions logprobs: where the next token starts in the choice's text
+    started: bool = False  # has sent a chunk
     finished: bool = False
 
 
@@ -60,7 +61,7 @@ class OpenAIServing:
     async def completions(self, req: CompletionRequest, raw: Request):
         req.check_supported()
         prompts = req.prompts()
-        params = req.sampling_params(req.max_tokens, req.logprobs, num_prompts=len(prompts))
+        params = req.completion_params(len(prompts))
         self._check_capacity(len(prompts))
         tokenized = [await asyncio.to_thread(self._tokenize, p) for p in prompts]
         job = _Job("completion", f"cmpl-{uuid.uuid4().hex}", self.model_name, tokenized, params,
@@ -81,7 +82,7 @@ class OpenAIServing:
     def _check_capacity(self, num_new: int) -> None:
         waiting = self.engine.num_waiting_requests
         if waiting + num_new > self.max_waiting:
-            raise APIError(f"the server is busy: {waiting} requests are waiting (limit {self.max_waiting}); retry shortly",
+            raise APIError(f"the server is busy: {waiting} requests wait (limit {self.max_waiting}); retry shortly",
                            status=503, type="server_error", code="server_busy", headers={"Retry-After": "1"})
 
     def _tokenize(self, prompt: str | list[int]) -> dict:
@@ -197,16 +198,18 @@ class OpenAIServing:
                     choice = choices.setdefault(idx, _Choice(idx))
                     if choice.finished:
                         continue
-                    if choice.text_sent == 0 and choice.tokens_sent == 0 and job.echo:
-                        prompt_text = self._prompt_text(job.prompts[i])
-                        choice.text_offset = len(prompt_text)
-                    else:
-                        prompt_text = ""
-                    delta = self._delta(job, choice, completion)
-                    if delta is not None:
-                        if prompt_text and job.kind == "completion":
-                            delta["text"] = prompt_text + delta["text"]
-                        yield _sse(self._chunk(job, [delta]))
+                    echo = job.echo and not choice.started  # the prompt goes first, in the first chunk
+                    if echo:
+                        text, logprobs = self._echo(job, i, out)
+                        choice.text_offset = len(text)
+                    delta = self._delta(job, choice, completion, force=echo)
+                    if delta is None:
+                        continue
+                    if echo:
+                        delta["text"] = text + delta["text"]
+                        delta["logprobs"] = _join_logprobs(logprobs, delta["logprobs"])
+                    choice.started = True
+                    yield _sse(self._chunk(job, [delta]))
             if job.include_usage:
                 yield _sse(self._chunk(job, [], usage=self._usage(job, [finals[i] for i in sorted(finals)])))
         except EngineRequestError as e:
@@ -215,13 +218,13 @@ class OpenAIServing:
             self._abort(job)
         yield "data: [DONE]\n\n"
 
-    def _delta(self, job: _Job, choice: _Choice, c: CompletionOutput) -> dict | None:
+    def _delta(self, job: _Job, choice: _Choice, c: CompletionOutput, force: bool = False) -> dict | None:
         """The chunk choice for what is new in `c` since the last chunk, or None if nothing is."""
         new_text = c.text[choice.text_sent:]
         new_tokens = len(c.token_ids) - choice.tokens_sent
         finished = c.finish_reason is not None
         want_logprobs = job.params.logprobs is not None and new_tokens > 0
-        if not new_text and not finished and not want_logprobs:
+        if not new_text and not finished and not want_logprobs and not force:
             return None
         logprobs = None
         if want_logprobs:
@@ -256,10 +259,11 @@ class OpenAIServing:
                     choices.append({"index": index, "message": {"role": "assistant", "content": c.text},
                                     "logprobs": logprobs, "finish_reason": _finish_reason(c)})
                 else:
-                    prefix = self._prompt_text(job.prompts[i]) if job.echo else ""
+                    prefix, prefix_logprobs = self._echo(job, i, out) if job.echo else ("", None)
                     k = job.params.logprobs
                     logprobs = _completion_logprobs(c, 0, k, len(prefix))[0] if k is not None else None
-                    choices.append({"index": index, "text": prefix + c.text, "logprobs": logprobs,
+                    choices.append({"index": index, "text": prefix + c.text,
+                                    "logprobs": _join_logprobs(prefix_logprobs, logprobs),
                                     "finish_reason": _finish_reason(c), "stop_reason": c.stop_reason})
         obj = "chat.completion" if job.kind == "chat" else "text_completion"
         return {"id": job.id, "object": obj, "created": job.created, "model": job.model, "choices": choices,
@@ -270,10 +274,24 @@ class OpenAIServing:
         completion = sum(len(c.token_ids) for out in finals for c in out.outputs)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-    def _prompt_text(self, prompt: dict) -> str:
-        if prompt["prompt"] is not None:
-            return prompt["prompt"]
-        return self.tokenizer.decode(prompt["prompt_token_ids"], skip_special_tokens=False)
+    def _echo(self, job: _Job, i: int, out: RequestOutput) -> tuple[str, dict | None]:
+        """Prompt i's text, and with logprobs its legacy logprobs object (the first token has none)."""
+        prompt = job.prompts[i]
+        ids = prompt["prompt_token_ids"]
+        text = prompt["prompt"]
+        if text is None:
+            text = self.tokenizer.decode(ids, skip_special_tokens=False)
+        k = job.params.logprobs
+        if k is None:
+            return text, None
+        tokens = [self.tokenizer.decode([t], skip_special_tokens=False) for t in ids]
+        entries = out.prompt_logprobs or [None] * len(ids)
+        offsets = [sum(len(t) for t in tokens[:p]) for p in range(len(tokens))]
+        return text, {
+            "tokens": tokens, "text_offset": offsets,
+            "token_logprobs": [None if e is None else _lp(e[t].logprob) for t, e in zip(ids, entries)],
+            "top_logprobs": [None if e is None else _top_dict(e, t, k) for t, e in zip(ids, entries)],
+        }
 
 
 class _AbortingStreamingResponse(StreamingResponse):
@@ -324,21 +342,31 @@ def _chat_logprobs(c: CompletionOutput, start: int, k: int) -> dict:
     return {"content": content}
 
 
+def _top_dict(entry: dict[int, Logprob], token_id: int, k: int) -> dict[str, float]:
+    top = {lp.decoded_token or "": _lp(lp.logprob) for lp in _ranked(entry, k)}
+    chosen = entry[token_id]
+    top.setdefault(chosen.decoded_token or "", _lp(chosen.logprob))  # vLLM's convention: the chosen token is listed
+    return top
+
+
 def _completion_logprobs(c: CompletionOutput, start: int, k: int, offset: int) -> tuple[dict, int]:
     """OpenAI's legacy logprobs object for tokens [start:], and the text offset after them."""
     tokens, token_logprobs, top_logprobs, text_offset = [], [], [], []
     for tid, entry in zip(c.token_ids[start:], (c.logprobs or [])[start:]):
-        chosen = entry[tid]
-        token = chosen.decoded_token or ""
+        token = entry[tid].decoded_token or ""
         tokens.append(token)
-        token_logprobs.append(_lp(chosen.logprob))
-        top = {lp.decoded_token or "": _lp(lp.logprob) for lp in _ranked(entry, k)}
-        top.setdefault(token, _lp(chosen.logprob))  # vLLM's convention: the chosen token is always listed
-        top_logprobs.append(top)
+        token_logprobs.append(_lp(entry[tid].logprob))
+        top_logprobs.append(_top_dict(entry, tid, k))
         text_offset.append(offset)
         offset += len(token)
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
             "text_offset": text_offset}, offset
+
+
+def _join_logprobs(first: dict | None, second: dict | None) -> dict | None:
+    if first is None or second is None:
+        return first or second
+    return {key: first[key] + second[key] for key in first}
 
 
 async def _wait_for_disconnect(raw: Request) -> None:
