@@ -148,6 +148,17 @@ class LLMEngine:
                 seq.finish_reason = "abort"
                 self.scheduler.finish(seq)
 
+    def recover_after_failed_step(self) -> list[RequestOutput]:
+        """After step() raised halfway (tokens appended to some sequences, counts advanced): make
+        every running sequence recompute from its tokens, as after a KV-cache preemption, and
+        return the outputs of requests that the broken step finished but never reported."""
+        for seq in reversed(list(self.scheduler.running)):  # reversed: appendleft keeps their order
+            self.scheduler.preempt(seq)
+        done = [req for req in self.requests.values() if req.finished]
+        for req in done:
+            del self.requests[req.request_id]
+        return [self._make_output(req) for req in done]
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 

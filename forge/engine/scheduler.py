@@ -81,7 +81,7 @@ class Scheduler:
             n = min(seq.num_uncomputed_tokens, budget)
             while not bm.can_append(seq, n):
                 victim = self.running[-1]
-                self._preempt(victim)
+                self.preempt(victim)
                 out.preempted.append(victim)
                 if victim is seq:
                     break
@@ -112,7 +112,7 @@ class Scheduler:
             budget -= n
         return out
 
-    def _preempt(self, seq: Sequence) -> None:
+    def preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.block_manager.free(seq)
         seq.status = SequenceStatus.WAITING

@@ -302,15 +302,7 @@ class AsyncEngine:
             if stream is not None:
                 self._mark_started(stream)
                 deliveries.append((stream, EngineRequestError(message)))
-        for seq in reversed(list(scheduler.running)):  # reversed: appendleft keeps their order
-            scheduler._preempt(seq)
-        # Requests the failed step finished but never reported: report them now.
-        outputs = []
-        for request_id, req in list(engine.requests.items()):
-            if req.finished:
-                outputs.append(engine._make_output(req))
-                del engine.requests[request_id]
-        return outputs
+        return engine.recover_after_failed_step()
 
 
 def _blame(exc: BaseException) -> str | None:
