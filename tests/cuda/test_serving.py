@@ -1,0 +1,59 @@
+"""Serving-core invariants on the GPU: chunked == unchunked, prefix hit == miss, preemption == roomy."""
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from forge import LLM, SamplingParams
+from forge.loader.safetensors import save_hf_dir
+from tests.util import random_weights, tiny_config
+
+pytestmark = pytest.mark.cuda
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from forge.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_hf_dir(Path(os.environ.get("FORGE_TOKENIZER_DIR", REPO / ".device" / "tokenizer")))
+    config = tiny_config(vocab_size=tok.vocab_size, hidden_size=256, intermediate_size=512, num_layers=4,
+                         num_heads=8, num_kv_heads=2, head_dim=32)
+    path = tmp_path_factory.mktemp("serving")
+    save_hf_dir(path, config, random_weights(config, seed=2), tok)
+    return str(path)
+
+
+def prompts(n, seed, lo, hi, prefix=()):
+    rng = random.Random(seed)
+    return [{"prompt_token_ids": list(prefix) + [rng.randrange(49152) for _ in range(rng.randint(lo, hi))]}
+            for _ in range(n)]
+
+
+def run(llm, ps, params):
+    return [o.outputs[0].token_ids for o in llm.generate(ps, params, use_tqdm=False)]
+
+
+PARAMS = [SamplingParams(temperature=0.7, seed=i, max_tokens=20, ignore_eos=True) for i in range(8)]
+
+
+def gpu(model_dir, **kw):
+    return LLM(model_dir, device="cuda", dtype="float32", max_num_seqs=8, **kw)
+
+
+def test_chunked_prefix_and_preemption_equal_plain_runs(model_dir):
+    ps = prompts(8, seed=1, lo=30, hi=150)
+    roomy = run(gpu(model_dir, num_kv_blocks=512, enable_prefix_caching=False), ps, PARAMS)
+    assert run(gpu(model_dir, num_kv_blocks=512, max_num_batched_tokens=48), ps, PARAMS) == roomy
+    tight = gpu(model_dir, num_kv_blocks=24, max_model_len=300)
+    assert run(tight, ps, PARAMS) == roomy
+    assert tight.llm_engine.scheduler.num_preemptions > 0
+    assert tight.llm_engine.block_manager.num_free_blocks == 24
+    shared = prompts(8, seed=3, lo=5, hi=40, prefix=[7, 8, 9, 10] * 24)
+    miss = run(gpu(model_dir, num_kv_blocks=512, enable_prefix_caching=False), shared, PARAMS)
+    cached = gpu(model_dir, num_kv_blocks=512)
+    run(cached, shared[:1], PARAMS[:1])
+    assert run(cached, shared, PARAMS) == miss
+    assert cached.llm_engine.prefix_cache_hit_rate > 0.5
