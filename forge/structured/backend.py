@@ -4,15 +4,18 @@ How a step uses it:
 
 * `add_request` compiles the request's spec once (`StructuredBackend.compile`, cached by the spec's
   canonical text) and gives each sequence its own `Matcher` (an `xgrammar.GrammarMatcher`).
-* A matcher computes the bitmask of the tokens its grammar allows next as soon as it exists and
-  again right after every accepted token, on a background thread (`prefetch`). That work then runs
-  while the engine schedules and the model runs the next forward pass.
+* After every accepted token (and when it is made) a matcher queues itself for its next mask. One
+  background thread drains that queue, filling whole groups of matchers at once with xgrammar's
+  batched filler (C++ threads, GIL released), while the engine finishes the step, schedules the
+  next one and the model runs its forward pass.
 * `apply` (before sampling) waits for those rows, copies them into the batch bitmask and sets the
   disallowed logits of the constrained rows to -inf, on the logits' device (xgrammar's CPU kernel,
   or its Triton kernel on CUDA). Unconstrained rows are not touched.
 
-With FORGE_STRUCTURED_OVERLAP=0 (or `backend.overlap = False`) the masks are filled in the
-engine's thread at apply time instead, by xgrammar's batched (multi-threaded) filler.
+The overlap is on by default on a GPU, and on the CPU when torch leaves a core free
+(`_overlap_default`); otherwise, or with FORGE_STRUCTURED_OVERLAP=0 (or `backend.overlap = False`),
+the masks are filled in the engine's thread at apply time by xgrammar's batched filler (on a GPU
+that still overlaps the forward pass, which runs asynchronously until sampling).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import xgrammar as xgr
@@ -36,7 +39,9 @@ from forge.sampling_params import StructuredOutputsParams
 logger = logging.getLogger("forge")
 
 PARAM = "response_format"  # the request field that errors name (the offline API's is structured_outputs)
-_CACHE_ENTRIES = 256  # compiled grammars kept per engine (least recently used dropped first)
+_CACHE_ENTRIES = 256
+# Threads of xgrammar's batched mask filler (its C++ pool); "auto" = half the hardware threads.
+_FILL_THREADS = int(os.environ.get("FORGE_STRUCTURED_FILL_THREADS", "0")) or "auto"  # compiled grammars kept per engine (least recently used dropped first)
 # xgrammar prefixes its errors with "[time] /path/file.cc:line: "; users need only the message.
 _XGR_PREFIX = re.compile(r"^\s*\[[0-9:. ]+\]\s*\S+?:\d+:\s*")
 
@@ -166,6 +171,16 @@ def _check_schema(schema) -> None:
         ) from None
 
 
+def _overlap_default(device: str) -> bool:
+    """Prefetch masks on a background thread? Yes on a GPU (the CPU idles during the forward pass);
+    on the CPU only when a core is left over from torch's threads: a busy extra thread on cores the
+    forward pass fully uses stalls its OpenMP regions. FORGE_STRUCTURED_OVERLAP=0/1 decides."""
+    env = os.environ.get("FORGE_STRUCTURED_OVERLAP")
+    if env is not None:
+        return env.strip().lower() not in ("0", "false", "no", "off")
+    return device.startswith("cuda") or (os.cpu_count() or 1) > torch.get_num_threads()
+
+
 # -- the per-engine backend -----------------------------------------------------------------------------
 
 
@@ -181,9 +196,12 @@ class StructuredBackend:
         self.compiler = xgr.GrammarCompiler(self.tokenizer_info, max_threads=threads, cache_enabled=False)
         self._cache: OrderedDict[tuple[str, str], xgr.CompiledGrammar] = OrderedDict()
         self._lock = threading.Lock()
-        self.overlap = os.environ.get("FORGE_STRUCTURED_OVERLAP", "1") not in ("0", "false", "no")
+        self.overlap = _overlap_default(device)
         self._pool: ThreadPoolExecutor | None = None
-        self._batch_filler: xgr.BatchGrammarMatcher | None = None
+        self._pending: list[Matcher] = []
+        self._pending_lock = threading.Lock()
+        self._draining = False
+        self._fillers: list[xgr.BatchGrammarMatcher | None] = [None, None]
         self.bitmask_width = xgr.get_bitmask_shape(1, vocab_size)[1]
         self._host_bitmask: torch.Tensor | None = None
         self._pin = device.startswith("cuda") and torch.cuda.is_available()
@@ -236,12 +254,49 @@ class StructuredBackend:
         return Matcher(self, self.compile(spec))
 
     # -- filling ----------------------------------------------------------------------------------
-    def submit(self, fn) -> Future:
+    def fill(self, matchers: list["Matcher"], bitmask: torch.Tensor, rows: list[int], background=False) -> None:
+        """Fill bitmask[rows[j]] with the next-token mask of matchers[j], all at once."""
+        t0 = time.perf_counter()
+        if len(matchers) == 1:
+            matchers[0].xgr_matcher.fill_next_token_bitmask(bitmask, rows[0])
+        else:
+            # One batched filler per calling thread (the engine's and the background one).
+            k = int(background)
+            if self._fillers[k] is None:
+                self._fillers[k] = xgr.BatchGrammarMatcher(_FILL_THREADS)
+            self._fillers[k].batch_fill_next_token_bitmask([m.xgr_matcher for m in matchers], bitmask, rows)
+        self.stats["fill_s"] += time.perf_counter() - t0
+
+    def schedule_fill(self, matcher: "Matcher") -> None:
+        """Queue a matcher's next mask for the background thread. The engine accepts a whole batch
+        of tokens in a row, so the thread usually picks up many matchers and fills them together."""
+        with self._pending_lock:
+            self._pending.append(matcher)
+            if self._draining:
+                return
+            self._draining = True
         if self._pool is None:
             with self._lock:
                 if self._pool is None:
                     self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forge-structured")
-        return self._pool.submit(fn)
+        self._pool.submit(self._drain)
+
+    def _drain(self) -> None:
+        while True:
+            with self._pending_lock:
+                batch, self._pending = self._pending, []
+                if not batch:
+                    self._draining = False
+                    return
+            rows = torch.empty((len(batch), self.bitmask_width), dtype=torch.int32)
+            try:
+                self.fill(batch, rows, list(range(len(batch))), background=True)
+                ok = True
+            except Exception:  # leave them unfilled: apply() fills them itself and reports the error
+                logger.exception("structured outputs: background mask fill failed")
+                ok = False
+            for j, m in enumerate(batch):
+                m._prefetched(rows[j : j + 1] if ok else None)
 
     def _bitmask(self, rows: int) -> torch.Tensor:
         buf = self._host_bitmask
@@ -258,28 +313,36 @@ class StructuredBackend:
         start = time.perf_counter()
         n = logits.shape[0]
         bitmask = self._bitmask(n)
-        matchers = [seqs[i].structured for i in rows]
-        late = []
-        for i, m in zip(rows, matchers):
-            if not m.copy_prefetched(bitmask, i):
+        done_rows, done_masks, late = [], [], []
+        for i in rows:
+            mask = seqs[i].structured.prefetched()
+            if mask is None:
                 late.append(i)
-        if late:  # not prefetched (overlap off, or a first step): fill them here, all at once
-            t0 = time.perf_counter()
-            if len(late) == 1:
-                seqs[late[0]].structured.fill_bitmask(bitmask, late[0])
             else:
-                if self._batch_filler is None:
-                    self._batch_filler = xgr.BatchGrammarMatcher(max(1, min(8, os.cpu_count() or 1)))
-                self._batch_filler.batch_fill_next_token_bitmask(
-                    [seqs[i].structured.xgr_matcher for i in late], bitmask, late)
-            self.stats["fill_s"] += time.perf_counter() - t0
+                done_rows.append(i)
+                done_masks.append(mask)
+        if len(done_rows) == 1:
+            bitmask[done_rows[0]].copy_(done_masks[0][0])
+        elif done_rows:
+            bitmask[torch.tensor(done_rows)] = torch.cat(done_masks)
+        if late:  # not prefetched (overlap off, or a first step): fill them here, all at once
+            self.fill([seqs[i].structured for i in late], bitmask, late)
         indices = None if len(rows) == n else rows
         if logits.device.type == "cpu":
             xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=self.vocab_size, indices=indices)
         else:
             dev_mask = bitmask.to(logits.device, non_blocking=True)
-            xgr.apply_token_bitmask_inplace(logits, dev_mask, vocab_size=self.vocab_size, indices=indices,
-                                            backend=self._cuda_backend)
+            try:
+                xgr.apply_token_bitmask_inplace(logits, dev_mask, vocab_size=self.vocab_size, indices=indices,
+                                                backend=self._cuda_backend)
+            except Exception as e:  # e.g. Triton cannot build its kernel here: plain torch ops do the same
+                if self._cuda_backend == "torch_native":
+                    raise
+                logger.warning("structured outputs: %s bitmask kernel failed (%s); using torch ops",
+                               self._cuda_backend, _clean_error(e))
+                self._cuda_backend = "torch_native"
+                xgr.apply_token_bitmask_inplace(logits, dev_mask, vocab_size=self.vocab_size, indices=indices,
+                                                backend="torch_native")
         if logits.shape[-1] > self.vocab_size:  # padded logits beyond the tokenizer's vocabulary
             logits[rows if indices is not None else slice(None), self.vocab_size:] = float("-inf")
         self.stats["masked_rows"] += len(rows)
@@ -287,8 +350,9 @@ class StructuredBackend:
         return logits
 
     def shutdown(self) -> None:
+        """Stop the background thread (after it finishes the fills already queued)."""
         if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool.shutdown(wait=True)
             self._pool = None
 
 
@@ -300,9 +364,9 @@ class Matcher:
         self.xgr_matcher = xgr.GrammarMatcher(compiled)
         self._terminated = False
         self._rejected: int | None = None
-        self._row = torch.empty((1, backend.bitmask_width), dtype=torch.int32)  # the prefetched mask
-        self._ready = False  # _row holds the mask for the current state
-        self._future: Future | None = None
+        self._row: torch.Tensor | None = None  # [1, W]: the prefetched mask of the current state
+        self._event = threading.Event()
+        self._scheduled = False  # a background fill was queued (wait for it before touching the matcher)
         self.num_accepted = 0
         self._prefetch()
 
@@ -336,8 +400,11 @@ class Matcher:
 
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
         """Write the allowed-next-token bitmask into bitmask[row] (int32, xgrammar's layout)."""
-        if not self.copy_prefetched(bitmask, row):
+        mask = self.prefetched()
+        if mask is None:
             self.xgr_matcher.fill_next_token_bitmask(bitmask, row)
+        else:
+            bitmask[row].copy_(mask[0])
 
     def rollback(self, num_tokens: int) -> None:
         """Undo the last `num_tokens` accepted tokens (e.g. rejected speculative tokens)."""
@@ -352,35 +419,29 @@ class Matcher:
 
     # -- prefetching -------------------------------------------------------------------------------
     def _prefetch(self) -> None:
-        self._ready = False
+        self._row = None
         if not self.backend.overlap or self._terminated:
             return
-        self._future = self.backend.submit(self._fill_row)
+        self._event.clear()
+        self._scheduled = True
+        self.backend.schedule_fill(self)
 
-    def _fill_row(self) -> None:
-        t0 = time.perf_counter()
-        self.xgr_matcher.fill_next_token_bitmask(self._row, 0)
-        self._ready = True
-        self.backend.stats["fill_s"] += time.perf_counter() - t0
+    def _prefetched(self, row: torch.Tensor | None) -> None:  # called by the background thread
+        self._row = row
+        self._event.set()
 
     def _wait(self) -> None:
-        fut = self._future
-        if fut is not None:
-            self._future = None
-            if not fut.done():
+        if self._scheduled:
+            if not self._event.is_set():
                 t0 = time.perf_counter()
-                fut.result()
+                self._event.wait()
                 self.backend.stats["wait_s"] += time.perf_counter() - t0
-            else:
-                fut.result()  # re-raise a fill error, if any
+            self._scheduled = False
 
-    def copy_prefetched(self, bitmask: torch.Tensor, row: int) -> bool:
-        """Copy the prefetched mask into bitmask[row]; False if there is none (fill it yourself)."""
+    def prefetched(self) -> torch.Tensor | None:
+        """The [1, W] mask the background thread computed for the current state (None: not there)."""
         self._wait()
-        if not self._ready:
-            return False
-        bitmask[row].copy_(self._row[0])
-        return True
+        return self._row
 
     def __repr__(self) -> str:
         return f"Matcher(accepted={self.num_accepted}, terminated={self._terminated})"
