@@ -61,3 +61,33 @@ def write_results(name: str, payload: dict) -> Path:
     if out:
         shutil.copy(path, Path(out) / path.name)
     return path
+
+
+def run_batches(engine, batch_sizes, prompt_len: int, output_len: int) -> dict:
+    """Greedy decode of `bs` random prompts per batch size (ignore_eos); the first run warms up.
+    Returns {bs: tok_s (whole run), decode_tok_s (after every sequence has its first token), ms_per_step}}."""
+    import torch
+
+    from forge import SamplingParams
+
+    vocab = engine.model_config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    results = {}
+    for bs in [batch_sizes[0]] + list(batch_sizes):  # the first run warms up
+        params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+        for _ in range(bs):
+            engine.add_request({"prompt_token_ids": torch.randint(0, vocab, (prompt_len,), generator=g).tolist()}, params)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        first_decode = None
+        while engine.has_unfinished_requests():
+            engine.step(emit="finished")
+            if first_decode is None and all(s.num_output_tokens >= 1 for s in engine.scheduler.running):
+                torch.cuda.synchronize()
+                first_decode = time.perf_counter()
+        torch.cuda.synchronize()
+        end = time.perf_counter()
+        decode_tok_s = bs * (output_len - 1) / (end - first_decode)
+        results[bs] = {"tok_s": bs * output_len / (end - start), "decode_tok_s": decode_tok_s,
+                       "ms_per_step": 1000 * bs / decode_tok_s}
+    return results

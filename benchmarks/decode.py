@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import RESULTS, dummy_model_dir, hf_config_dict, write_results  # noqa: E402
+from benchmarks.common import RESULTS, dummy_model_dir, hf_config_dict, run_batches, write_results  # noqa: E402
 
 H100_COPY_BANDWIDTH = 2.94e12  # bytes/s, measured on the lent H100
 
@@ -40,7 +40,6 @@ def measure_copy_bandwidth() -> float:
 
 
 def forge_decode(model_dir: Path, batch_sizes, prompt_len, output_len) -> tuple[dict, int]:
-    from forge import SamplingParams
     from forge.config import EngineConfig
     from forge.engine.llm_engine import LLMEngine
 
@@ -48,28 +47,7 @@ def forge_decode(model_dir: Path, batch_sizes, prompt_len, output_len) -> tuple[
                                     max_model_len=prompt_len + output_len + 16, max_num_seqs=max(batch_sizes),
                                     max_num_batched_tokens=max(2048, prompt_len * 8)))
     weight_bytes = engine.runner.model.weight_bytes()
-    vocab = engine.model_config.vocab_size
-    g = torch.Generator().manual_seed(0)
-    results = {}
-    for bs in [batch_sizes[0]] + list(batch_sizes):  # the first run warms up
-        params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
-        for _ in range(bs):
-            engine.add_request({"prompt_token_ids": torch.randint(0, vocab, (prompt_len,), generator=g).tolist()}, params)
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        first_decode = None
-        while engine.has_unfinished_requests():
-            engine.step(emit="finished")
-            if first_decode is None and all(s.num_output_tokens >= 1 for s in engine.scheduler.running):
-                torch.cuda.synchronize()
-                first_decode = time.perf_counter()
-        torch.cuda.synchronize()
-        end = time.perf_counter()
-        results[bs] = {
-            "tok_s": bs * output_len / (end - start),
-            "decode_tok_s": bs * (output_len - 1) / (end - first_decode),
-            "seconds": end - start,
-        }
+    results = run_batches(engine, batch_sizes, prompt_len, output_len)
     del engine
     gc.collect()
     torch.cuda.empty_cache()

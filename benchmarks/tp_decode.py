@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import dummy_model_dir, write_results  # noqa: E402
+from benchmarks.common import dummy_model_dir, run_batches, write_results  # noqa: E402
 
 LLAMA_70B_LAYER = dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
                        head_dim=128)
@@ -46,32 +46,6 @@ def make_engine(path: Path, tp: int, batch_sizes, prompt_len: int, output_len: i
                                   tensor_parallel_size=tp, max_model_len=prompt_len + output_len + 16,
                                   max_num_seqs=max(batch_sizes), max_num_batched_tokens=max(2048, prompt_len * 8),
                                   enforce_eager=eager))
-
-
-def run_batches(engine, batch_sizes, prompt_len: int, output_len: int) -> dict:
-    from forge import SamplingParams
-
-    vocab = engine.model_config.vocab_size
-    g = torch.Generator().manual_seed(0)
-    results = {}
-    for bs in [batch_sizes[0]] + list(batch_sizes):  # the first run warms up
-        params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
-        for _ in range(bs):
-            engine.add_request({"prompt_token_ids": torch.randint(0, vocab, (prompt_len,), generator=g).tolist()}, params)
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        first_decode = None
-        while engine.has_unfinished_requests():
-            engine.step(emit="finished")
-            if first_decode is None and all(s.num_output_tokens >= 1 for s in engine.scheduler.running):
-                torch.cuda.synchronize()
-                first_decode = time.perf_counter()
-        torch.cuda.synchronize()
-        end = time.perf_counter()
-        decode_tok_s = bs * (output_len - 1) / (end - first_decode)
-        results[bs] = {"tok_s": bs * output_len / (end - start), "decode_tok_s": decode_tok_s,
-                       "ms_per_step": 1000 * bs / decode_tok_s}
-    return results
 
 
 def bench_one(shape: str, path: Path, tp: int, args) -> dict:
