@@ -27,7 +27,8 @@ import torch.nn.functional as F  # noqa: E402
 from forge.kernels import compiler  # noqa: E402
 from forge.kernels.activation import silu_mul  # noqa: E402
 from forge.kernels.norm import add_rms_norm, rms_norm  # noqa: E402
-from forge.kernels.paged_attention import choose_num_splits, kernel_config, paged_decode_attention  # noqa: E402
+from forge.kernels.paged_attention import (  # noqa: E402
+    KERNEL_FILE, choose_num_splits, kernel_config, paged_decode_attention)
 from forge.kernels.rope_cache import qkv_rope_cache  # noqa: E402
 from forge.kernels.sampling import sample  # noqa: E402
 
@@ -37,12 +38,11 @@ DEV = "cuda"
 results: dict = {"kernels": [], "decode": [], "decode_variants": [], "notes": []}
 # decode kernel variants compared at a few batch sizes (kwargs of kernel_config)
 DECODE_VARIANTS = [
-    dict(impl="async", num_warps=4, tpt=8, tile=32, stages=2, min_blocks=4),  # default
-    dict(impl="async", num_warps=4, tpt=16, tile=32, stages=2, min_blocks=5),
-    dict(impl="async", num_warps=8, tpt=8, tile=32, stages=2, min_blocks=2),
-    dict(impl="async", num_warps=4, tpt=8, tile=16, stages=4, min_blocks=4),
-    dict(impl="async", num_warps=4, tpt=8, tile=32, stages=2, min_blocks=3),
-    dict(impl="regs", num_warps=4, tpt=8, tile=64, min_blocks=2),
+    dict(num_warps=4, tpt=8, tile=32, stages=2, min_blocks=4),  # default
+    dict(num_warps=4, tpt=16, tile=32, stages=2, min_blocks=5),
+    dict(num_warps=8, tpt=8, tile=32, stages=2, min_blocks=2),
+    dict(num_warps=4, tpt=8, tile=16, stages=4, min_blocks=4),
+    dict(num_warps=4, tpt=8, tile=32, stages=2, min_blocks=3),
 ]
 
 
@@ -164,13 +164,10 @@ def bench_decode(batches=(1, 8, 32, 64, 128), ctx=4096, h=32, hkv=8, d=128, bs=1
         nbytes = kv_bytes + 2 * b * h * d * elt
         sets = [build_decode(b, ctx, h, hkv, d, bs, dtype, seed=i) for i in range(n_sets(kv_bytes, cap=8))]
         cfg = kernel_config(d, h // hkv, dtype)
-        from forge.kernels.paged_attention import FILES
-
-        file_cfg = {k: v for k, v in cfg.items() if k != "IMPL"}
         sweep = {}
         cands = [1, 2, 4, 8, 16, 32, 64]
-        kern = compiler.get_kernel(FILES[cfg["IMPL"]], "paged_decode_kernel", dtype,
-                                   **file_cfg, BLOCK_SIZE=bs, FORGE_CACHE_DTYPE=compiler.dtype_code(dtype))
+        kern = compiler.get_kernel(KERNEL_FILE, "paged_decode_kernel", dtype,
+                                   **cfg, BLOCK_SIZE=bs, FORGE_CACHE_DTYPE=compiler.dtype_code(dtype))
         try:
             per_sm = kern.occupancy.max_active_blocks_per_multiprocessor(cfg["NUM_WARPS"] * 32, 0)
         except Exception:  # noqa: BLE001
@@ -235,10 +232,7 @@ def bench_decode_variants(batches=(1, 8, 64), ctx=4096, h=32, hkv=8, d=128, bs=1
         sets = [build_decode(b, ctx, h, hkv, d, bs, dtype, seed=i) for i in range(n_sets(nbytes, cap=8))]
         for kw in DECODE_VARIANTS:
             cfg = kernel_config(d, h // hkv, dtype, **kw)
-            file_cfg = {k: v for k, v in cfg.items() if k != "IMPL"}
-            from forge.kernels.paged_attention import FILES
-
-            kern = compiler.get_kernel(FILES[cfg["IMPL"]], "paged_decode_kernel", dtype, **file_cfg, BLOCK_SIZE=bs,
+            kern = compiler.get_kernel(KERNEL_FILE, "paged_decode_kernel", dtype, **cfg, BLOCK_SIZE=bs,
                                        FORGE_CACHE_DTYPE=compiler.dtype_code(dtype))
             try:
                 regs = kern.attributes.num_regs
@@ -259,8 +253,8 @@ def bench_decode_variants(batches=(1, 8, 64), ctx=4096, h=32, hkv=8, d=128, bs=1
                                                    best_splits=best, us=round(timings[best], 2),
                                                    frac_of_peak=round(frac, 3), heuristic_splits=heur,
                                                    sweep_us={str(k): round(v, 2) for k, v in timings.items()}))
-            print(f"  variant B={b:<3} {cfg['IMPL']:<5} warps={cfg['NUM_WARPS']} tpt={cfg['TPT']:<2} "
-                  f"tile={cfg['TILE']:<3} stages={cfg.get('STAGES', '-')} minb={cfg['MIN_BLOCKS']} regs={regs} "
+            print(f"  variant B={b:<3} warps={cfg['NUM_WARPS']} tpt={cfg['TPT']:<2} "
+                  f"tile={cfg['TILE']:<3} stages={cfg['STAGES']} minb={cfg['MIN_BLOCKS']} regs={regs} "
                   f"ctas/SM={per_sm}: best S={best:<2} {timings[best]:8.1f} us {frac:6.1%}"
                   f" (heuristic S={heur}: {timings.get(heur, float('nan')):8.1f} us)", flush=True)
         del sets

@@ -6,7 +6,6 @@ Prints registers/spills where the cubin can be inspected (`cuobjdump --dump-reso
 when available). Used to catch compile errors before spending device time.
 """
 
-import itertools
 import os
 import shutil
 import subprocess
@@ -38,18 +37,16 @@ for dt in (torch.float32, torch.bfloat16, torch.float16):
             print("skip", d, g, dt, e)
             continue
         for bs in (16, 32):
-            variants.append((paged_attention.FILES[cfg.pop("IMPL")] if "IMPL" in cfg else "paged_attention.cu",
-                             dict(FORGE_DTYPE=c, FORGE_CACHE_DTYPE=c, BLOCK_SIZE=bs, **cfg)))
-            cfg["IMPL"] = "async"
+            variants.append((paged_attention.KERNEL_FILE, dict(FORGE_DTYPE=c, FORGE_CACHE_DTYPE=c, BLOCK_SIZE=bs, **cfg)))
 variants.append(("sampling.cu", dict()))
+variants.append(("token_bitmask.cu", dict()))
 # decode-kernel variants swept by the benchmark
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from kernels import DECODE_VARIANTS  # noqa: E402
 
 for kw in DECODE_VARIANTS:
     cfg = paged_attention.kernel_config(128, 4, torch.bfloat16, **kw)
-    file = paged_attention.FILES[cfg.pop("IMPL")]
-    variants.append((file, dict(FORGE_DTYPE=1, FORGE_CACHE_DTYPE=1, BLOCK_SIZE=16, **cfg)))
+    variants.append((paged_attention.KERNEL_FILE, dict(FORGE_DTYPE=1, FORGE_CACHE_DTYPE=1, BLOCK_SIZE=16, **cfg)))
 
 cuobjdump = shutil.which("cuobjdump")
 failed = 0

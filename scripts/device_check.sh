@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Run on the GPU machine, in the repo root:  bash scripts/device_check.sh [benchmark ...]
 # Installs carried wheels (.whl/), runs the CUDA test suite, then the named benchmarks
-# (default: kernels -> benchmarks/kernels.py), printing a short table last.
+# (default: kernels -> benchmarks/kernels.py), printing a short table last. A benchmark may
+# carry arguments in one word: 'structured --device cuda --dummy-shape llama-3.1-8b'.
 # Env: PYTEST_ARGS (default "-x"), PYTEST_PATHS (default "tests"), OUT (results folder).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/forge_out}"
 mkdir -p "$OUT"
+touch /tmp/forge_device_check.start  # results written after this come back in $OUT
 export PYTHONUNBUFFERED=1
 # Dummy-weight benchmark models take the default model's tokenizer from here (git-ignored; carried).
 [ -f .device/tokenizer/tokenizer.json ] && export FORGE_TOKENIZER_DIR="$PWD/.device/tokenizer"
@@ -45,10 +47,11 @@ fi
 benches=("$@")
 [ ${#benches[@]} -eq 0 ] && benches=(kernels)
 for b in "${benches[@]}"; do
+    name="${b%% *}"
     echo "== benchmark $b"
-    python3 "benchmarks/$b.py"
-    [ -f "benchmarks/results/$b.json" ] && cp "benchmarks/results/$b.json" "$OUT/" 2>/dev/null
-    [ -f "benchmarks/results/$b.png" ] && cp "benchmarks/results/$b.png" "$OUT/" 2>/dev/null
+    # shellcheck disable=SC2086
+    python3 "benchmarks/$name.py" ${b#"$name"}
+    find benchmarks/results -name "$name*" -newer /tmp/forge_device_check.start -exec cp {} "$OUT/" \; 2>/dev/null
 done
 echo "== pytest exit code $rc"
 exit "$rc"

@@ -245,7 +245,7 @@ def test_apply_masks_touches_only_constrained_rows(llm, overlap):
         assert torch.isneginf(out[3][~inside]).all()
         # Inside a JSON string: letters yes, special tokens (<|im_start|>, <repo_name>...) and EOS no.
         assert inside[tok.encode("ice")[0]] and not inside[1] and not inside[3] and not inside[EOS]
-        # The prefetched mask equals a fresh synchronous fill.
+        # The step's mask equals a fresh fill by xgrammar itself.
         bm = torch.zeros(1, backend.bitmask_width, dtype=torch.int32)
         m2.xgr_matcher.fill_next_token_bitmask(bm, 0)
         assert torch.equal(_allowed(bm[0], vocab), inside)
@@ -268,6 +268,55 @@ def test_matcher_terminates_on_eos_and_rolls_back(llm):
     # A token the grammar forbids ends the sequence instead of raising.
     m2 = make_matcher(engine, StructuredOutputsParams(choice=["yes", "no"]))
     assert not m2.accept(tok.encode("maybe")[0]) and m2.is_terminated()
+
+
+def test_pushed_tokens_advance_the_grammar_before_the_next_mask(llm):
+    """The engine's lazy `push` ends in the same state as `accept`; a stop token ends it at once."""
+    from forge.structured import apply_masks, make_matcher
+
+    engine = llm.llm_engine
+    spec = StructuredOutputsParams(json=SCHEMAS["nested"])
+    eager, lazy = make_matcher(engine, spec), make_matcher(engine, spec)
+    tokens = engine.tokenizer.encode('{"user": {"name": "Al')
+    for t in tokens:
+        assert eager.accept(t)
+        lazy.push(t)
+    assert lazy.num_accepted == 0 and not lazy.is_terminated()
+    logits = torch.zeros(2, engine.model_config.vocab_size)
+    apply_masks(logits, [_Seq(eager), _Seq(lazy)])
+    assert lazy.num_accepted == len(tokens)
+    assert torch.isfinite(logits[0]).sum() > 0 and torch.equal(torch.isfinite(logits[0]), torch.isfinite(logits[1]))
+    m = make_matcher(engine, StructuredOutputsParams(choice=["yes", "no"]))
+    for t in engine.tokenizer.encode("no"):
+        m.push(t)
+    m.push(EOS)
+    assert m.is_terminated()
+    m.rollback(1)  # catches up first: the grammar took "no" + EOS
+    assert not m.is_terminated() and m.is_completed()
+
+
+def test_slow_fills_switch_to_the_thread_pool_with_the_same_masks(llm, monkeypatch):
+    from forge.structured import apply_masks, get_backend, make_matcher
+    from forge.structured import backend as backend_module
+
+    engine = llm.llm_engine
+    backend = get_backend(engine)
+    vocab = engine.model_config.vocab_size
+    spec = StructuredOutputsParams(json=SCHEMAS["nested"])
+    matchers = [make_matcher(engine, spec) for _ in range(3)]
+    for m, text in zip(matchers, ['{"user": {"name": "Al', '{"user": {"name": "Bo", "id": 4', '{"user": {"na']):
+        for t in engine.tokenizer.encode(text):
+            assert m.accept(t)
+    seqs = [_Seq(m) for m in matchers]
+    monkeypatch.setattr(backend_module, "_SLOW_FILL_S", 0.0)  # every one-thread fill counts as slow
+    backend._parallel_fills_left = 0
+    before = backend.stats["parallel_fills"]
+    serial = apply_masks(torch.zeros(3, vocab), seqs)
+    assert backend._parallel_fills_left == backend_module._PARALLEL_FILLS
+    pooled = apply_masks(torch.zeros(3, vocab), seqs)
+    assert backend.stats["parallel_fills"] == before + 1
+    assert torch.equal(serial, pooled) and all(torch.isfinite(serial[i]).any() for i in range(3))
+    backend._parallel_fills_left = 0
 
 
 def test_wide_logits_are_masked_beyond_the_vocabulary(llm):
@@ -296,3 +345,22 @@ def test_compile_cache_is_per_spec(llm):
     assert backend.stats["compiled"] == before + 1
     make_matcher(engine, StructuredOutputsParams(regex="[0-9]+x"))
     assert backend.stats["compiled"] == before + 2
+
+
+def test_torch_bitmask_apply_matches_xgrammar():
+    """forge's bitmask apply (torch ops here; the CUDA kernel is tested against it) == xgrammar's
+    own CPU kernel, on random masks over selected rows."""
+    import xgrammar as xgr
+
+    from forge.kernels.token_bitmask import apply_token_bitmask
+
+    g = torch.Generator().manual_seed(7)
+    vocab, batch, rows = 1000, 6, [4, 1, 5]
+    words = xgr.get_bitmask_shape(1, vocab)[1]
+    full = torch.randint(-(2**31), 2**31 - 1, (batch, words), generator=g, dtype=torch.int64).to(torch.int32)
+    logits = torch.randn(batch, vocab, generator=g)
+    ours, theirs = logits.clone(), logits.clone()
+    apply_token_bitmask(ours, full[rows], torch.tensor(rows, dtype=torch.int32))
+    xgr.apply_token_bitmask_inplace(theirs, full, vocab_size=vocab, indices=rows)
+    assert torch.equal(ours, theirs)
+    assert torch.equal(ours[[0, 2, 3]], logits[[0, 2, 3]])

@@ -76,7 +76,11 @@ class LLMEngine:
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0}
 
     def shutdown(self) -> None:
-        """Stop the tensor-parallel workers, if any (idempotent; also runs when the engine is collected)."""
+        """Stop the tensor-parallel workers and the structured-output thread, if any (idempotent;
+        the workers also stop when the engine is collected)."""
+        backend = self.__dict__.get("_structured_backend")
+        if backend is not None:
+            backend.shutdown()
         if self.tp is not None:
             self.tp.shutdown()
 
@@ -175,11 +179,12 @@ class LLMEngine:
         if not sched:
             return []
         seqs = [item.seq for item in sched.scheduled if item.samples]
+        masks = self._structured_masks(seqs)  # grammar masks: filled while the forward pass runs
         logits = self.runner.execute(sched)
         if any(item.wants_prompt_logprobs for item in sched.scheduled):
             logits = self._take_prompt_logprobs(sched, logits)
-        if any(s.structured is not None for s in seqs):
-            logits = self.apply_structured_masks(logits, seqs)
+        if masks is not None:
+            logits = masks.apply(logits)
         results = self.sampler(logits, seqs) if seqs else []
         self.scheduler.postprocess(sched)
         self.stats["steps"] += 1
@@ -234,10 +239,12 @@ class LLMEngine:
             entries.append(entry)
         return entries
 
-    def apply_structured_masks(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        from forge.structured import apply_masks
+    def _structured_masks(self, seqs: list[Sequence]):
+        if "_structured_backend" not in self.__dict__:  # no request ever asked for structured outputs
+            return None
+        from forge.structured import begin_masks
 
-        return apply_masks(logits, seqs)
+        return begin_masks(seqs)
 
     def _append_token(self, seq: Sequence, result: SampleResult, now: float) -> None:
         token = result.token_id
@@ -259,7 +266,7 @@ class LLMEngine:
                 entry[token].rank = -1  # not among the top-n; exact rank not computed
             seq.output_logprobs.append(entry)
         if seq.structured is not None:
-            seq.structured.accept(token)
+            seq.structured.push(token)  # the grammar advances during the next step's forward pass
         enough = seq.num_output_tokens >= p.min_tokens
         if enough and token in p.stop_token_ids:
             return self._finish(seq, "stop", token)

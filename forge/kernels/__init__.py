@@ -6,11 +6,11 @@ layout and the bytes it must move) with a small Python launcher beside it:
     activation.py      silu_mul
     norm.py            rms_norm, add_rms_norm
     rope_cache.py      qkv_rope_cache (split QKV, neox RoPE, KV-cache write)
-    paged_attention.py paged_decode_attention (split-K flash-decoding over the paged cache;
-                       paged_attention.cu = cp.async pipeline, the default;
-                       paged_attention_regs.cu = register-prefetch variant kept for comparison;
-                       paged_attention_combine.cuh = the split-K merge)
+    paged_attention.py paged_decode_attention (split-K flash-decoding over the paged cache:
+                       paged_attention.cu = cp.async pipeline; paged_attention_combine.cuh = the
+                       split-K merge)
     sampling.py        sample, top_k_candidates (Gumbel-max with per-row seeded noise)
+    token_bitmask.py   apply_token_bitmask (structured outputs: grammar masks on constrained rows)
 
 common.cuh holds the dtype plumbing and vector/warp helpers. compiler.py compiles and caches
 them per (file, kernel, dtype, defines, arch) and launches them on torch's current stream (so they are captured by CUDA graphs). NOTES.md has the

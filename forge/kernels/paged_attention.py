@@ -20,18 +20,15 @@ MIN_CHUNK = 128  # tokens: fewer per split and the split overhead outweighs the 
 SPLIT_OVERHEAD = 128  # fixed cost of one block, in tokens of context (fitted on an H100)
 
 
-FILES = {"async": "paged_attention.cu", "regs": "paged_attention_regs.cu"}
+KERNEL_FILE = "paged_attention.cu"
 SMEM_BUDGET = 40 << 10  # bytes of K/V stage buffers per block (static shared memory: < 48 KB)
 
 
 def kernel_config(head_dim: int, group: int, cache_dtype: torch.dtype, num_warps: int | None = None,
                   tile: int | None = None, tpt: int | None = None, min_blocks: int | None = None,
-                  stages: int | None = None, impl: str = "async") -> dict:
-    """Compile-time shape constants of the decode kernel for this model shape.
-
-    impl "async" (default): cp.async double-buffered K/V tiles in shared memory
-    (paged_attention.cu); "regs": register-prefetch variant (paged_attention_regs.cu).
-    """
+                  stages: int | None = None) -> dict:
+    """Compile-time shape constants of the decode kernel (cp.async double-buffered K/V tiles in
+    shared memory, paged_attention.cu) for this model shape."""
     elt = torch.empty((), dtype=cache_dtype).element_size()
     vec = 16 // elt
     if head_dim % vec:
@@ -41,14 +38,11 @@ def kernel_config(head_dim: int, group: int, cache_dtype: torch.dtype, num_warps
     threads = num_warps * 32
     if nvec > threads:
         raise ValueError(f"head_dim {head_dim} too large")
-    if impl == "async":
-        stages = stages or 2
-        if tile is None:
-            tile = 64
-            while tile > 8 and stages * 2 * tile * head_dim * elt > SMEM_BUDGET:
-                tile //= 2
-    else:
-        tile = tile or (64 if elt <= 2 else 32)
+    stages = stages or 2
+    if tile is None:
+        tile = 64
+        while tile > 8 and stages * 2 * tile * head_dim * elt > SMEM_BUDGET:
+            tile //= 2
     if tpt is None:
         # Threads per token in QK^T: enough that the GROUP query slices fit in ~64 registers,
         # and few enough tokens per pass that a tile holds at least one pass.
@@ -59,18 +53,12 @@ def kernel_config(head_dim: int, group: int, cache_dtype: torch.dtype, num_warps
     if threads // tpt > tile or tile % (threads // tpt):
         raise ValueError(f"no TILE/TPT combination for head_dim {head_dim}, group {group}")
     if min_blocks is None:
-        if impl == "async":
-            # 16 warps per SM (<= 128 registers a thread) while the query slices and accumulators
-            # fit; fewer blocks when they would spill.
-            live = group * head_dim // tpt + group * vec
-            min_blocks = max(1, (4 if live <= 96 else 2) * 4 // num_warps)
-        else:
-            min_blocks = 2 if num_warps <= 4 else 1
-    cfg = dict(HEAD_DIM=head_dim, GROUP=group, NUM_WARPS=num_warps, TPT=tpt, TILE=tile, MIN_BLOCKS=min_blocks)
-    if impl == "async":
-        cfg["STAGES"] = stages
-    cfg["IMPL"] = impl
-    return cfg
+        # 16 warps per SM (<= 128 registers a thread) while the query slices and accumulators
+        # fit; fewer blocks when they would spill.
+        live = group * head_dim // tpt + group * vec
+        min_blocks = max(1, (4 if live <= 96 else 2) * 4 // num_warps)
+    return dict(HEAD_DIM=head_dim, GROUP=group, NUM_WARPS=num_warps, TPT=tpt, TILE=tile, MIN_BLOCKS=min_blocks,
+                STAGES=stages)
 
 
 _occupancy: dict[tuple, int] = {}
@@ -145,7 +133,7 @@ def paged_decode_attention(
     if max_context_len is None:
         max_context_len = block_tables.shape[1] * block_size
     cfg = dict(config) if config else _default_config(d, group, k_cache.dtype)
-    file = FILES[cfg.pop("IMPL", "async")]
+    file = KERNEL_FILE
     cfg["BLOCK_SIZE"] = block_size
     cfg["FORGE_CACHE_DTYPE"] = compiler.dtype_code(k_cache.dtype)
     kernel = compiler.get_kernel(file, "paged_decode_kernel", q.dtype, **cfg)

@@ -29,6 +29,19 @@ __device__ __forceinline__ bool better(float s, int i, float best, int best_i) {
     return s > best || (s == best && (unsigned)i < (unsigned)best_i);
 }
 
+// (best, best_i) of every lane of the warp := the warp's best pair (butterfly over 5 shuffles).
+__device__ __forceinline__ void warp_argmax(float& best, int& best_i) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ob = __shfl_xor_sync(0xffffffffu, best, o);
+        const int oi = __shfl_xor_sync(0xffffffffu, best_i, o);
+        if (better(ob, oi, best, best_i)) {
+            best = ob;
+            best_i = oi;
+        }
+    }
+}
+
 __device__ __forceinline__ unsigned long long pack(float s, int i) {
     const unsigned bits = __float_as_uint(s);
     const unsigned key = (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);  // monotone in s
@@ -71,15 +84,7 @@ extern "C" __global__ void __launch_bounds__(256) gumbel_sample_kernel(
         }
     }
     // argmax reduction: warp, then across warps
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        const float ob = __shfl_xor_sync(0xffffffffu, best, o);
-        const int oi = __shfl_xor_sync(0xffffffffu, best_i, o);
-        if (better(ob, oi, best, best_i)) {
-            best = ob;
-            best_i = oi;
-        }
-    }
+    warp_argmax(best, best_i);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = (blockDim.x + 31) >> 5;
     if (lane == 0) {
         s_best[warp] = best;
@@ -89,15 +94,7 @@ extern "C" __global__ void __launch_bounds__(256) gumbel_sample_kernel(
     if (warp == 0) {
         best = lane < nwarps ? s_best[lane] : -INFINITY;
         best_i = lane < nwarps ? s_idx[lane] : -1;
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            const float ob = __shfl_xor_sync(0xffffffffu, best, o);
-            const int oi = __shfl_xor_sync(0xffffffffu, best_i, o);
-            if (better(ob, oi, best, best_i)) {
-                best = ob;
-                best_i = oi;
-            }
-        }
+        warp_argmax(best, best_i);
         if (lane == 0 && best_i >= 0) atomicMax(best_out + row, pack(best, best_i));
     }
 }

@@ -2,16 +2,19 @@
 
 A request's `StructuredOutputsParams` (a JSON schema, any JSON object, a regex, a choice list or an
 EBNF grammar) is compiled once per distinct spec per engine; each of its sequences gets a
-`Matcher`. Before sampling, `apply_masks` sets the logits of every token the grammar forbids to
--inf in the constrained rows of the batch (on the logits' device); unconstrained rows are left
-alone. Each matcher computes its next mask on a background thread right after it accepts a token,
-so the work overlaps the next forward pass. The grammar's end ends the request: the only tokens
+`Matcher`. Each step the masks of the constrained rows are filled while the forward pass runs,
+then the logits of every token a grammar forbids are set to -inf in those rows (on the logits'
+device); unconstrained rows are left alone. The grammar's end ends the request: the only tokens
 allowed there are the model's stop tokens, and accepting one terminates the matcher.
 
-The engine calls just two functions:
+The engine calls:
 
     seq.structured = make_matcher(engine, params.structured_outputs)   # at add_request
-    logits = apply_masks(logits, seqs)                                  # before sampling
+    masks = begin_masks(seqs)             # the step's sampled sequences, before the forward pass
+    logits = masks.apply(logits)          # after it is launched, before sampling (masks not None)
+    seq.structured.push(token)            # after sampling
+
+`apply_masks(logits, seqs)` does both steps at once (tests, tools).
 """
 
 from __future__ import annotations
@@ -19,10 +22,10 @@ from __future__ import annotations
 import torch
 
 from forge.sampling_params import StructuredOutputsParams
-from forge.structured.backend import Matcher, StructuredBackend, build_tokenizer_info, spec_key
+from forge.structured.backend import Matcher, StepMasks, StructuredBackend, build_tokenizer_info, spec_key
 
-__all__ = ["make_matcher", "apply_masks", "get_backend", "Matcher", "StructuredBackend",
-           "build_tokenizer_info", "spec_key"]
+__all__ = ["make_matcher", "begin_masks", "apply_masks", "get_backend", "Matcher", "StepMasks",
+           "StructuredBackend", "build_tokenizer_info", "spec_key"]
 
 
 def get_backend(engine) -> StructuredBackend:
@@ -42,9 +45,15 @@ def make_matcher(engine, spec: StructuredOutputsParams) -> Matcher:
     return get_backend(engine).matcher(spec)
 
 
+def begin_masks(seqs) -> StepMasks | None:
+    """The masks of a step whose sampled sequences are `seqs` (None: none is constrained)."""
+    for s in seqs:
+        if s.structured is not None:
+            return s.structured.backend.begin_step(seqs)
+    return None
+
+
 def apply_masks(logits: torch.Tensor, seqs) -> torch.Tensor:
     """Mask (in place) the rows of `logits` whose sequence is constrained; returns `logits`."""
-    rows = [i for i, s in enumerate(seqs) if s.structured is not None]
-    if not rows:
-        return logits
-    return seqs[rows[0]].structured.backend.apply(logits, seqs, rows)
+    masks = begin_masks(seqs)
+    return logits if masks is None else masks.apply(logits)

@@ -4,23 +4,23 @@ How a step uses it:
 
 * `add_request` compiles the request's spec once (`StructuredBackend.compile`, cached by the spec's
   canonical text) and gives each sequence its own `Matcher` (an `xgrammar.GrammarMatcher`).
-* After every accepted token (and when it is made) a matcher queues itself for its next mask. One
-  background thread drains that queue, filling whole groups of matchers at once with xgrammar's
-  batched filler (C++ threads, GIL released), while the engine finishes the step, schedules the
-  next one and the model runs its forward pass.
-* `apply` (before sampling) waits for those rows, copies them into the batch bitmask and sets the
-  disallowed logits of the constrained rows to -inf, on the logits' device (xgrammar's CPU kernel,
-  or its Triton kernel on CUDA). Unconstrained rows are not touched.
+* `begin_step` (before the forward pass) picks the constrained rows of the step. On the CPU with a
+  spare core it hands their mask fill to a worker thread, which runs while the forward pass does.
+* `StepMasks.apply` (after the forward pass is launched, before sampling) fills the masks in the
+  engine's thread if the worker did not (on a GPU the forward pass is still running, so this
+  overlaps it too) with xgrammar's batched filler, into one compact host buffer (pinned on a
+  GPU), copies it to the logits' device and sets the forbidden logits of the constrained rows to
+  -inf: forge's CUDA kernel (forge/kernels/token_bitmask.cu) on a GPU, torch ops on the CPU.
+  Unconstrained rows are not touched.
+* After sampling the engine hands each constrained sequence its token (`Matcher.push`); the
+  grammar advances past it in the next step's fill, after that step's forward pass is launched.
 
-The overlap is on by default on a GPU, and on the CPU when torch leaves a core free
-(`_overlap_default`); otherwise, or with FORGE_STRUCTURED_OVERLAP=0 (or `backend.overlap = False`),
-the masks are filled in the engine's thread at apply time by xgrammar's batched filler (on a GPU
-that still overlaps the forward pass, which runs asynchronously until sampling).
+FORGE_STRUCTURED_OVERLAP=0/1 (or `backend.overlap`) picks the worker thread or the in-thread fill;
+the default follows the measurements in benchmarks/results/structured_*.json (`_overlap_default`).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -30,18 +30,27 @@ import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 import xgrammar as xgr
 
 from forge.errors import InvalidRequestError
+from forge.kernels.token_bitmask import apply_token_bitmask
 from forge.sampling_params import StructuredOutputsParams
 
 logger = logging.getLogger("forge")
 
 PARAM = "response_format"  # the request field that errors name (the offline API's is structured_outputs)
-_CACHE_ENTRIES = 256
-# Threads of xgrammar's batched mask filler (its C++ pool); "auto" = half the hardware threads.
-_FILL_THREADS = int(os.environ.get("FORGE_STRUCTURED_FILL_THREADS", "0")) or "auto"  # compiled grammars kept per engine (least recently used dropped first)
+_CACHE_ENTRIES = 256  # compiled grammars kept per engine (least recently used dropped first)
+# Mask fills run on one thread while they are cheap (most grammar states cost microseconds a row:
+# waking a thread pool costs more than it saves, and its spinning threads slow the engine's own
+# Python, measured on the H200 host). When a one-thread fill takes longer than _SLOW_FILL_S
+# (e.g. inside maxLength strings, ~ms a row in xgrammar 0.2.8) the next _PARALLEL_FILLS fills use
+# xgrammar's pool of _FILL_THREADS threads ("auto" = half the hardware threads); then one thread
+# is tried again.
+_SLOW_FILL_S = 0.3e-3
+_PARALLEL_FILLS = 8
+_FILL_THREADS = int(os.environ.get("FORGE_STRUCTURED_FILL_THREADS", "0")) or "auto"
 # xgrammar prefixes its errors with "[time] /path/file.cc:line: "; users need only the message.
 _XGR_PREFIX = re.compile(r"^\s*\[[0-9:. ]+\]\s*\S+?:\d+:\s*")
 
@@ -172,13 +181,18 @@ def _check_schema(schema) -> None:
 
 
 def _overlap_default(device: str) -> bool:
-    """Prefetch masks on a background thread? Yes on a GPU (the CPU idles during the forward pass);
-    on the CPU only when a core is left over from torch's threads: a busy extra thread on cores the
-    forward pass fully uses stalls its OpenMP regions. FORGE_STRUCTURED_OVERLAP=0/1 decides."""
+    """Fill a step's masks on the worker thread (while the engine launches the forward pass) or in
+    the engine's thread at sampling time? On a GPU the forward pass runs asynchronously, so the
+    in-thread fill already overlaps it: off. On the CPU the forward pass holds the engine thread,
+    so only a worker overlaps it, and only helps when a core is left over from torch's threads (a
+    busy extra thread on cores the forward pass fully uses stalls its OpenMP regions).
+    FORGE_STRUCTURED_OVERLAP=0/1 decides."""
     env = os.environ.get("FORGE_STRUCTURED_OVERLAP")
     if env is not None:
         return env.strip().lower() not in ("0", "false", "no", "off")
-    return device.startswith("cuda") or (os.cpu_count() or 1) > torch.get_num_threads()
+    if device.startswith("cuda"):
+        return False
+    return (os.cpu_count() or 1) > torch.get_num_threads()
 
 
 # -- the per-engine backend -----------------------------------------------------------------------------
@@ -186,28 +200,30 @@ def _overlap_default(device: str) -> bool:
 
 class StructuredBackend:
     """Everything structured decoding keeps per engine: tokenizer info, compiler, grammar cache,
-    the prefetch thread and the host bitmask buffer."""
+    the worker thread and the (pinned, on a GPU) host buffer the step's masks are filled into."""
 
     def __init__(self, tokenizer, vocab_size: int, stop_token_ids, device: str = "cpu"):
         self.vocab_size = vocab_size
         self.tokenizer_info = build_tokenizer_info(tokenizer, vocab_size, stop_token_ids)
+        self.stop_token_ids = frozenset(self.tokenizer_info.stop_token_ids)  # the tokens that end a grammar
         threads = max(1, min(8, os.cpu_count() or 1))
         # Our own LRU cache below is keyed by the whole spec; xgrammar's would be unbounded.
         self.compiler = xgr.GrammarCompiler(self.tokenizer_info, max_threads=threads, cache_enabled=False)
         self._cache: OrderedDict[tuple[str, str], xgr.CompiledGrammar] = OrderedDict()
         self._lock = threading.Lock()
         self.overlap = _overlap_default(device)
-        self._pool: ThreadPoolExecutor | None = None
-        self._pending: list[Matcher] = []
-        self._pending_lock = threading.Lock()
-        self._draining = False
-        self._fillers: list[xgr.BatchGrammarMatcher | None] = [None, None]
+        self._worker: ThreadPoolExecutor | None = None
+        self._serial_filler = xgr.BatchGrammarMatcher(1)
+        self._parallel_filler: xgr.BatchGrammarMatcher | None = None  # made when a fill is first slow
+        self._parallel_fills_left = 0
+        self._in_flight: StepMasks | None = None
         self.bitmask_width = xgr.get_bitmask_shape(1, vocab_size)[1]
-        self._host_bitmask: torch.Tensor | None = None
-        self._pin = device.startswith("cuda") and torch.cuda.is_available()
-        self._cuda_backend = "triton" if importlib.util.find_spec("triton") is not None else "torch_native"
+        self._host_bitmask: torch.Tensor | None = None  # [rows, words]: the masks of a step's constrained rows
+        self._host_rows: torch.Tensor | None = None  # [rows]: which rows of the logits they belong to
+        self._cuda = device.startswith("cuda") and torch.cuda.is_available()
+        self._copy_done = None  # CUDA event: the last host->device copy out of the pinned buffer ended
         # Counters for benchmarks: grammars compiled, seconds spent compiling / filling / in apply.
-        self.stats = {"compiled": 0, "cache_hits": 0, "compile_s": 0.0, "fill_s": 0.0, "apply_s": 0.0,
+        self.stats = {"compiled": 0, "cache_hits": 0, "compile_s": 0.0, "accept_s": 0.0, "fill_s": 0.0, "parallel_fills": 0, "apply_s": 0.0,
                       "wait_s": 0.0, "masked_rows": 0}
 
     # -- compiling ------------------------------------------------------------------------------
@@ -253,195 +269,194 @@ class StructuredBackend:
     def matcher(self, spec: StructuredOutputsParams) -> "Matcher":
         return Matcher(self, self.compile(spec))
 
-    # -- filling ----------------------------------------------------------------------------------
-    def fill(self, matchers: list["Matcher"], bitmask: torch.Tensor, rows: list[int], background=False) -> None:
-        """Fill bitmask[rows[j]] with the next-token mask of matchers[j], all at once."""
-        t0 = time.perf_counter()
-        if len(matchers) == 1:
-            matchers[0].xgr_matcher.fill_next_token_bitmask(bitmask, rows[0])
-        else:
-            # One batched filler per calling thread (the engine's and the background one).
-            k = int(background)
-            if self._fillers[k] is None:
-                self._fillers[k] = xgr.BatchGrammarMatcher(_FILL_THREADS)
-            self._fillers[k].batch_fill_next_token_bitmask([m.xgr_matcher for m in matchers], bitmask, rows)
-        self.stats["fill_s"] += time.perf_counter() - t0
+    # -- one step's masks ---------------------------------------------------------------------------
+    def begin_step(self, seqs) -> "StepMasks | None":
+        """Start the masks of a step's sampled sequences (None when none is constrained). Call it
+        before the forward pass: with `overlap` on, the worker thread fills them meanwhile."""
+        rows = [i for i, s in enumerate(seqs) if s.structured is not None]
+        if not rows:
+            return None
+        self._finish_in_flight()
+        step = StepMasks(self, [seqs[i].structured for i in rows], rows, self._bitmask(len(rows)))
+        if self.overlap:
+            if self._worker is None:
+                self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forge-structured")
+            step.future = self._worker.submit(self._fill, step.matchers, step.host)
+            self._in_flight = step
+        return step
 
-    def schedule_fill(self, matcher: "Matcher") -> None:
-        """Queue a matcher's next mask for the background thread. The engine accepts a whole batch
-        of tokens in a row, so the thread usually picks up many matchers and fills them together."""
-        with self._pending_lock:
-            self._pending.append(matcher)
-            if self._draining:
-                return
-            self._draining = True
-        if self._pool is None:
-            with self._lock:
-                if self._pool is None:
-                    self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forge-structured")
-        self._pool.submit(self._drain)
-
-    def _drain(self) -> None:
-        while True:
-            with self._pending_lock:
-                batch, self._pending = self._pending, []
-                if not batch:
-                    self._draining = False
-                    return
-            rows = torch.empty((len(batch), self.bitmask_width), dtype=torch.int32)
+    def _finish_in_flight(self) -> None:
+        """Wait for a fill a failed step left behind: it writes into the buffer the next step reuses."""
+        step, self._in_flight = self._in_flight, None
+        if step is not None and step.future is not None:
             try:
-                self.fill(batch, rows, list(range(len(batch))), background=True)
-                ok = True
-            except Exception:  # leave them unfilled: apply() fills them itself and reports the error
-                logger.exception("structured outputs: background mask fill failed")
-                ok = False
-            for j, m in enumerate(batch):
-                m._prefetched(rows[j : j + 1] if ok else None)
+                step.future.result()
+            except Exception:  # it failed with its step; nothing is left to clean up
+                pass
+
+    def _fill(self, matchers: list["Matcher"], host: torch.Tensor) -> None:
+        """Advance each matcher past its pushed tokens, then host[j] = the next-token mask of
+        matchers[j], all at once (xgrammar's batched filler, which releases the GIL, so the engine's
+        Python runs on meanwhile when this is the worker thread)."""
+        t0 = time.perf_counter()
+        for m in matchers:
+            m._catch_up()
+        t1 = time.perf_counter()
+        self.stats["accept_s"] += t1 - t0
+        parallel = self._parallel_fills_left > 0 and len(matchers) > 1
+        if parallel:
+            self._parallel_fills_left -= 1
+            self.stats["parallel_fills"] += 1
+            if self._parallel_filler is None:
+                self._parallel_filler = xgr.BatchGrammarMatcher(_FILL_THREADS)
+        filler = self._parallel_filler if parallel else self._serial_filler
+        filler.batch_fill_next_token_bitmask([m.xgr_matcher for m in matchers], host)
+        elapsed = time.perf_counter() - t1
+        if not parallel and elapsed > _SLOW_FILL_S and len(matchers) > 1:
+            self._parallel_fills_left = _PARALLEL_FILLS
+        self.stats["fill_s"] += elapsed
 
     def _bitmask(self, rows: int) -> torch.Tensor:
+        """The first `rows` rows of the host buffer, free to overwrite (the last copy out of it ended)."""
         buf = self._host_bitmask
         if buf is None or buf.shape[0] < rows:
             size = max(rows, 2 * buf.shape[0] if buf is not None else 64)
-            buf = torch.full((size, self.bitmask_width), -1, dtype=torch.int32)
-            if self._pin:
-                buf = buf.pin_memory()
+            buf = torch.empty((size, self.bitmask_width), dtype=torch.int32, pin_memory=self._cuda)
             self._host_bitmask = buf
+            self._host_rows = torch.empty(size, dtype=torch.int32, pin_memory=self._cuda)
+        elif self._copy_done is not None:
+            self._copy_done.synchronize()  # normally long done: the step's tokens were read back since
         return buf[:rows]
 
-    def apply(self, logits: torch.Tensor, seqs, rows: list[int]) -> torch.Tensor:
-        """Set logits[i, t] = -inf for every constrained row i and every token t its grammar forbids."""
+    def _apply(self, logits: torch.Tensor, step: "StepMasks") -> torch.Tensor:
         start = time.perf_counter()
-        n = logits.shape[0]
-        bitmask = self._bitmask(n)
-        done_rows, done_masks, late = [], [], []
-        for i in rows:
-            mask = seqs[i].structured.prefetched()
-            if mask is None:
-                late.append(i)
-            else:
-                done_rows.append(i)
-                done_masks.append(mask)
-        if len(done_rows) == 1:
-            bitmask[done_rows[0]].copy_(done_masks[0][0])
-        elif done_rows:
-            bitmask[torch.tensor(done_rows)] = torch.cat(done_masks)
-        if late:  # not prefetched (overlap off, or a first step): fill them here, all at once
-            self.fill([seqs[i].structured for i in late], bitmask, late)
-        indices = None if len(rows) == n else rows
-        if logits.device.type == "cpu":
-            xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=self.vocab_size, indices=indices)
+        if step.future is None:  # not overlapped: fill now (on a GPU the forward pass is still running)
+            self._fill(step.matchers, step.host)
         else:
-            dev_mask = bitmask.to(logits.device, non_blocking=True)
-            try:
-                xgr.apply_token_bitmask_inplace(logits, dev_mask, vocab_size=self.vocab_size, indices=indices,
-                                                backend=self._cuda_backend)
-            except Exception as e:  # e.g. Triton cannot build its kernel here: plain torch ops do the same
-                if self._cuda_backend == "torch_native":
-                    raise
-                logger.warning("structured outputs: %s bitmask kernel failed (%s); using torch ops",
-                               self._cuda_backend, _clean_error(e))
-                self._cuda_backend = "torch_native"
-                xgr.apply_token_bitmask_inplace(logits, dev_mask, vocab_size=self.vocab_size, indices=indices,
-                                                backend="torch_native")
-        if logits.shape[-1] > self.vocab_size:  # padded logits beyond the tokenizer's vocabulary
-            logits[rows if indices is not None else slice(None), self.vocab_size:] = float("-inf")
-        self.stats["masked_rows"] += len(rows)
+            t0 = time.perf_counter()
+            step.future.result()  # a fill error surfaces here, failing the step
+            self.stats["wait_s"] += time.perf_counter() - t0
+            self._in_flight = None
+        m = len(step.rows)
+        rows = self._host_rows[:m]
+        rows.copy_(torch.from_numpy(np.asarray(step.rows, dtype=np.int32)))
+        if logits.device.type == "cuda":  # both host buffers are pinned: the copies are asynchronous
+            bitmask = step.host.to(logits.device, non_blocking=True)
+            rows = rows.to(logits.device, non_blocking=True)
+            if self._copy_done is None:
+                self._copy_done = torch.cuda.Event()
+            self._copy_done.record()
+            apply_token_bitmask(logits, bitmask, rows)
+        else:
+            apply_token_bitmask(logits, step.host, rows)
+        self.stats["masked_rows"] += len(step.rows)
         self.stats["apply_s"] += time.perf_counter() - start
         return logits
 
     def shutdown(self) -> None:
-        """Stop the background thread (after it finishes the fills already queued)."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        """Stop the worker thread (after the fill in flight, if any)."""
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)
+            self._worker = None
+
+
+class StepMasks:
+    """The masks of one step's constrained rows: `rows` index the step's sampled sequences,
+    `host[j]` receives the mask of `matchers[j]`."""
+
+    def __init__(self, backend: StructuredBackend, matchers: list["Matcher"], rows: list[int], host: torch.Tensor):
+        self.backend = backend
+        self.matchers = matchers
+        self.rows = rows
+        self.host = host
+        self.future = None  # the worker's fill, when overlapped
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """Set the forbidden logits of the constrained rows to -inf (in place, on logits' device)."""
+        return self.backend._apply(logits, self)
 
 
 class Matcher:
-    """One sequence's grammar state: accepts the tokens it generates and says which may come next."""
+    """One sequence's grammar state: takes the tokens it generates and says which may come next.
+
+    The engine hands it each sampled token with `push`, which only records it: the grammar
+    advances past it (`_catch_up`) just before the next mask fill, which runs after the next
+    forward pass is launched, so the per-token parsing overlaps the GPU too. `accept` advances at
+    once and says whether the grammar allowed the token.
+    """
 
     def __init__(self, backend: StructuredBackend, compiled: xgr.CompiledGrammar):
         self.backend = backend
         self.xgr_matcher = xgr.GrammarMatcher(compiled)
+        self._pending: list[int] = []  # pushed tokens the grammar has not advanced past yet
         self._terminated = False
         self._rejected: int | None = None
-        self._row: torch.Tensor | None = None  # [1, W]: the prefetched mask of the current state
-        self._event = threading.Event()
-        self._scheduled = False  # a background fill was queued (wait for it before touching the matcher)
         self.num_accepted = 0
-        self._prefetch()
 
     # -- the engine's interface ----------------------------------------------------------------------
-    def accept(self, token: int) -> bool:
-        """Advance past a generated token. A token the grammar forbids (which masking prevents)
-        ends the sequence: `is_terminated()` turns true."""
-        self._wait()
+    def push(self, token: int) -> None:
+        """Record a generated token. A stop token ends the grammar at once: the mask allows one only
+        where the grammar may end, and accepting it there terminates the matcher."""
         if self._terminated:
-            return False
-        ok = self.xgr_matcher.accept_token(int(token))
-        if not ok:
-            self._rejected = int(token)
+            return
+        self._pending.append(int(token))
+        if token in self.backend.stop_token_ids:
             self._terminated = True
-            logger.warning("structured outputs: token %d is not allowed by the grammar; ending the sequence", token)
-            return False
-        self.num_accepted += 1
-        self._terminated = self.xgr_matcher.is_terminated()
-        if not self._terminated:
-            self._prefetch()
-        return True
 
     def is_terminated(self) -> bool:
-        """True once the grammar has ended (it accepted a stop token) or a token was rejected."""
+        """True once the grammar has ended (it took a stop token) or a token was rejected."""
         return self._terminated
+
+    # -- exact, immediate use ------------------------------------------------------------------------
+    def accept(self, token: int) -> bool:
+        """Advance past `token` now; False (and the matcher terminated) if the grammar forbids it."""
+        self._catch_up()
+        if self._terminated:
+            return False
+        return self._advance(int(token))
 
     def is_completed(self) -> bool:
         """True when the grammar may end here (the next token may be a stop token)."""
-        self._wait()
+        self._catch_up()
         return self._terminated or self.xgr_matcher.is_completed()
 
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
         """Write the allowed-next-token bitmask into bitmask[row] (int32, xgrammar's layout)."""
-        mask = self.prefetched()
-        if mask is None:
-            self.xgr_matcher.fill_next_token_bitmask(bitmask, row)
-        else:
-            bitmask[row].copy_(mask[0])
+        self._catch_up()
+        self.xgr_matcher.fill_next_token_bitmask(bitmask, row)
 
     def rollback(self, num_tokens: int) -> None:
         """Undo the last `num_tokens` accepted tokens (e.g. rejected speculative tokens)."""
-        self._wait()
+        self._catch_up()
         if num_tokens <= 0:
             return
         self.xgr_matcher.rollback(num_tokens)
         self.num_accepted -= num_tokens
         self._terminated = self.xgr_matcher.is_terminated()
         self._rejected = None
-        self._prefetch()
 
-    # -- prefetching -------------------------------------------------------------------------------
-    def _prefetch(self) -> None:
-        self._row = None
-        if not self.backend.overlap or self._terminated:
+    # -- internals ---------------------------------------------------------------------------------
+    def _catch_up(self) -> None:
+        """Advance the grammar past the pushed tokens."""
+        if not self._pending:
             return
-        self._event.clear()
-        self._scheduled = True
-        self.backend.schedule_fill(self)
+        pending, self._pending = self._pending, []
+        self._terminated = False  # push may have set it ahead of the grammar
+        for token in pending:
+            if not self._advance(token):
+                return
 
-    def _prefetched(self, row: torch.Tensor | None) -> None:  # called by the background thread
-        self._row = row
-        self._event.set()
-
-    def _wait(self) -> None:
-        if self._scheduled:
-            if not self._event.is_set():
-                t0 = time.perf_counter()
-                self._event.wait()
-                self.backend.stats["wait_s"] += time.perf_counter() - t0
-            self._scheduled = False
-
-    def prefetched(self) -> torch.Tensor | None:
-        """The [1, W] mask the background thread computed for the current state (None: not there)."""
-        self._wait()
-        return self._row
+    def _advance(self, token: int) -> bool:
+        if not self.xgr_matcher.accept_token(token):
+            # Masking makes this impossible for sampled tokens; if it happens, the sequence ends
+            # (the engine sees is_terminated() after its next token).
+            self._rejected = token
+            self._terminated = True
+            logger.warning("structured outputs: token %d is not allowed by the grammar; ending the sequence", token)
+            return False
+        self.num_accepted += 1
+        self._terminated = self.xgr_matcher.is_terminated()
+        return True
 
     def __repr__(self) -> str:
-        return f"Matcher(accepted={self.num_accepted}, terminated={self._terminated})"
+        return f"Matcher(accepted={self.num_accepted}, pending={len(self._pending)}, terminated={self._terminated})"

@@ -234,22 +234,6 @@ def test_paged_decode_attention(dtype, case, num_splits):
         assert torch.all(out[zero_rows] == 0)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("num_splits", [1, 4])
-def test_paged_decode_attention_regs_variant(dtype, num_splits):
-    """The register-prefetch kernel (paged_attention_regs.cu), kept for comparison, stays correct."""
-    from forge.kernels.paged_attention import kernel_config, paged_decode_attention
-
-    h, hkv, d, bs, lens = DECODE_CASES[0]
-    k_cache, v_cache, tables = make_paged(lens, hkv, d, bs, dtype, seed=3)
-    q = torch.randn(len(lens), h, d, generator=gen(6)).to(dtype)
-    ref = CPU.attention(q.float(), k_cache.float(), v_cache.float(), make_meta([1] * len(lens), lens, tables), 0.1)
-    cfg = kernel_config(d, h // hkv, dtype, impl="regs")
-    out = paged_decode_attention(q.cuda(), k_cache.cuda(), v_cache.cuda(), tables.cuda(),
-                                 torch.tensor(lens, dtype=torch.int32).cuda(), 0.1, num_splits=num_splits, config=cfg)
-    assert rel_err(out, ref) < TOL[dtype]
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cuda_ops_attention_decode(dtype):
     h, hkv, d, bs, lens = 12, 4, 64, 16, [7, 70, 1, 300]
@@ -363,3 +347,23 @@ def test_decode_graph_capture_matches_eager(dtype):
         for i, c in enumerate(lens):
             if c == 0:
                 assert torch.all(out_graph[i] == 0)
+
+
+@pytest.mark.parametrize("vocab,batch,rows", [(49152, 32, [0, 2, 5, 31]), (1000, 3, [1]), (128256, 8, list(range(8))),
+                                               (70, 4, [3, 0])])
+def test_apply_token_bitmask(vocab, batch, rows):
+    """Forbidden tokens -> -inf in the listed rows only; allowed ones and other rows keep their values.
+    A mask narrower than the logits (padded vocabulary) forbids the tokens past it."""
+    from forge.kernels.token_bitmask import apply_token_bitmask, apply_token_bitmask_torch
+
+    g = torch.Generator().manual_seed(vocab + batch)
+    words = (vocab + 31) // 32 - (1 if vocab == 49152 else 0)  # one case with a narrower mask
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (len(rows), words), generator=g, dtype=torch.int64).to(torch.int32)
+    logits = torch.randn(batch, vocab, generator=g)
+    ref = logits.clone()
+    apply_token_bitmask_torch(ref, bitmask, torch.tensor(rows, dtype=torch.int32))
+    out = logits.cuda()
+    apply_token_bitmask(out, bitmask.cuda(), torch.tensor(rows, dtype=torch.int32, device="cuda"))
+    assert torch.equal(out.cpu(), ref)
+    untouched = [r for r in range(batch) if r not in rows]
+    assert torch.equal(out.cpu()[untouched], logits[untouched])
