@@ -134,6 +134,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
+    # Schedule and launch step t+1 before reading step t's tokens back, so the host's per-step
+    # work overlaps the GPU. None = on for a single CUDA device (it gains nothing on the CPU).
+    async_scheduling: bool | None = None
     tensor_parallel_size: int = 1  # > 1: one process per device (forge.distributed), rank 0 schedules
     seed: int = 0
     extra: dict = field(default_factory=dict)

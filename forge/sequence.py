@@ -19,6 +19,10 @@ class SequenceStatus(enum.Enum):
 
 _seq_counter = itertools.count()
 
+# With async scheduling a sampled token is known on the GPU a step before the host reads it: the
+# sequence holds this id in its place meanwhile (counted by the scheduler, never detokenized).
+PLACEHOLDER = -1
+
 
 class Sequence:
     def __init__(
@@ -43,6 +47,11 @@ class Sequence:
         self.num_computed_tokens = 0  # tokens whose K/V are in the cache
         self.num_cached_tokens = 0  # of the prompt, how many came from the prefix cache
         self.num_preemptions = 0
+        # Async scheduling: 1 while the last entry of token_ids is a PLACEHOLDER (sampled, not read
+        # back); awaiting_final: that token is the last one allowed (max_tokens / context), so the
+        # sequence is not scheduled again before it is read back and finishes.
+        self.num_inflight = 0
+        self.awaiting_final = False
         # Sampling: a private generator so this stream's draws don't depend on the batch.
         self.seed = seed
         # The GPU sampler hashes (sampling_seed, output position); the CPU one draws from `generator`.
@@ -72,7 +81,8 @@ class Sequence:
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
+        """Generated tokens read back so far (an in-flight placeholder is not one yet)."""
+        return len(self.token_ids) - self.num_inflight - self.num_prompt_tokens
 
     @property
     def prompt_token_ids(self) -> list[int]:
@@ -80,7 +90,7 @@ class Sequence:
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens :]
+        return self.token_ids[self.num_prompt_tokens : len(self.token_ids) - self.num_inflight]
 
     @property
     def num_uncomputed_tokens(self) -> int:
@@ -95,7 +105,7 @@ class Sequence:
         """Detokenize lazily: only when text is read (streaming, stop strings, the final output)."""
         if self.detokenizer is None:
             return ""
-        self.detokenizer.catch_up(self.token_ids[self.num_prompt_tokens :])
+        self.detokenizer.catch_up(self.output_token_ids)
         return self.detokenizer.text
 
     @property

@@ -17,10 +17,19 @@ from forge.errors import InvalidRequestError, PromptTooLongError
 from forge.loader import load_model
 from forge.outputs import CompletionOutput, Logprob, RequestOutput
 from forge.sampling_params import SamplingParams
-from forge.sequence import Sequence
+from forge.sequence import PLACEHOLDER, Sequence
 from forge.tokenizer import IncrementalDetokenizer
 
 logger = logging.getLogger("forge")
+
+
+@dataclass
+class InFlight:
+    """A step whose sampled tokens are known on the device but not read back yet (async scheduling)."""
+
+    seqs: list[Sequence]  # the sampled rows, in order; each holds a PLACEHOLDER for its token
+    pending: object  # forge.engine.sampler.PendingSample
+    row_of: dict[int, int]  # seq_id -> row in pending.token_ids (the next step's inputs read them)
 
 
 @dataclass
@@ -70,6 +79,12 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.sampler = DeviceSampler() if config.device.startswith("cuda") else Sampler()
+        self.async_scheduling = config.async_scheduling
+        if self.async_scheduling is None:
+            self.async_scheduling = config.device.startswith("cuda") and self.tp is None
+        if self.async_scheduling and self.tp is not None:
+            raise InvalidRequestError("async scheduling does not support tensor parallelism yet", param="async_scheduling")
+        self.in_flight: InFlight | None = None
         self.eos_token_ids = set(self.tokenizer.stop_token_ids)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
@@ -156,6 +171,12 @@ class LLMEngine:
         """After step() raised halfway (tokens appended to some sequences, counts advanced): make
         every running sequence recompute from its tokens, as after a KV-cache preemption, and
         return the outputs of requests that the broken step finished but never reported."""
+        if self.in_flight is not None:  # its tokens are lost: those sequences sample them again
+            for seq in self.in_flight.seqs:
+                if seq.num_inflight:
+                    seq.token_ids.pop()
+                    seq.num_inflight, seq.awaiting_final = 0, False
+            self.in_flight = None
         for seq in reversed(list(self.scheduler.running)):  # reversed: appendleft keeps their order
             self.scheduler.preempt(seq)
         done = [req for req in self.requests.values() if req.finished]
@@ -164,7 +185,10 @@ class LLMEngine:
         return [self._make_output(req) for req in done]
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        if self.scheduler.has_unfinished():
+            return True
+        # async scheduling: tokens still in flight for sequences that have not finished (aborted ones do not count)
+        return self.in_flight is not None and any(s.num_inflight and not s.is_finished for s in self.in_flight.seqs)
 
     @property
     def num_unfinished_requests(self) -> int:
@@ -175,6 +199,8 @@ class LLMEngine:
         """Run one engine step. Returns outputs of the requests that got a token this step
         (emit="all", for streaming) or only of those that finished (emit="finished": skips building
         per-step output objects, which costs O(output length) per request per step)."""
+        if self.async_scheduling:
+            return self._step_async(emit)
         sched = self.scheduler.schedule()
         if not sched:
             return []
@@ -198,6 +224,66 @@ class LLMEngine:
             if req.finished:
                 del self.requests[req.request_id]
         return outputs
+
+    def _step_async(self, emit: str) -> list[RequestOutput]:
+        """One step with async scheduling: launch step t+1, then read step t's tokens back while
+        the GPU computes, then queue step t+1's sampling and return step t's outputs.
+
+        Step t+1 is scheduled before step t's tokens are known: a sequence holds a PLACEHOLDER for
+        its in-flight token (the scheduler counts it; the model runner copies the real id into the
+        inputs on the device). A sequence that turns out finished at step t (EOS, stop string,
+        grammar end) still ran in step t+1; that row is dropped.
+        """
+        prev = self.in_flight
+        sched = self.scheduler.schedule()
+        seqs = [item.seq for item in sched.scheduled if item.samples]
+        logits = None
+        if sched:
+            source = (prev.row_of, prev.pending.token_ids) if prev is not None else None
+            logits = self.runner.execute(sched, token_source=source)
+        touched = self._resolve(prev) if prev is not None else {}
+        self.in_flight = None
+        if sched:
+            if any(item.wants_prompt_logprobs for item in sched.scheduled):
+                logits = self._take_prompt_logprobs(sched, logits)
+            self.scheduler.postprocess(sched)  # after _resolve: full blocks hash the real tokens
+            self.stats["steps"] += 1
+            if seqs:
+                masks = self._structured_masks(seqs)  # needs step t's tokens, accepted in _resolve
+                if masks is not None:
+                    logits = masks.apply(logits)
+                pending = self.sampler.sample_async(logits, seqs)
+                live = [s for s in seqs if not s.is_finished]
+                for seq in live:
+                    seq.token_ids.append(PLACEHOLDER)
+                    seq.num_inflight = 1
+                    p = seq.params
+                    seq.awaiting_final = (p.max_tokens is not None and seq.num_output_tokens + 1 >= p.max_tokens) \
+                        or seq.num_tokens >= self.max_model_len
+                if live:
+                    self.in_flight = InFlight(seqs, pending, {s.seq_id: i for i, s in enumerate(seqs)})
+        outputs = [self._make_output(req) for req in touched.values() if emit == "all" or req.finished]
+        for req in touched.values():
+            if req.finished:
+                self.requests.pop(req.request_id, None)
+        return outputs
+
+    def _resolve(self, prev: InFlight) -> dict[str, Request]:
+        """Read back an in-flight step's tokens, put them in place of the placeholders and run the
+        usual per-token checks; returns the requests that got a token."""
+        results = prev.pending.results()
+        touched: dict[str, Request] = {}
+        now = time.monotonic()
+        for seq, result in zip(prev.seqs, results):
+            if not seq.num_inflight:  # finished (or aborted) before this token was sampled
+                continue
+            seq.token_ids.pop()
+            seq.num_inflight, seq.awaiting_final = 0, False
+            if seq.is_finished:  # aborted while in flight
+                continue
+            self._append_token(seq, result, now)
+            touched[seq.request_id] = self.requests[seq.request_id]
+        return touched
 
     def _take_prompt_logprobs(self, sched, logits: torch.Tensor) -> torch.Tensor:
         """Record prompt logprobs from the chunk rows that carry them; return only the sampling rows."""

@@ -9,6 +9,7 @@ from forge.config import EngineConfig, ModelConfig
 from forge.engine.scheduler import SchedulerOutput
 from forge.models.llama import LlamaModel
 from forge.ops import get_ops
+from forge.sequence import PLACEHOLDER
 from forge.ops.metadata import AttentionMetadata
 
 logger = logging.getLogger("forge")
@@ -25,29 +26,42 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
 
 
 class HostStager:
-    """Copies a step's integer inputs to the device through a persistent pinned buffer per dtype.
+    """Copies a step's integer inputs to the device through persistent pinned buffers per dtype.
 
-    Allocating pinned memory every step costs more than the copy itself; one buffer, grown on
-    demand, is reused (the previous step's copy has finished: its sampled tokens were read back).
+    Allocating pinned memory every step costs more than the copy itself, so buffers are reused,
+    two per dtype in turn: with async scheduling the host prepares step t+1 while step t's copy
+    may not have run yet. Each buffer's copy is fenced by an event, waited on before reuse (it
+    has normally long finished). Each dtype is staged once per step.
     """
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.host: dict[torch.dtype, torch.Tensor] = {}
+        self.host: dict[torch.dtype, list[torch.Tensor]] = {}
         self.dev: dict[torch.dtype, torch.Tensor] = {}
+        self.done: dict[torch.dtype, list] = {}
+        self.turn: dict[torch.dtype, int] = {}
 
     def stage(self, dtype: torch.dtype, values: np.ndarray) -> torch.Tensor:
         src = torch.from_numpy(values)
         if self.device.type != "cuda":
             return src
         n = src.numel()
-        if dtype not in self.host or self.host[dtype].numel() < n:
-            size = max(n, 2 * self.host[dtype].numel() if dtype in self.host else 4096)
-            self.host[dtype] = torch.empty(size, dtype=dtype, pin_memory=True)
+        if dtype not in self.host or self.host[dtype][0].numel() < n:
+            if dtype in self.done:  # copies out of the old buffers must end before they are freed
+                for event in self.done[dtype]:
+                    event.synchronize()
+            size = max(n, 2 * self.host[dtype][0].numel() if dtype in self.host else 4096)
+            self.host[dtype] = [torch.empty(size, dtype=dtype, pin_memory=True) for _ in range(2)]
             self.dev[dtype] = torch.empty(size, dtype=dtype, device=self.device)
-        self.host[dtype][:n].copy_(src)
-        out = self.dev[dtype][:n]
-        out.copy_(self.host[dtype][:n], non_blocking=True)
+            self.done[dtype] = [torch.cuda.Event(), torch.cuda.Event()]
+            self.turn[dtype] = 0
+        k = self.turn[dtype] = 1 - self.turn[dtype]
+        host, done = self.host[dtype][k], self.done[dtype][k]
+        done.synchronize()  # this buffer's previous copy (two steps ago) has ended
+        host[:n].copy_(src)
+        out = self.dev[dtype][:n]  # one device buffer: copies into it follow the earlier steps' reads in stream order
+        out.copy_(host[:n], non_blocking=True)
+        done.record()
         return out
 
 
@@ -133,10 +147,15 @@ class ModelRunner:
         cap = self.config.max_num_seqs * -(-self.max_model_len // self.block_size)
         return max(1, min(int(budget // self.kv_block_bytes), cap))
 
-    def prepare_inputs(self, sched: SchedulerOutput) -> tuple[torch.Tensor, AttentionMetadata, torch.Tensor]:
-        """Flatten the scheduled sequences into one token batch; returns (ids, metadata, logits rows)."""
+    def prepare_inputs(self, sched: SchedulerOutput, token_source=None) -> tuple[torch.Tensor, AttentionMetadata, torch.Tensor]:
+        """Flatten the scheduled sequences into one token batch; returns (ids, metadata, logits rows).
+
+        token_source: (row of each seq_id, device token ids) of the previous step, whose sampled
+        tokens are still PLACEHOLDERs on the host (async scheduling): they are copied into the
+        input ids on the device."""
         bs = self.block_size
         input_ids, positions, slots = [], [], []
+        fill_dst, fill_src = [], []  # input positions whose token is on the device only, and its row there
         query_lens, context_lens, logits_rows = [], [], []
         num_seqs = len(sched.scheduled)
         max_blocks = max(len(s.seq.block_table) for s in sched.scheduled)
@@ -147,7 +166,11 @@ class ModelRunner:
             table = seq.block_table
             block_tables[i, : len(table)] = table
             if n == 1:  # decode: the common case, without ranges
-                input_ids.append(seq.token_ids[start])
+                token = seq.token_ids[start]
+                if token == PLACEHOLDER:
+                    fill_dst.append(len(input_ids))
+                    fill_src.append(token_source[0][seq.seq_id])
+                input_ids.append(token)
                 positions.append(start)
                 slots.append(table[start // bs] * bs + start % bs)
             else:
@@ -166,7 +189,9 @@ class ModelRunner:
             query_start.append(query_start[-1] + n)
         num_tokens = len(input_ids)
         # Two host->device copies per step (int64 and int32 fields), through persistent pinned buffers.
-        longs = self.stager.stage(torch.long, np.array(input_ids + positions + slots + logits_rows, dtype=np.int64))
+        longs = self.stager.stage(
+            torch.long, np.array(input_ids + positions + slots + logits_rows + fill_dst + fill_src, dtype=np.int64)
+        )
         ints = self.stager.stage(
             torch.int32, np.concatenate([np.array(query_start + context_lens, dtype=np.int32), block_tables.ravel()])
         )
@@ -182,15 +207,20 @@ class ModelRunner:
             query_lens_cpu=query_lens,
             context_lens_cpu=context_lens,
         )
-        return longs[:t], meta, longs[3 * t :]
+        ids = longs[:t]
+        rows_end = 3 * t + len(logits_rows)
+        if fill_dst:
+            k = len(fill_dst)
+            ids.index_copy_(0, longs[rows_end : rows_end + k], token_source[1].index_select(0, longs[rows_end + k :]))
+        return ids, meta, longs[3 * t : rows_end]
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> torch.Tensor:
+    def execute(self, sched: SchedulerOutput, token_source=None) -> torch.Tensor:
         """Run the step; returns float32 logits of the rows the engine reads, in scheduled order: one
         row per sampling sequence, or every row of a chunk whose prompt logprobs were asked for."""
         if self.step_hook is not None:
             self.step_hook(sched)
-        input_ids, meta, logits_rows = self.prepare_inputs(sched)
+        input_ids, meta, logits_rows = self.prepare_inputs(sched, token_source)
         all_rows = logits_rows.shape[0] == input_ids.shape[0]  # pure decode: every row samples
         if self.graphs is not None and self.graphs.can_run(len(sched.scheduled), meta):
             logits = self.graphs.run(input_ids, meta)

@@ -49,7 +49,29 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) 
     return logits
 
 
+class PendingSample:
+    """A batch's sampled tokens: `token_ids` on the logits' device (the next step's inputs can read
+    them there) and, once `results()` is called, the per-row results on the host. On a GPU the
+    host copies were queued behind the sampling (pinned, non-blocking): `results()` waits for
+    this batch's copies only, not for work queued after them."""
+
+    def __init__(self, token_ids: torch.Tensor, build, event=None):
+        self.token_ids = token_ids
+        self._build = build  # () -> list[SampleResult], reads the host copies
+        self._event = event
+
+    def results(self) -> list[SampleResult]:
+        if self._event is not None:
+            self._event.synchronize()
+        return self._build()
+
+
 class Sampler:
+    def sample_async(self, logits: torch.Tensor, seqs: list[Sequence]) -> PendingSample:
+        """The CPU sampler has nothing to overlap: it samples now."""
+        results = self(logits, seqs)
+        return PendingSample(torch.tensor([r.token_id for r in results], dtype=torch.long), lambda: results)
+
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampleResult]:
         """logits: [len(seqs), vocab] float32 (already masked by any structured-output constraint)."""
         need_logprobs = any(s.params.logprobs is not None for s in seqs)
@@ -86,12 +108,17 @@ class DeviceSampler:
     """
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampleResult]:
+        return self.sample_async(logits, seqs).results()
+
+    def sample_async(self, logits: torch.Tensor, seqs: list[Sequence]) -> PendingSample:
         from forge.kernels.sampling import sample
 
         device = logits.device
         params = [s.params for s in seqs]
         if all(p.greedy and p.logprobs is None and not p.has_penalties for p in params):
-            return [SampleResult(t) for t in logits.argmax(dim=-1).tolist()]  # the common greedy case: one op
+            token_ids = logits.argmax(dim=-1)  # the common greedy case: one op
+            host, event = _to_host(token_ids)
+            return PendingSample(token_ids, lambda: [SampleResult(t) for t in host.tolist()], event)
         penalized = [i for i, s in enumerate(seqs) if s.params.has_penalties]
         if penalized:
             logits = logits.clone()
@@ -110,15 +137,31 @@ class DeviceSampler:
             use_min_p=any(not p.greedy and p.min_p > 0 for p in params),
         )
         want = any(p.logprobs is not None for p in params)
-        token_ids = token_ids.tolist()
-        if want:
-            chosen, top_ids, top_lps = chosen.tolist(), top_ids.tolist(), top_lps.tolist()
-        results = []
-        for i, p in enumerate(params):
-            r = SampleResult(token_ids[i])
-            if p.logprobs is not None:
-                r.logprob = chosen[i]
-                if p.logprobs > 0:
-                    r.top_logprobs = list(zip(top_ids[i][: p.logprobs], top_lps[i][: p.logprobs]))
-            results.append(r)
-        return results
+        host, event = _to_host(token_ids, *((chosen, top_ids, top_lps) if want else ()))
+
+        def build() -> list[SampleResult]:
+            ids = host[0].tolist()
+            if want:
+                chosen_h, top_ids_h, top_lps_h = (t.tolist() for t in host[1:])
+            results = []
+            for i, p in enumerate(params):
+                r = SampleResult(ids[i])
+                if p.logprobs is not None:
+                    r.logprob = chosen_h[i]
+                    if p.logprobs > 0:
+                        r.top_logprobs = list(zip(top_ids_h[i][: p.logprobs], top_lps_h[i][: p.logprobs]))
+                results.append(r)
+            return results
+
+        return PendingSample(token_ids, build, event)
+
+
+def _to_host(*tensors: torch.Tensor):
+    """Queue copies of device tensors into pinned host memory; returns (copies, event), or the
+    tensors themselves and None when they already live on the host."""
+    if tensors[0].device.type != "cuda":
+        return (tensors[0] if len(tensors) == 1 else tensors), None
+    copies = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in tensors]
+    event = torch.cuda.Event()
+    event.record()
+    return (copies[0] if len(copies) == 1 else copies), event

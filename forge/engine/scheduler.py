@@ -78,6 +78,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.awaiting_final:  # async scheduling: its last token is in flight, nothing is left to run
+                i += 1
+                continue
             n = min(seq.num_uncomputed_tokens, budget)
             while not bm.can_append(seq, n):
                 victim = self.running[-1]

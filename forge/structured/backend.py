@@ -273,7 +273,8 @@ class StructuredBackend:
     def begin_step(self, seqs) -> "StepMasks | None":
         """Start the masks of a step's sampled sequences (None when none is constrained). Call it
         before the forward pass: with `overlap` on, the worker thread fills them meanwhile."""
-        rows = [i for i, s in enumerate(seqs) if s.structured is not None]
+        # A terminated grammar has no next mask (async scheduling still samples such a row once).
+        rows = [i for i, s in enumerate(seqs) if s.structured is not None and not s.structured.is_terminated()]
         if not rows:
             return None
         self._finish_in_flight()
