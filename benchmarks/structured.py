@@ -15,8 +15,8 @@ on the string, which xgrammar 0.2.8 masks slowly: up to ~5 ms a row inside the s
 
 Runs are interleaved over the repeats (ABC ABC ...) and the median wall time of each is reported,
 so a noisy machine hurts all of them alike. Also reported, per step: the engine's time in each
-phase (schedule, launching the forward pass, applying masks, sampling = waiting for the GPU and
-reading tokens back, the rest = accepting tokens and bookkeeping), the time spent filling masks
+phase (schedule, launching the forward pass, applying masks, launching the sampling, waiting for the
+sampled tokens (readback), the rest = accepting tokens and bookkeeping), the time spent filling masks
 (on the worker when overlapped) and how long the engine waited for the worker.
 
     python benchmarks/structured.py                      # CPU, the default model, B=32, N=64
@@ -85,18 +85,22 @@ def make_llm(args):
 class PhaseTimer:
     """Wall time of each engine step phase, by wrapping the engine's own calls (5 wrappers a step)."""
 
-    PHASES = ("step", "schedule", "execute", "masks", "sample")
+    # sample = launching the sampling; readback = waiting for the sampled tokens (the GPU's work)
+    PHASES = ("step", "schedule", "execute", "masks", "sample", "readback")
 
     def __init__(self, engine):
+        from forge.engine.sampler import PendingSample
         from forge.structured import StepMasks
 
         self.total = dict.fromkeys(self.PHASES, 0.0)
         engine.step = self._wrap(engine.step, "step")
         engine.scheduler.schedule = self._wrap(engine.scheduler.schedule, "schedule")
         engine.runner.execute = self._wrap(engine.runner.execute, "execute")
-        engine.sampler = self._wrap(engine.sampler, "sample")
+        engine.sampler.sample_async = self._wrap(engine.sampler.sample_async, "sample")
         timed_apply = self._wrap(StepMasks.apply, "masks")
         StepMasks.apply = lambda masks, logits: timed_apply(masks, logits)
+        timed_results = self._wrap(PendingSample.results, "readback")
+        PendingSample.results = lambda pending: timed_results(pending)
 
     def _wrap(self, fn, phase):
         total = self.total
@@ -346,7 +350,7 @@ def main():
         keys = ("apply_s", "accept_s", "fill_s", "wait_s", "masked_rows") + tuple(f"phase_{p}" for p in PhaseTimer.PHASES)
         tot = {k: sum(d.get(k, 0) for _, d in stats[mode]) for k in keys}
         ms = {p: 1000 * tot[f"phase_{p}"] / steps if steps else 0 for p in PhaseTimer.PHASES}
-        ms["rest"] = ms["step"] - ms["schedule"] - ms["execute"] - ms["masks"] - ms["sample"]
+        ms["rest"] = ms["step"] - sum(ms[p] for p in PhaseTimer.PHASES[1:])
         results[mode] = {
             "seconds_median": round(med, 3),
             "seconds_all": [round(t, 3) for t in times[mode]],

@@ -30,6 +30,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="fraction of GPU memory forge may use, KV cache included (default: 0.90)")
     g.add_argument("--no-prefix-caching", action="store_true", help="disable reuse of cached prompt prefixes")
     g.add_argument("--enforce-eager", action="store_true", help="CUDA: run decode without CUDA graphs")
+    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="launch each step before the previous one's tokens are read back "
+                        "(default: on for one CUDA device, off otherwise)")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="split the model over N GPUs (one process each, NCCL; default: 1)")
     g.add_argument("--verbose", "-v", action="store_true", help="log engine details (KV blocks, backends)")
@@ -58,7 +61,7 @@ def engine_config(args):
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         num_kv_blocks=args.num_kv_blocks, gpu_memory_utilization=args.gpu_memory_utilization,
         enable_prefix_caching=not args.no_prefix_caching, enforce_eager=args.enforce_eager,
-        tensor_parallel_size=getattr(args, "tensor_parallel_size", 1),
+        async_scheduling=args.async_scheduling, tensor_parallel_size=getattr(args, "tensor_parallel_size", 1),
     )
 
 

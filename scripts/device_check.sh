@@ -48,6 +48,7 @@ benches=("$@")
 [ ${#benches[@]} -eq 0 ] && benches=(kernels)
 for b in "${benches[@]}"; do
     name="${b%% *}"
+    [ "$name" = none ] && continue  # 'none': tests only
     echo "== benchmark $b"
     # shellcheck disable=SC2086
     python3 "benchmarks/$name.py" ${b#"$name"}

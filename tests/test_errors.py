@@ -83,6 +83,9 @@ def test_cli_help_explains_flags():
 def test_cli_generate_streams_and_chat_keeps_history(tiny_model_dir, default_model_path):
     r = run_cli("generate", "The capital of France is", "--max-tokens", "8")
     assert r.returncode == 0 and r.stdout.startswith(" Paris."), r.stdout + r.stderr
+    # The same greedy text with async scheduling forced on (the CUDA default) on the CPU.
+    r2 = run_cli("generate", "The capital of France is", "--max-tokens", "8", "--async-scheduling")
+    assert r2.returncode == 0 and r2.stdout == r.stdout, r2.stdout + r2.stderr
     # Chat over stdin: two turns, two replies, clean exit.
     p = subprocess.run(
         [sys.executable, "-m", "forge", "chat", "--max-tokens", "12"],

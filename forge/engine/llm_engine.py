@@ -211,7 +211,7 @@ class LLMEngine:
             logits = self._take_prompt_logprobs(sched, logits)
         if masks is not None:
             logits = masks.apply(logits)
-        results = self.sampler(logits, seqs) if seqs else []
+        results = self.sampler.sample_async(logits, seqs).results() if seqs else []
         self.scheduler.postprocess(sched)
         self.stats["steps"] += 1
         touched: dict[str, Request] = {}

@@ -118,7 +118,7 @@ class DeviceSampler:
         if all(p.greedy and p.logprobs is None and not p.has_penalties for p in params):
             token_ids = logits.argmax(dim=-1)  # the common greedy case: one op
             host, event = _to_host(token_ids)
-            return PendingSample(token_ids, lambda: [SampleResult(t) for t in host.tolist()], event)
+            return PendingSample(token_ids, lambda: [SampleResult(t) for t in host[0].tolist()], event)
         penalized = [i for i, s in enumerate(seqs) if s.params.has_penalties]
         if penalized:
             logits = logits.clone()
@@ -156,12 +156,12 @@ class DeviceSampler:
         return PendingSample(token_ids, build, event)
 
 
-def _to_host(*tensors: torch.Tensor):
-    """Queue copies of device tensors into pinned host memory; returns (copies, event), or the
+def _to_host(*tensors: torch.Tensor) -> tuple[list[torch.Tensor], object]:
+    """Queue copies of device tensors into pinned host memory; returns ([copies], event), or the
     tensors themselves and None when they already live on the host."""
     if tensors[0].device.type != "cuda":
-        return (tensors[0] if len(tensors) == 1 else tensors), None
+        return list(tensors), None
     copies = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in tensors]
     event = torch.cuda.Event()
     event.record()
-    return (copies[0] if len(copies) == 1 else copies), event
+    return copies, event

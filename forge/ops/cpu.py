@@ -115,7 +115,8 @@ class CpuOps:
         scores = torch.einsum("bhgd,blhd->bhgl", qg, k) * scale  # [B, Hkv, group, L]
         padding = torch.arange(max_ctx) >= meta.context_lens.to(torch.long)[:, None]  # [B, L]
         scores.masked_fill_(padding[:, None, None, :], float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
+        # Zeroing the padding again makes an empty context (all -inf: NaN) attend to nothing: 0.
+        probs = torch.softmax(scores, dim=-1).masked_fill_(padding[:, None, None, :], 0.0)
         out = torch.einsum("bhgl,blhd->bhgd", probs, v)
         return out.reshape(b, num_heads, d).to(q.dtype)
 

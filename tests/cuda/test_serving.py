@@ -57,3 +57,27 @@ def test_chunked_prefix_and_preemption_equal_plain_runs(model_dir):
     run(cached, shared[:1], PARAMS[:1])
     assert run(cached, shared, PARAMS) == miss
     assert cached.llm_engine.prefix_cache_hit_rate > 0.5
+
+
+def test_async_scheduling_equals_sync_on_the_gpu(model_dir):
+    """Async scheduling (the CUDA default) gives the synchronous engine's outputs: greedy, seeded,
+    logprobs, penalties, stop strings, n > 1, chunked prefill and preemption in one batch."""
+    ps = prompts(10, seed=5, lo=20, hi=120)
+    mixed = [
+        SamplingParams(temperature=0, max_tokens=17, ignore_eos=True),
+        SamplingParams(temperature=0.8, top_p=0.9, seed=5, max_tokens=23, logprobs=2),
+        SamplingParams(temperature=0, max_tokens=30, presence_penalty=0.5, repetition_penalty=1.2),
+        SamplingParams(n=2, temperature=1.0, seed=9, max_tokens=12),
+        SamplingParams(temperature=0, max_tokens=40, min_tokens=3, stop=["a", "e"]),
+    ]
+    params = [mixed[i % len(mixed)] for i in range(len(ps))]
+
+    def outs(llm):
+        return [[(c.token_ids, c.finish_reason, c.text) for c in o.outputs] for o in llm.generate(ps, params, use_tqdm=False)]
+
+    for kw in (dict(num_kv_blocks=512), dict(num_kv_blocks=24, max_model_len=300, max_num_batched_tokens=48)):
+        sync = gpu(model_dir, async_scheduling=False, **kw)
+        overlapped = gpu(model_dir, **kw)
+        assert overlapped.llm_engine.async_scheduling
+        assert outs(overlapped) == outs(sync)
+        assert overlapped.llm_engine.block_manager.num_free_blocks == kw["num_kv_blocks"]
