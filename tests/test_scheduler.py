@@ -126,8 +126,9 @@ def test_preemption_gives_same_outputs(tiny, kind):
     assert tight.llm_engine.block_manager.num_free_blocks == 14
 
 
-def test_random_arrivals_and_aborts_leave_every_block_free(tiny):
-    llm = LLM(tiny, num_kv_blocks=40, max_num_batched_tokens=64, max_num_seqs=16)
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_random_arrivals_and_aborts_leave_every_block_free(tiny, async_scheduling):
+    llm = LLM(tiny, num_kv_blocks=40, max_num_batched_tokens=64, max_num_seqs=16, async_scheduling=async_scheduling)
     engine = llm.llm_engine
     rng = random.Random(0)
     live: list[str] = []
@@ -141,6 +142,7 @@ def test_random_arrivals_and_aborts_leave_every_block_free(tiny):
         elif r < 0.5 and live:
             engine.abort_request(live.pop(rng.randrange(len(live))))
         for out in engine.step():
+            assert all(t >= 0 for c in out.outputs for t in c.token_ids)  # no async placeholder leaks out
             if out.finished:
                 live.remove(out.request_id)
                 finished += 1

@@ -22,9 +22,11 @@ def tiny_engine(model_dir, **kwargs) -> LLMEngine:
     return LLMEngine(EngineConfig(model=str(model_dir), max_model_len=CONTEXT, num_kv_blocks=512, **kwargs))
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model_dir):
-    with LiveServer(tiny_engine(tiny_model_dir), api_key=KEY) as srv:
+@pytest.fixture(scope="module", params=[False, True], ids=["sync", "async"])
+def server(tiny_model_dir, request):
+    """Every test here runs against a synchronous engine and one with async scheduling (the CUDA
+    default): aborts, disconnects and injected failures with a step's tokens still in flight."""
+    with LiveServer(tiny_engine(tiny_model_dir, async_scheduling=request.param), api_key=KEY) as srv:
         yield srv
 
 
@@ -302,11 +304,11 @@ def test_unattributable_step_failure_fails_the_batch_and_recovers(server, http):
     real_execute = engine.runner.execute
     calls = {"n": 0}
 
-    def execute(sched):
+    def execute(sched, **kw):
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("injected device error")
-        return real_execute(sched)
+        return real_execute(sched, **kw)
 
     engine.runner.execute = execute
     try:
