@@ -53,3 +53,9 @@ def tiny_model_dir(tmp_path_factory, default_loaded):
     from tests.util import make_random_model_dir
 
     return make_random_model_dir(tmp_path_factory.mktemp("tiny"), default_loaded.tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_model_dir) -> str:
+    """tiny_model_dir as the path string LLM() takes."""
+    return str(tiny_model_dir)

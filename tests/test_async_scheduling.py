@@ -4,21 +4,15 @@ same (placeholders, device-side input fill, one-step-late stop checks), so it is
 Random arrivals and aborts under async scheduling: tests/test_scheduler.py."""
 
 import json
-import random
 
 import pytest
 
 from forge import LLM, SamplingParams, StructuredOutputsParams
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_model_dir):
-    return str(tiny_model_dir)
+from tests.util import random_prompts
 
 
 def prompts(n, seed=0, lo=5, hi=100):
-    rng = random.Random(seed)
-    return [{"prompt_token_ids": [rng.randrange(49152) for _ in range(rng.randint(lo, hi))]} for _ in range(n)]
+    return random_prompts(n, seed, lo, hi)
 
 
 def run(llm, ps, params):

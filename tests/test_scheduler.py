@@ -7,6 +7,7 @@ import pytest
 from forge import LLM, SamplingParams
 from forge.engine.block_manager import BlockManager
 from forge.sequence import Sequence
+from tests.util import random_prompts
 
 
 def make_seq(tokens):
@@ -53,14 +54,7 @@ def test_full_prompt_hit_still_computes_last_token():
     assert len(bm.find_cached_prefix(b)) == 1  # the second block is recomputed for its logits
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_model_dir):
-    return str(tiny_model_dir)
-
-
-def prompts(n, seed=0, lo=5, hi=120):
-    rng = random.Random(seed)
-    return [{"prompt_token_ids": [rng.randrange(49152) for _ in range(rng.randint(lo, hi))]} for _ in range(n)]
+prompts = random_prompts
 
 
 def outputs(llm, ps, params):

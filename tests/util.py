@@ -1,11 +1,18 @@
 """Helpers for tests: random-weight Llama models of any shape, saved as HF directories."""
 
+import random
 from pathlib import Path
 
 import torch
 
 from forge.config import ModelConfig
 from forge.loader.safetensors import save_hf_dir
+
+
+def random_prompts(n: int, seed: int = 0, lo: int = 5, hi: int = 120) -> list[dict]:
+    """n prompts of random token ids (lengths in [lo, hi]) in the offline API's dict form."""
+    rng = random.Random(seed)
+    return [{"prompt_token_ids": [rng.randrange(49152) for _ in range(rng.randint(lo, hi))]} for _ in range(n)]
 
 
 def random_weights(config: ModelConfig, seed: int = 0, scale: float = 0.05) -> dict[str, torch.Tensor]:
