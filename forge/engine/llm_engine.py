@@ -11,7 +11,7 @@ import torch
 from forge.config import EngineConfig
 from forge.engine.block_manager import BlockManager
 from forge.engine.model_runner import ModelRunner
-from forge.engine.sampler import DeviceSampler, SampleResult, Sampler
+from forge.engine.sampler import DeviceSampler, PendingSample, SampleResult, Sampler
 from forge.engine.scheduler import Scheduler
 from forge.errors import InvalidRequestError, PromptTooLongError
 from forge.loader import load_model
@@ -28,7 +28,7 @@ class InFlight:
     """A step whose sampled tokens are known on the device but not read back yet (async scheduling)."""
 
     seqs: list[Sequence]  # the sampled rows, in order; each holds a PLACEHOLDER for its token
-    pending: object  # forge.engine.sampler.PendingSample
+    pending: PendingSample
     row_of: dict[int, int]  # seq_id -> row in pending.token_ids (the next step's inputs read them)
 
 
@@ -219,6 +219,11 @@ class LLMEngine:
         for seq, result in zip(seqs, results):
             self._append_token(seq, result, now)
             touched[seq.request_id] = self.requests[seq.request_id]
+        return self._outputs(touched, emit)
+
+    def _outputs(self, touched: dict[str, "Request"], emit: str) -> list[RequestOutput]:
+        """The step's outputs (every touched request, or the finished ones); finished requests are
+        forgotten."""
         outputs = [self._make_output(req) for req in touched.values() if emit == "all" or req.finished]
         for req in touched.values():
             if req.finished:
@@ -262,11 +267,7 @@ class LLMEngine:
                         or seq.num_tokens >= self.max_model_len
                 if live:
                     self.in_flight = InFlight(seqs, pending, {s.seq_id: i for i, s in enumerate(seqs)})
-        outputs = [self._make_output(req) for req in touched.values() if emit == "all" or req.finished]
-        for req in touched.values():
-            if req.finished:
-                self.requests.pop(req.request_id, None)
-        return outputs
+        return self._outputs(touched, emit)
 
     def _resolve(self, prev: InFlight) -> dict[str, Request]:
         """Read back an in-flight step's tokens, put them in place of the placeholders and run the
