@@ -196,3 +196,26 @@ def test_tiny_gguf_with_permuted_qk_matches_hf(tmp_path, default_loaded):
     b = LLM(str(tmp_path / "hf"), num_kv_blocks=16)
     ids = tok.encode("Hello there, tiny model")
     assert torch.equal(forward_logits(a.llm_engine.runner, ids), forward_logits(b.llm_engine.runner, ids))
+
+
+def test_sharded_load_equals_slicing_the_full_load(default_model_path, default_loaded, tmp_path):
+    """load_model(shard=(rank, n)) cuts each tensor as it is read: the same slices as sharding the
+    full checkpoint afterwards, from GGUF and from an HF directory. A model that does not split is
+    a request error, raised before any tensor is read."""
+    from forge.distributed.sharding import plan_shard, shard_weights
+    from forge.errors import InvalidRequestError
+    from forge.loader.safetensors import save_hf_dir
+
+    config = default_loaded.config  # 9 heads, 3 KV heads, 1536 intermediate, 49152 vocab: splits in 3
+    hf_dir = tmp_path / "hf"
+    save_hf_dir(hf_dir, config, default_loaded.weights, default_loaded.tokenizer)
+    for src, ranks in ((hf_dir, range(3)), (default_model_path, [1])):
+        for rank in ranks:
+            sharded = load_model(src, shard=(rank, 3))
+            assert sharded.shard == (rank, 3)
+            expected = shard_weights(default_loaded.weights, config, plan_shard(config, rank, 3))
+            assert sharded.weights.keys() == expected.keys()
+            for name, t in expected.items():
+                assert torch.equal(sharded.weights[name], t), name
+    with pytest.raises(InvalidRequestError, match="attention heads"):  # 9 heads do not split in 2
+        load_model(hf_dir, shard=(0, 2))

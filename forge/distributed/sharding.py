@@ -89,29 +89,28 @@ def _vocab_rows(t: torch.Tensor, plan: ShardPlan) -> torch.Tensor:
     return out
 
 
-def shard_weights(weights: dict[str, torch.Tensor], config: ModelConfig, plan: ShardPlan) -> dict[str, torch.Tensor]:
-    """This rank's slice of every HF-named weight (new tensors: the full ones can be freed)."""
+def shard_tensor(name: str, t: torch.Tensor, config: ModelConfig, plan: ShardPlan) -> torch.Tensor:
+    """This rank's slice of one HF-named weight (a new tensor, so the full one can be freed). The
+    loaders call it on each tensor as it is read, so a rank never holds the whole checkpoint."""
     d = config.head_dim
-    q0, nq = plan.head_start * d, plan.num_heads * d
-    kv0, nkv = plan.kv_head_start * d, plan.num_kv_heads * d
-    i0, ni = plan.rank * plan.intermediate_size, plan.intermediate_size
-    out: dict[str, torch.Tensor] = {}
-    for name, t in weights.items():
-        if name in ("model.embed_tokens.weight", "lm_head.weight"):
-            out[name] = _vocab_rows(t, plan)
-        elif name.endswith("self_attn.q_proj.weight"):
-            out[name] = _rows(t, q0, nq)
-        elif name.endswith(("self_attn.k_proj.weight", "self_attn.v_proj.weight")):
-            out[name] = _rows(t, kv0, nkv)
-        elif name.endswith("self_attn.o_proj.weight"):
-            out[name] = _cols(t, q0, nq)
-        elif name.endswith(("mlp.gate_proj.weight", "mlp.up_proj.weight")):
-            out[name] = _rows(t, i0, ni)
-        elif name.endswith("mlp.down_proj.weight"):
-            out[name] = _cols(t, i0, ni)
-        else:  # norms, rope_freqs: replicated
-            out[name] = t
-    return out
+    if name in ("model.embed_tokens.weight", "lm_head.weight"):
+        return _vocab_rows(t, plan)
+    if name.endswith("self_attn.q_proj.weight"):
+        return _rows(t, plan.head_start * d, plan.num_heads * d)
+    if name.endswith(("self_attn.k_proj.weight", "self_attn.v_proj.weight")):
+        return _rows(t, plan.kv_head_start * d, plan.num_kv_heads * d)
+    if name.endswith("self_attn.o_proj.weight"):
+        return _cols(t, plan.head_start * d, plan.num_heads * d)
+    if name.endswith(("mlp.gate_proj.weight", "mlp.up_proj.weight")):
+        return _rows(t, plan.rank * plan.intermediate_size, plan.intermediate_size)
+    if name.endswith("mlp.down_proj.weight"):
+        return _cols(t, plan.rank * plan.intermediate_size, plan.intermediate_size)
+    return t  # norms, rope_freqs: replicated
+
+
+def shard_weights(weights: dict[str, torch.Tensor], config: ModelConfig, plan: ShardPlan) -> dict[str, torch.Tensor]:
+    """This rank's slice of every HF-named weight."""
+    return {name: shard_tensor(name, t, config, plan) for name, t in weights.items()}
 
 
 def vocab_parallel_embedding(ops, token_ids: torch.Tensor, weight: torch.Tensor, plan: ShardPlan, tp) -> torch.Tensor:

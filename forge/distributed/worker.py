@@ -137,11 +137,11 @@ def worker_main(rank: int, world_size: int, port: int, config, max_model_len: in
             torch.cuda.set_device(torch.device(config.device))
         # Load first, then check in: rank 0 waits for every worker's check-in while watching that
         # none has died, so a worker that cannot load its model fails the engine's start at once.
-        loaded = load_model(config.model, config.load_format)
+        loaded = load_model(config.model, config.load_format, shard=(rank, world_size))
         store = ps.create_store(rank, world_size, port)
         store.add(READY_KEY, 1)
         group = ps.init_tp_group(rank, world_size, port, config.device, store=store)
-        runner = ModelRunner(loaded.config, loaded.weights, config, max_model_len, tp=group)
+        runner = ModelRunner(loaded.config, loaded.weights, config, max_model_len, tp=group, weights_sharded=True)
         del loaded
         while True:
             cmd, payload = group.broadcast_object()

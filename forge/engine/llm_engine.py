@@ -53,7 +53,9 @@ class LLMEngine:
         self.config = config
         if config.device.startswith("cuda") and not torch.cuda.is_available():
             raise InvalidRequestError("--device cuda was asked for but torch sees no CUDA GPU", param="device")
-        loaded = load_model(config.model, config.load_format)
+        tp_size = config.tensor_parallel_size
+        # Rank 0's slice only: each tensor is cut as it is read (the workers do the same for theirs).
+        loaded = load_model(config.model, config.load_format, shard=(0, tp_size) if tp_size > 1 else None)
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
         self.model_path = loaded.path
@@ -66,7 +68,8 @@ class LLMEngine:
             weakref.finalize(self, self.tp.shutdown)  # workers exit with the engine (or at interpreter exit)
         try:
             self.runner = ModelRunner(loaded.config, loaded.weights, config, self.max_model_len,
-                                      tp=self.tp.group if self.tp is not None else None)
+                                      tp=self.tp.group if self.tp is not None else None,
+                                      weights_sharded=loaded.shard is not None)
         except BaseException:
             self.shutdown()
             raise

@@ -66,7 +66,8 @@ class HostStager:
 
 
 class ModelRunner:
-    def __init__(self, model_config: ModelConfig, weights: dict, config: EngineConfig, max_model_len: int, tp=None):
+    def __init__(self, model_config: ModelConfig, weights: dict, config: EngineConfig, max_model_len: int, tp=None,
+                 weights_sharded: bool = False):
         self.config = config
         self.model_config = model_config
         self.device = torch.device(config.device)
@@ -77,7 +78,8 @@ class ModelRunner:
         self.stager = HostStager(self.device)
         self.tp = tp  # forge.distributed.TPGroup (tensor parallelism) or None
         self.step_hook = None  # rank 0 of tensor parallelism: broadcasts each step to the workers
-        self.model = LlamaModel(model_config, weights, self.ops, config.device, self.dtype, max_model_len, tp=tp)
+        self.model = LlamaModel(model_config, weights, self.ops, config.device, self.dtype, max_model_len, tp=tp,
+                                weights_sharded=weights_sharded)
         self.activation_peak_bytes = self._profile_activations() if self.device.type == "cuda" else 0
         self.num_kv_blocks = self._plan_kv_blocks()
         if tp is not None:  # every rank keeps the same number of blocks (the smallest plan)

@@ -17,6 +17,7 @@ class LoadedModel:
     weights: dict[str, torch.Tensor]
     tokenizer: "object"  # forge.tokenizer.Tokenizer
     path: Path
+    shard: tuple[int, int] | None = None  # (rank, world size): weights hold only that tensor-parallel slice
 
 
 def default_model_path() -> Path:
@@ -32,9 +33,12 @@ def default_model_path() -> Path:
     return found[0]
 
 
-def load_model(path: str | os.PathLike | None = None, load_format: str = "auto") -> LoadedModel:
+def load_model(path: str | os.PathLike | None = None, load_format: str = "auto",
+               shard: tuple[int, int] | None = None) -> LoadedModel:
     """Load config, weights and tokenizer. load_format="dummy" skips the weights (weights == {}):
-    the model is then initialised with random values of the right shape, like vLLM's dummy format."""
+    the model is then initialised with random values of the right shape, like vLLM's dummy format.
+    shard=(rank, world_size): keep only that tensor-parallel rank's slice of each weight, cut as
+    each tensor is read (peak host memory: the slice plus one full tensor, not the checkpoint)."""
     p = Path(path) if path is not None else default_model_path()
     if not p.exists():
         raise ModelLoadError(f"model not found: {p}")
@@ -50,11 +54,11 @@ def load_model(path: str | os.PathLike | None = None, load_format: str = "auto")
     if p.is_dir():
         from forge.loader.safetensors import load_hf_dir
 
-        return load_hf_dir(p)
+        return load_hf_dir(p, shard)
     if p.suffix == ".gguf" or _has_gguf_magic(p):
         from forge.loader.gguf import load_gguf
 
-        return load_gguf(p)
+        return load_gguf(p, shard)
     raise ModelLoadError(f"{p} is neither a .gguf file nor an HF model directory")
 
 

@@ -105,7 +105,7 @@ def dequantize_tensor(tensor) -> np.ndarray:
     return array if array.flags.writeable else array.copy()
 
 
-def load_gguf(path: Path):
+def load_gguf(path: Path, shard: tuple[int, int] | None = None):
     from forge.loader import LoadedModel
     from forge.tokenizer import Tokenizer
 
@@ -115,6 +115,9 @@ def load_gguf(path: Path):
         raise ModelLoadError(f"cannot read GGUF file {path}: {type(e).__name__}: {e}".split("\n")[0]) from None
     meta = read_metadata(reader)
     config = config_from_metadata(meta)
+    from forge.loader.safetensors import sharder
+
+    cut = sharder(config, shard)
     weights: dict[str, torch.Tensor] = {}
     for tensor in reader.tensors:
         name = hf_name(tensor.name)
@@ -131,12 +134,12 @@ def load_gguf(path: Path):
             t = unpermute_qk(t, config.num_heads)
         elif name.endswith("k_proj.weight"):
             t = unpermute_qk(t, config.num_kv_heads)
-        weights[name] = t
+        weights[name] = cut(name, t)
     if "lm_head.weight" not in weights:
         config.tie_word_embeddings = True
     _check_complete(weights, config, path)
     tokenizer = Tokenizer.from_gguf_metadata(meta)
-    return LoadedModel(config=config, weights=weights, tokenizer=tokenizer, path=path)
+    return LoadedModel(config=config, weights=weights, tokenizer=tokenizer, path=path, shard=shard)
 
 
 def _check_complete(weights: dict, config: ModelConfig, path) -> None:

@@ -21,7 +21,21 @@ def load_hf_config(path: Path) -> ModelConfig:
         raise ModelLoadError(f"bad config.json in {path}: {type(e).__name__}: {e}") from None
 
 
-def load_hf_dir(path: Path):
+def sharder(config: ModelConfig, shard: tuple[int, int] | None):
+    """(name, tensor) -> the tensor, or its slice for tensor-parallel rank shard[0] of shard[1]."""
+    if shard is None or shard[1] == 1:
+        return lambda name, t: t
+    from forge.distributed.sharding import plan_shard, shard_tensor
+    from forge.errors import InvalidRequestError
+
+    try:
+        plan = plan_shard(config, *shard)
+    except ValueError as e:  # the model does not split that way: a request error, before any tensor is read
+        raise InvalidRequestError(str(e), param="tensor_parallel_size") from None
+    return lambda name, t: shard_tensor(name, t, config, plan)
+
+
+def load_hf_dir(path: Path, shard: tuple[int, int] | None = None):
     from forge.loader import LoadedModel
     from forge.tokenizer import Tokenizer
 
@@ -33,12 +47,13 @@ def load_hf_dir(path: Path):
         files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"{path} has no .safetensors files")
+    cut = sharder(config, shard)
     weights: dict[str, torch.Tensor] = {}
     for f in files:
         try:
             with safe_open(f, framework="pt") as st:
                 for name in st.keys():
-                    weights[name] = st.get_tensor(name)
+                    weights[name] = cut(name, st.get_tensor(name))
         except Exception as e:
             raise ModelLoadError(f"cannot read {f}: {e}".split("\n")[0]) from None
     if "lm_head.weight" not in weights:
@@ -47,7 +62,7 @@ def load_hf_dir(path: Path):
 
     _check_complete(weights, config, path)
     tokenizer = Tokenizer.from_hf_dir(path)
-    return LoadedModel(config=config, weights=weights, tokenizer=tokenizer, path=path)
+    return LoadedModel(config=config, weights=weights, tokenizer=tokenizer, path=path, shard=shard)
 
 
 def save_hf_dir(path: Path, config: ModelConfig, weights: dict[str, torch.Tensor], tokenizer=None) -> None:

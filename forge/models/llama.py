@@ -54,7 +54,7 @@ def dummy_weights(config: ModelConfig, device: torch.device, dtype: torch.dtype,
 
 class LlamaModel:
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], ops, device: str, dtype: torch.dtype,
-                 max_positions: int, tp=None):
+                 max_positions: int, tp=None, weights_sharded: bool = False):
         self.config = config
         self.ops = ops
         self.device = torch.device(device)
@@ -68,7 +68,7 @@ class LlamaModel:
 
         if not weights:  # load_format="dummy": random weights of the right shape, made on the device
             weights = dummy_weights(self.shard.local_config(config), self.device, dtype, seed=self.tp.rank)
-        elif self.tp.world_size > 1:
+        elif self.tp.world_size > 1 and not weights_sharded:  # (the loaders can cut them as they read)
             weights = shard_weights(weights, config, self.shard)
 
         def w(name: str) -> torch.Tensor:
