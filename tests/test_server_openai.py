@@ -18,9 +18,12 @@ from tests.test_server_harness import LiveServer
 GREEDY = {"temperature": 0}
 
 
-@pytest.fixture(scope="module")
-def server():
-    engine = LLMEngine(EngineConfig(model=None, max_model_len=2048, num_kv_blocks=1024))
+@pytest.fixture(scope="module", params=[False, True], ids=["sync", "async"])
+def server(request):
+    """Each test runs against a synchronous engine and one with async scheduling (the default on a
+    GPU), so streaming, logprobs, echo and parallel clients are checked in both step modes."""
+    engine = LLMEngine(EngineConfig(model=None, max_model_len=2048, num_kv_blocks=1024,
+                                    async_scheduling=request.param))
     with LiveServer(engine) as srv:
         yield srv
 
