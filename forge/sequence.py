@@ -92,6 +92,13 @@ class Sequence:
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens : len(self.token_ids) - self.num_inflight]
 
+    def drop_inflight(self) -> None:
+        """Remove the in-flight PLACEHOLDER (async scheduling), if any: its token was read back (and
+        is appended next) or is lost with a failed step."""
+        if self.num_inflight:
+            self.token_ids.pop()
+            self.num_inflight, self.awaiting_final = 0, False
+
     @property
     def num_uncomputed_tokens(self) -> int:
         return self.num_tokens - self.num_computed_tokens

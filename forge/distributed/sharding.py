@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from forge.config import ModelConfig
+from forge.errors import InvalidRequestError
 
 
 @dataclass(frozen=True)
@@ -48,21 +49,23 @@ class ShardPlan:
 
 
 def plan_shard(config: ModelConfig, rank: int, world_size: int) -> ShardPlan:
+    """This rank's share of the model; a model that does not split in `world_size` is a request
+    error naming the shape that does not divide (InvalidRequestError, a ValueError)."""
     tp = world_size
     if not 0 <= rank < tp:
         raise ValueError(f"rank {rank} outside a world of {tp}")
     h, hkv = config.num_heads, config.num_kv_heads
     if h % tp:
-        raise ValueError(f"tensor_parallel_size {tp} must divide the number of attention heads ({h})")
+        raise _cannot_split(f"tensor_parallel_size {tp} must divide the number of attention heads ({h})")
     if config.intermediate_size % tp:
-        raise ValueError(f"tensor_parallel_size {tp} must divide intermediate_size ({config.intermediate_size})")
+        raise _cannot_split(f"tensor_parallel_size {tp} must divide intermediate_size ({config.intermediate_size})")
     if hkv >= tp:
         if hkv % tp:
-            raise ValueError(f"tensor_parallel_size {tp} must divide the number of KV heads ({hkv})")
+            raise _cannot_split(f"tensor_parallel_size {tp} must divide the number of KV heads ({hkv})")
         local_kv, kv_start = hkv // tp, rank * (hkv // tp)
     else:  # fewer KV heads than ranks: each rank keeps the one KV head its query heads attend with
         if tp % hkv:
-            raise ValueError(f"with {hkv} KV heads, tensor_parallel_size {tp} must be a multiple of {hkv}")
+            raise _cannot_split(f"with {hkv} KV heads, tensor_parallel_size {tp} must be a multiple of {hkv}")
         local_kv, kv_start = 1, rank * hkv // tp
     plan = ShardPlan(
         rank=rank, world_size=tp, num_heads=h // tp, num_kv_heads=local_kv, head_start=rank * (h // tp),
@@ -70,6 +73,10 @@ def plan_shard(config: ModelConfig, rank: int, world_size: int) -> ShardPlan:
         vocab_per_rank=-(-config.vocab_size // tp), total_kv_heads=hkv,
     )
     return plan
+
+
+def _cannot_split(message: str) -> InvalidRequestError:
+    return InvalidRequestError(message, param="tensor_parallel_size")
 
 
 def _rows(t: torch.Tensor, start: int, count: int) -> torch.Tensor:
@@ -106,6 +113,15 @@ def shard_tensor(name: str, t: torch.Tensor, config: ModelConfig, plan: ShardPla
     if name.endswith("mlp.down_proj.weight"):
         return _cols(t, plan.rank * plan.intermediate_size, plan.intermediate_size)
     return t  # norms, rope_freqs: replicated
+
+
+def tensor_sharder(config: ModelConfig, shard: tuple[int, int] | None):
+    """(name, tensor) -> the tensor, or its slice for rank shard[0] of shard[1]: what the loaders
+    apply to each tensor as they read it. Checks that the model splits before any tensor is read."""
+    if shard is None or shard[1] == 1:
+        return lambda name, t: t
+    plan = plan_shard(config, *shard)
+    return lambda name, t: shard_tensor(name, t, config, plan)
 
 
 def shard_weights(weights: dict[str, torch.Tensor], config: ModelConfig, plan: ShardPlan) -> dict[str, torch.Tensor]:

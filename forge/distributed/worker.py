@@ -190,7 +190,7 @@ class TensorParallelExecutor:
 
     def __init__(self, config, max_model_len: int, model_config=None):
         from forge.distributed.sharding import plan_shard
-        from forge.errors import InvalidRequestError
+        from forge.errors import InvalidRequestError  # (plan_shard raises it too)
 
         world_size = config.tensor_parallel_size
         if config.device.startswith("cuda"):
@@ -200,10 +200,7 @@ class TensorParallelExecutor:
                     f"tensor_parallel_size {world_size} needs GPUs {base}..{base + world_size - 1} "
                     f"but torch sees {torch.cuda.device_count()}", param="tensor_parallel_size")
         if model_config is not None:  # fail here, not in N processes, when the model does not split
-            try:
-                plan_shard(model_config, 0, world_size)
-            except ValueError as e:
-                raise InvalidRequestError(str(e), param="tensor_parallel_size") from None
+            plan_shard(model_config, 0, world_size)
         ps.disable_multicast()  # before the workers start: they inherit the environment
         self.world_size = world_size
         self.group = None

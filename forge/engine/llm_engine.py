@@ -176,9 +176,7 @@ class LLMEngine:
         return the outputs of requests that the broken step finished but never reported."""
         if self.in_flight is not None:  # its tokens are lost: those sequences sample them again
             for seq in self.in_flight.seqs:
-                if seq.num_inflight:
-                    seq.token_ids.pop()
-                    seq.num_inflight, seq.awaiting_final = 0, False
+                seq.drop_inflight()
             self.in_flight = None
         for seq in reversed(list(self.scheduler.running)):  # reversed: appendleft keeps their order
             self.scheduler.preempt(seq)
@@ -281,8 +279,7 @@ class LLMEngine:
         for seq, result in zip(prev.seqs, results):
             if not seq.num_inflight:  # finished (or aborted) before this token was sampled
                 continue
-            seq.token_ids.pop()
-            seq.num_inflight, seq.awaiting_final = 0, False
+            seq.drop_inflight()
             if seq.is_finished:  # aborted while in flight
                 continue
             self._append_token(seq, result, now)

@@ -9,8 +9,8 @@ from forge.config import EngineConfig, ModelConfig
 from forge.engine.scheduler import SchedulerOutput
 from forge.models.llama import LlamaModel
 from forge.ops import get_ops
-from forge.sequence import PLACEHOLDER
 from forge.ops.metadata import AttentionMetadata
+from forge.sequence import PLACEHOLDER
 
 logger = logging.getLogger("forge")
 

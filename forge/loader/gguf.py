@@ -9,6 +9,7 @@ from gguf import GGUFReader
 from gguf.quants import dequantize
 
 from forge.config import ModelConfig
+from forge.distributed.sharding import tensor_sharder
 from forge.errors import ModelLoadError, UnsupportedModelError
 
 SUPPORTED_TYPES = {
@@ -115,9 +116,7 @@ def load_gguf(path: Path, shard: tuple[int, int] | None = None):
         raise ModelLoadError(f"cannot read GGUF file {path}: {type(e).__name__}: {e}".split("\n")[0]) from None
     meta = read_metadata(reader)
     config = config_from_metadata(meta)
-    from forge.loader.safetensors import sharder
-
-    cut = sharder(config, shard)
+    cut = tensor_sharder(config, shard)
     weights: dict[str, torch.Tensor] = {}
     for tensor in reader.tensors:
         name = hf_name(tensor.name)

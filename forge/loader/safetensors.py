@@ -8,6 +8,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from forge.config import ModelConfig
+from forge.distributed.sharding import tensor_sharder
 from forge.errors import ModelLoadError
 
 
@@ -19,20 +20,6 @@ def load_hf_config(path: Path) -> ModelConfig:
         return ModelConfig.from_hf_dict(json.loads(config_file.read_text()))
     except (json.JSONDecodeError, KeyError) as e:
         raise ModelLoadError(f"bad config.json in {path}: {type(e).__name__}: {e}") from None
-
-
-def sharder(config: ModelConfig, shard: tuple[int, int] | None):
-    """(name, tensor) -> the tensor, or its slice for tensor-parallel rank shard[0] of shard[1]."""
-    if shard is None or shard[1] == 1:
-        return lambda name, t: t
-    from forge.distributed.sharding import plan_shard, shard_tensor
-    from forge.errors import InvalidRequestError
-
-    try:
-        plan = plan_shard(config, *shard)
-    except ValueError as e:  # the model does not split that way: a request error, before any tensor is read
-        raise InvalidRequestError(str(e), param="tensor_parallel_size") from None
-    return lambda name, t: shard_tensor(name, t, config, plan)
 
 
 def load_hf_dir(path: Path, shard: tuple[int, int] | None = None):
@@ -47,7 +34,7 @@ def load_hf_dir(path: Path, shard: tuple[int, int] | None = None):
         files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"{path} has no .safetensors files")
-    cut = sharder(config, shard)
+    cut = tensor_sharder(config, shard)
     weights: dict[str, torch.Tensor] = {}
     for f in files:
         try:

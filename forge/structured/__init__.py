@@ -10,8 +10,8 @@ allowed there are the model's stop tokens, and accepting one terminates the matc
 The engine calls:
 
     seq.structured = make_matcher(engine, params.structured_outputs)   # at add_request
-    masks = begin_masks(seqs)             # the step's sampled sequences, before the forward pass
-    logits = masks.apply(logits)          # after it is launched, before sampling (masks not None)
+    masks = begin_masks(seqs)             # the step's sampled sequences, once their last tokens are pushed
+    logits = masks.apply(logits)          # after the forward pass is launched, before sampling
     seq.structured.push(token)            # after sampling
 
 `apply_masks(logits, seqs)` does both steps at once (tests, tools).
