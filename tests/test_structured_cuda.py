@@ -2,9 +2,7 @@
 masks as the CPU path, valid outputs, unconstrained rows of a mixed batch untouched."""
 
 import json
-import os
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +11,6 @@ from forge import LLM, SamplingParams, StructuredOutputsParams
 
 pytestmark = pytest.mark.cuda
 
-REPO = Path(__file__).resolve().parents[1]
 ENUM_SCHEMA = {
     "type": "object",
     "properties": {"color": {"enum": ["red", "green", "blue"]}, "n": {"type": "integer", "minimum": 0, "maximum": 9}},
@@ -24,19 +21,9 @@ ENUM_SCHEMA = {
 @pytest.fixture(scope="module")
 def llm(tmp_path_factory):
     from forge.loader.safetensors import save_hf_dir
-    from forge.tokenizer import Tokenizer
-    from tests.util import random_weights, tiny_config
+    from tests.util import default_tokenizer, random_weights, tiny_config
 
-    carried = Path(os.environ.get("FORGE_TOKENIZER_DIR", REPO / ".device" / "tokenizer"))
-    if (carried / "tokenizer.json").exists():
-        tok = Tokenizer.from_hf_dir(carried)
-    else:
-        from gguf import GGUFReader
-
-        from forge.loader import default_model_path
-        from forge.loader.gguf import read_metadata
-
-        tok = Tokenizer.from_gguf_metadata(read_metadata(GGUFReader(default_model_path())))
+    tok = default_tokenizer()
     config = tiny_config(vocab_size=tok.vocab_size)
     path = tmp_path_factory.mktemp("structured-cuda")
     save_hf_dir(path, config, random_weights(config, seed=1, scale=0.02), tok)

@@ -25,7 +25,7 @@ from forge.distributed.sharding import plan_shard, shard_weights
 from forge.engine.model_runner import ModelRunner
 from forge.errors import InvalidRequestError
 from forge.ops.metadata import AttentionMetadata
-from tests.util import forward_logits, random_weights, tiny_config
+from tests.util import default_tokenizer, forward_logits, random_weights, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -241,15 +241,8 @@ def test_worker_that_cannot_load_fails_the_start(tmp_path, tiny_model_dir):
 @pytest.fixture(scope="module")
 def cuda_model_dir(tmp_path_factory):
     from forge.loader.safetensors import save_hf_dir
-    from forge.tokenizer import Tokenizer
 
-    carried = Path(os.environ.get("FORGE_TOKENIZER_DIR", REPO / ".device" / "tokenizer"))
-    if (carried / "tokenizer.json").exists():
-        tokenizer = Tokenizer.from_hf_dir(carried)
-    else:
-        from forge.loader import load_model
-
-        tokenizer = load_model().tokenizer
+    tokenizer = default_tokenizer()
     # GQA 8 (16 query heads, 2 KV heads): TP=2 splits the KV heads, TP=4 replicates them.
     config = tiny_config(vocab_size=tokenizer.vocab_size, hidden_size=1024, intermediate_size=2816, num_layers=4,
                          num_heads=16, num_kv_heads=2, head_dim=64, tie_word_embeddings=True, rope_theta=500000.0)

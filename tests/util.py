@@ -9,6 +9,24 @@ from forge.config import ModelConfig
 from forge.loader.safetensors import save_hf_dir
 
 
+def default_tokenizer():
+    """The default model's tokenizer: the tokenizer.json carried to the GPU machine (which has no
+    GGUF) when present ($FORGE_TOKENIZER_DIR or .device/tokenizer), else read from the GGUF."""
+    import os
+
+    from forge.tokenizer import Tokenizer
+
+    carried = Path(os.environ.get("FORGE_TOKENIZER_DIR", Path(__file__).resolve().parents[1] / ".device" / "tokenizer"))
+    if (carried / "tokenizer.json").exists():
+        return Tokenizer.from_hf_dir(carried)
+    from gguf import GGUFReader
+
+    from forge.loader import default_model_path
+    from forge.loader.gguf import read_metadata
+
+    return Tokenizer.from_gguf_metadata(read_metadata(GGUFReader(default_model_path())))
+
+
 def random_prompts(n: int, seed: int = 0, lo: int = 5, hi: int = 120) -> list[dict]:
     """n prompts of random token ids (lengths in [lo, hi]) in the offline API's dict form."""
     rng = random.Random(seed)

@@ -1,34 +1,19 @@
 """The whole model on the CUDA path against the CPU reference, CUDA graphs against eager, batch vs alone."""
 
-import os
-from pathlib import Path
 
 import pytest
 import torch
 
 from forge import LLM, SamplingParams
 from forge.loader.safetensors import save_hf_dir
-from tests.util import forward_logits, random_weights, tiny_config
+from tests.util import default_tokenizer, forward_logits, random_weights, tiny_config
 
 pytestmark = pytest.mark.cuda
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    """The default model's tokenizer: from its GGUF when installed, else the carried tokenizer.json."""
-    from forge.tokenizer import Tokenizer
-
-    carried = Path(os.environ.get("FORGE_TOKENIZER_DIR", REPO / ".device" / "tokenizer"))
-    if (carried / "tokenizer.json").exists():
-        return Tokenizer.from_hf_dir(carried)
-    from gguf import GGUFReader
-
-    from forge.loader import default_model_path
-    from forge.loader.gguf import read_metadata
-
-    return Tokenizer.from_gguf_metadata(read_metadata(GGUFReader(default_model_path())))
+    return default_tokenizer()
 
 
 SHAPES = {

@@ -1,24 +1,19 @@
 """Serving-core invariants on the GPU: chunked == unchunked, prefix hit == miss, preemption == roomy."""
 
-import os
 import random
-from pathlib import Path
 
 import pytest
 
 from forge import LLM, SamplingParams
 from forge.loader.safetensors import save_hf_dir
-from tests.util import random_weights, tiny_config
+from tests.util import default_tokenizer, random_weights, tiny_config
 
 pytestmark = pytest.mark.cuda
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from forge.tokenizer import Tokenizer
-
-    tok = Tokenizer.from_hf_dir(Path(os.environ.get("FORGE_TOKENIZER_DIR", REPO / ".device" / "tokenizer")))
+    tok = default_tokenizer()
     config = tiny_config(vocab_size=tok.vocab_size, hidden_size=256, intermediate_size=512, num_layers=4,
                          num_heads=8, num_kv_heads=2, head_dim=32)
     path = tmp_path_factory.mktemp("serving")
