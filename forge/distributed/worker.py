@@ -145,11 +145,7 @@ def worker_main(rank: int, world_size: int, port: int, config, max_model_len: in
         del loaded
         while True:
             cmd, payload = group.broadcast_object()
-            if cmd == "execute":
-                if runner.device.type == "cuda":
-                    # The stager's pinned buffer is reused: its last copy must be done (it is, in effect:
-                    # rank 0 only sends a step after it has read back the last one's all-gathered logits).
-                    torch.cuda.current_stream().synchronize()
+            if cmd == "execute":  # (the runner's HostStager fences its own pinned-buffer reuse)
                 runner.execute(_Step(payload))
             elif cmd == "shutdown":
                 break
