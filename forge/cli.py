@@ -170,7 +170,7 @@ def cmd_serve(args) -> None:
     from forge.server.api_server import serve
 
     serve(engine_config(args), host=args.host, port=args.port, api_key=args.api_key, max_waiting=args.max_waiting,
-          served_model_name=args.served_model_name)
+          served_model_name=args.served_model_name, ui=not args.no_ui)
 
 
 def cmd_bench(args) -> None:
@@ -223,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1/*")
     p.add_argument("--max-waiting", type=int, default=256, help="queued requests beyond which new ones get 503")
     p.add_argument("--served-model-name", default=None, help="model name clients use (default: the file's stem)")
+    p.add_argument("--no-ui", action="store_true", help="do not serve the chat page at / (the API only)")
     add_model_args(p)
     p.set_defaults(func=cmd_serve)
 

@@ -29,6 +29,7 @@ from forge.server.protocol import (
     validate,
 )
 from forge.server.serving import OpenAIServing
+from forge.server.ui import mount_ui
 
 logger = logging.getLogger("forge.server")
 
@@ -45,7 +46,7 @@ def default_model_name(model_path: str | Path) -> str:
 
 
 def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | None = None,
-              max_waiting: int = 256, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+              max_waiting: int = 256, max_body_bytes: int = MAX_BODY_BYTES, ui: bool = True) -> FastAPI:
     metrics = async_engine.metrics or ServerMetrics()
     async_engine.metrics = metrics
     metrics.bind(async_engine)
@@ -142,6 +143,8 @@ def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | 
         return await serving.chat(req, request)
 
     app.include_router(v1)
+    if ui:  # the chat page at / (forge/server/ui.py); --no-ui leaves / a 404
+        mount_ui(app)
     app.add_middleware(_CountRequests, metrics=metrics)
     return app
 
@@ -189,7 +192,8 @@ class _CountRequests:
 
 
 def serve(engine_config: EngineConfig, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          max_waiting: int = 256, served_model_name: str | None = None, log_level: str = "info") -> None:
+          max_waiting: int = 256, served_model_name: str | None = None, log_level: str = "info",
+          ui: bool = True) -> None:
     """Load the model and serve it until interrupted (what `forge serve` runs)."""
     import uvicorn
 
@@ -197,7 +201,7 @@ def serve(engine_config: EngineConfig, host: str = "127.0.0.1", port: int = 8000
 
     engine = LLMEngine(engine_config)
     name = served_model_name or default_model_name(engine.model_path)
-    app = build_app(AsyncEngine(engine), name, api_key=api_key, max_waiting=max_waiting)
+    app = build_app(AsyncEngine(engine), name, api_key=api_key, max_waiting=max_waiting, ui=ui)
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         logger.warning("serving on %s without --api-key: anyone who can reach this address can use the model", host)
     print(f"forge: serving {name!r} (context {engine.max_model_len} tokens) on http://{host}:{port}/v1", flush=True)
