@@ -344,6 +344,48 @@ def test_server_errors_are_shown_in_the_page(browser, server):
     assert _by_id(browser, "send").is_displayed()
 
 
+# The stream the server sends when the engine fails a request mid-reply (serving._sse): some content,
+# then an OpenAI-style error object. A failing engine cannot be provoked from outside, so the page's
+# fetch answers with these exact bytes for this one test (and records what the page asked for).
+_FAILING_STREAM = """
+    window.__requests = [];
+    const realFetch = window.fetch;
+    window.fetch = async (url, init) => {
+      if (!String(url).endsWith('v1/chat/completions')) return realFetch(url, init);
+      window.__requests.push(JSON.parse(init.body));
+      const events = [
+        {choices: [{index: 0, delta: {role: 'assistant', content: ''}, logprobs: null, finish_reason: null}]},
+        {choices: [{index: 0, delta: {content: 'Arr, matey'}, logprobs: null, finish_reason: null}]},
+        {error: {message: 'the engine failed: out of memory', type: 'server_error', param: null, code: null}},
+      ];
+      const body = events.map((e) => 'data: ' + JSON.stringify(e) + '\\n\\n').join('') + 'data: [DONE]\\n\\n';
+      return new Response(body, {status: 200, headers: {'Content-Type': 'text/event-stream'}});
+    };
+"""
+
+
+def test_settings_are_sent_kept_and_a_stream_error_is_shown(browser, server):
+    _open(browser, server)
+    _wait(browser, lambda: _by_id(browser, "model-name").text == server.model)
+    for field, value in (("system-prompt", "You are a pirate."), ("temperature", "0.5"), ("max-tokens", "12"),
+                         ("seed", "7")):
+        _set_field(browser, field, value)
+    browser.execute_script(_FAILING_STREAM)
+    _send(browser, "Hello")
+    _wait(browser, lambda: _assistant(browser).find_element("css selector", ".error").text, message="no error shown")
+    assert _assistant(browser).find_element("css selector", ".error").text == "the engine failed: out of memory"
+    assert _assistant(browser).find_element("css selector", ".content").text == "Arr, matey"
+    request = browser.execute_script("return window.__requests")[0]
+    assert request == {"model": server.model, "stream": True, "stream_options": {"include_usage": True},
+                       "messages": [{"role": "system", "content": "You are a pirate."},
+                                    {"role": "user", "content": "Hello"}],
+                       "temperature": 0.5, "max_tokens": 12, "seed": 7}
+    _open(browser, server, clear=False)  # settings and the failed turn survive a reload
+    values = [_by_id(browser, f).get_attribute("value") for f in ("system-prompt", "temperature", "max-tokens", "seed")]
+    assert values == ["You are a pirate.", "0.5", "12", "7"]
+    assert _assistant(browser).find_element("css selector", ".error").text == "the engine failed: out of memory"
+
+
 def test_history_is_kept_in_the_browser_and_rendered_safely(browser, server):
     _open(browser, server)
     reply = ("Here:\n\n```python\nprint('hi')\n```\n\n<img src=x onerror=\"window.__pwned=1\">"
