@@ -2,6 +2,8 @@
 
 import argparse
 import logging
+import os
+import signal
 import sys
 import time
 
@@ -96,10 +98,10 @@ def stream(engine, prompt, params, out=sys.stdout) -> tuple[str, int, float]:
 
 
 def cmd_generate(args) -> None:
+    config, params = engine_config(args), sampling_params(args)  # bad flags fail before torch and the model load
     from forge.engine.llm_engine import LLMEngine
 
-    engine = LLMEngine(engine_config(args))
-    params = sampling_params(args)
+    engine = LLMEngine(config)
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if args.chat:
         tok = engine.tokenizer
@@ -140,10 +142,11 @@ class ChatSession:
 
 
 def cmd_chat(args) -> None:
+    config, params = engine_config(args), sampling_params(args)  # bad flags fail before torch and the model load
     from forge.engine.llm_engine import LLMEngine
     from forge.errors import InvalidRequestError
 
-    session = ChatSession(LLMEngine(engine_config(args)), sampling_params(args), args.system)
+    session = ChatSession(LLMEngine(config), params, args.system)
     interactive = sys.stdin.isatty()
     if interactive:
         print("forge chat - /reset clears the history, /exit or Ctrl-D quits.", file=sys.stderr)
@@ -167,19 +170,30 @@ def cmd_chat(args) -> None:
 
 
 def cmd_serve(args) -> None:
+    from forge.validation import check_int
+
+    check_int(args.port, "port", 1, 65535)
+    config = engine_config(args)  # bad flags fail before torch and the model load
     from forge.server.api_server import serve
 
-    serve(engine_config(args), host=args.host, port=args.port, api_key=args.api_key, max_waiting=args.max_waiting,
+    serve(config, host=args.host, port=args.port, api_key=args.api_key, max_waiting=args.max_waiting,
           served_model_name=args.served_model_name, ui=not args.no_ui)
 
 
 def cmd_bench(args) -> None:
     import random
 
+    from forge.validation import check_int
+
+    for size in args.batch_sizes:
+        check_int(size, "batch_sizes", 1)
+    check_int(args.prompt_len, "prompt_len", 1)
+    check_int(args.output_len, "output_len", 1)
+    config = engine_config(args)  # bad flags fail before torch and the model load
     from forge import SamplingParams
     from forge.engine.llm_engine import LLMEngine
 
-    engine = LLMEngine(engine_config(args))
+    engine = LLMEngine(config)
     rng = random.Random(0)
     vocab = engine.model_config.vocab_size
     print(f"{'batch':>6} {'prompt':>7} {'output':>7} {'seconds':>8} {'out tok/s':>10}")
@@ -196,8 +210,8 @@ def cmd_bench(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="forge", description="forge: LLM inference for Llama-family models.",
-                                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="forge", description="forge: LLM inference for Llama-family models.",
+                            epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,chat,serve,bench}")
 
     p = sub.add_parser("generate", help="complete a prompt, streaming the text", epilog=EXAMPLES,
@@ -237,18 +251,56 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from forge.errors import ForgeError
+    """Exit status: 0 done, 1 bad input or a forge error (one line on stderr, no traceback), 130 Ctrl-C,
+    141 stdout closed early (`forge generate ... | head -1`), like a Unix tool killed by SIGPIPE."""
+    try:
+        return _run(argv)
+    except BrokenPipeError:
+        # Point stdout at /dev/null so the interpreter's final flush does not fail (and print) again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+
+
+def _run(argv: list[str] | None) -> int:
+    from forge.errors import ForgeError, InvalidRequestError
 
     try:
+        args = build_parser().parse_args(argv)
+    except UsageError as e:
+        return fail(str(e))
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
         args.func(args)
+    except InvalidRequestError as e:
+        flag = args.flags.get(e.param)
+        return fail(f"{e} ({flag})" if flag else str(e))
     except ForgeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return fail(str(e))
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def fail(message: str) -> int:
+    print(f"forge: error: {' '.join(message.split())}", file=sys.stderr)  # always one line
+    return 1
+
+
+class UsageError(Exception):
+    """A flag argparse could not parse (unknown flag, `--max-num-seqs abc`, ...)."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag like every other error: one line, exit code 1 (no usage dump),
+    and records each subcommand's {field: --flag} so a config error can name the flag."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+    def set_defaults(self, **kwargs) -> None:
+        flags = {a.dest: next((o for o in a.option_strings if o.startswith("--")), a.option_strings[0])
+                 for a in self._actions if a.option_strings}
+        super().set_defaults(flags=flags, **kwargs)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,15 @@
 """Model and engine configuration: small dataclasses, filled from GGUF metadata or HF config.json."""
 
+import os
+import re
 from dataclasses import dataclass, field
+
+from forge.errors import InvalidRequestError
+from forge.validation import INT64_MAX, INT64_MIN, check_bool, check_float, check_int
+
+DEVICE_PATTERN = re.compile(r"cpu|cuda(:[0-9]+)?")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+LOAD_FORMATS = ("auto", "dummy")
 
 
 @dataclass
@@ -140,3 +149,43 @@ class EngineConfig:
     tensor_parallel_size: int = 1  # > 1: one process per device (forge.distributed), rank 0 schedules
     seed: int = 0
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field at construction, so a bad value fails here in one line (InvalidRequestError,
+        param = the field) instead of as a hang or a traceback deep in the engine."""
+        if self.model is not None:
+            if not isinstance(self.model, (str, os.PathLike)):
+                raise InvalidRequestError(f"model must be a path, got {type(self.model).__name__}", param="model")
+            if not os.fspath(self.model).strip():
+                raise InvalidRequestError("model path is empty: pass a .gguf file or an HF model directory, or omit "
+                                          "it for the default model", param="model")
+        if self.load_format not in LOAD_FORMATS:
+            raise InvalidRequestError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}",
+                                      param="load_format")
+        if not isinstance(self.device, str) or not DEVICE_PATTERN.fullmatch(self.device):
+            raise InvalidRequestError(f"device must be cpu, cuda or cuda:N, got {self.device!r}", param="device")
+        if self.dtype not in DTYPES:
+            raise InvalidRequestError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}", param="dtype")
+        if self.max_model_len is not None:  # room for one prompt token and one generated token
+            self.max_model_len = check_int(self.max_model_len, "max_model_len", 2)
+        self.block_size = check_int(self.block_size, "block_size", 1, 1024)
+        if self.block_size & (self.block_size - 1):
+            raise InvalidRequestError(f"block_size must be a power of two, got {self.block_size}", param="block_size")
+        if self.num_kv_blocks is not None:
+            self.num_kv_blocks = check_int(self.num_kv_blocks, "num_kv_blocks", 1)
+        self.cpu_kv_cache_gb = check_float(self.cpu_kv_cache_gb, "cpu_kv_cache_gb", 0, lo_open=True)
+        self.gpu_memory_utilization = check_float(self.gpu_memory_utilization, "gpu_memory_utilization", 0, 1,
+                                                  lo_open=True)
+        # 0 would schedule nothing and spin forever
+        self.max_num_seqs = check_int(self.max_num_seqs, "max_num_seqs", 1)
+        self.max_num_batched_tokens = check_int(self.max_num_batched_tokens, "max_num_batched_tokens", 1)
+        check_bool(self.enable_prefix_caching, "enable_prefix_caching")
+        check_bool(self.enforce_eager, "enforce_eager")
+        check_bool(self.async_scheduling, "async_scheduling", optional=True)
+        self.tensor_parallel_size = check_int(self.tensor_parallel_size, "tensor_parallel_size", 1)
+        self.seed = check_int(self.seed, "seed", INT64_MIN, INT64_MAX)
+        if not isinstance(self.extra, dict):
+            raise InvalidRequestError(f"extra must be a dict, got {type(self.extra).__name__}", param="extra")

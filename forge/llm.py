@@ -6,6 +6,7 @@ from tqdm.auto import tqdm
 
 from forge.config import EngineConfig
 from forge.engine.llm_engine import LLMEngine
+from forge.errors import InvalidRequestError
 from forge.outputs import RequestOutput
 from forge.sampling_params import SamplingParams
 
@@ -33,10 +34,14 @@ class LLM:
     ) -> list[RequestOutput]:
         if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)):
+            raise InvalidRequestError(f"prompts must be a string, a dict, a list of token ids or a list of those, "
+                                      f"got {type(prompts).__name__}", param="prompt")
         params = sampling_params if sampling_params is not None else SamplingParams()
         params_list = list(params) if isinstance(params, Seq) else [params] * len(prompts)
         if len(params_list) != len(prompts):
-            raise ValueError(f"got {len(prompts)} prompts but {len(params_list)} sampling params")
+            raise InvalidRequestError(f"got {len(prompts)} prompts but {len(params_list)} sampling params",
+                                      param="sampling_params")
         engine = self.llm_engine
         ids = []
         try:

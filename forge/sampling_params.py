@@ -1,7 +1,16 @@
 """Per-request sampling parameters, with vLLM's names and defaults so users can switch."""
 
 from dataclasses import dataclass, field
+
 from forge.errors import InvalidRequestError
+from forge.validation import INT64_MAX, INT64_MIN, check_bool, check_float, check_int
+
+# Below this temperature a request is sampled greedily: logits / temperature would overflow, and the
+# distribution is already the argmax (vLLM's _SAMPLING_EPS).
+GREEDY_TEMPERATURE = 1e-5
+# A factor below 1/100 or above 100 only drives seen tokens' logits to +-overflow; HF and vLLM use ~1-2.
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
+MAX_LOGPROBS = 20  # OpenAI's top_logprobs limit
 
 
 @dataclass
@@ -23,14 +32,22 @@ class StructuredOutputsParams:
                 f"structured outputs need exactly one of json, json_object, regex, choice, grammar; got {given or 'none'}",
                 param="structured_outputs",
             )
-        if self.choice is not None and (not self.choice or not all(isinstance(c, str) and c for c in self.choice)):
+        if self.choice is not None and (not isinstance(self.choice, (list, tuple)) or not self.choice
+                                        or not all(isinstance(c, str) and c for c in self.choice)):
             raise InvalidRequestError("choice must be a non-empty list of non-empty strings", param="choice")
+        for name in ("regex", "grammar"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise InvalidRequestError(f"{name} must be a string, got {type(getattr(self, name)).__name__}", param=name)
+        if self.json is not None and not isinstance(self.json, (dict, str)):
+            raise InvalidRequestError(f"json must be a JSON schema (dict or string), got {type(self.json).__name__}",
+                                      param="json")
+        check_bool(self.json_object, "json_object")
 
 
 @dataclass
 class SamplingParams:
     n: int = 1
-    temperature: float = 1.0  # 0 = greedy
+    temperature: float = 1.0  # 0 (anything below GREEDY_TEMPERATURE) = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 (or -1) = off
     min_p: float = 0.0
@@ -53,44 +70,52 @@ class SamplingParams:
     def __post_init__(self):
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        if self.stop is not None:
+            bad = [self.stop] if not isinstance(self.stop, (list, tuple)) else [s for s in self.stop if not isinstance(s, str)]
+            if bad:
+                raise InvalidRequestError(f"stop must be a string or a list of strings, got {bad[0]!r}", param="stop")
         self.stop = [s for s in (self.stop or []) if s]
-        self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.stop_token_ids is not None and not isinstance(self.stop_token_ids, (list, tuple)):
+            raise InvalidRequestError(f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}",
+                                      param="stop_token_ids")
+        self.stop_token_ids = [check_int(t, "stop_token_ids entry", 0, param="stop_token_ids")
+                               for t in self.stop_token_ids or []]
+        self.validate()
         if self.top_k == -1:
             self.top_k = 0
-        self.validate()
 
     def validate(self) -> None:
-        def bad(msg: str, param: str):
-            raise InvalidRequestError(msg, param=param)
-
-        if not isinstance(self.n, int) or self.n < 1:
-            bad(f"n must be at least 1, got {self.n}", "n")
-        if self.temperature < 0:
-            bad(f"temperature must be >= 0, got {self.temperature}", "temperature")
-        if not 0 < self.top_p <= 1:
-            bad(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
-        if self.top_k < 0:
-            bad(f"top_k must be >= 0 (0 or -1 disables it), got {self.top_k}", "top_k")
-        if not 0 <= self.min_p <= 1:
-            bad(f"min_p must be in [0, 1], got {self.min_p}", "min_p")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            bad(f"max_tokens must be at least 1, got {self.max_tokens}", "max_tokens")
-        if self.min_tokens < 0 or (self.max_tokens is not None and self.min_tokens > self.max_tokens):
-            bad(f"min_tokens must be in [0, max_tokens], got {self.min_tokens}", "min_tokens")
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            bad(f"logprobs must be in [0, 20], got {self.logprobs}", "logprobs")
-        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= 20:
-            bad(f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}", "prompt_logprobs")
-        if not -2 <= self.presence_penalty <= 2:
-            bad(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}", "presence_penalty")
-        if not -2 <= self.frequency_penalty <= 2:
-            bad(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}", "frequency_penalty")
-        if self.repetition_penalty <= 0:
-            bad(f"repetition_penalty must be > 0, got {self.repetition_penalty}", "repetition_penalty")
+        """Check every field; numbers come back as plain int/float. Each rule is stated in its message."""
+        self.n = check_int(self.n, "n", 1)
+        self.temperature = check_float(self.temperature, "temperature", 0)
+        self.top_p = check_float(self.top_p, "top_p", 0, 1, lo_open=True)
+        self.top_k = check_int(self.top_k, "top_k (0 or -1 disables it)", -1, param="top_k")
+        self.min_p = check_float(self.min_p, "min_p", 0, 1)
+        if self.seed is not None:
+            # each of the n sequences draws from seed + i, which must fit the 64-bit generator state
+            name = "seed" if self.n == 1 else f"seed (with n={self.n})"
+            self.seed = check_int(self.seed, name, INT64_MIN, INT64_MAX - (self.n - 1), param="seed")
+        if self.max_tokens is not None:
+            self.max_tokens = check_int(self.max_tokens, "max_tokens", 1, INT64_MAX)
+        # (the engine also checks both against the model's context at add_request)
+        self.min_tokens = check_int(self.min_tokens, "min_tokens", 0, self.max_tokens or INT64_MAX)
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None:
+                setattr(self, name, check_int(getattr(self, name), name, 0, MAX_LOGPROBS))
+        self.presence_penalty = check_float(self.presence_penalty, "presence_penalty", -2, 2)
+        self.frequency_penalty = check_float(self.frequency_penalty, "frequency_penalty", -2, 2)
+        self.repetition_penalty = check_float(self.repetition_penalty, "repetition_penalty", *REPETITION_PENALTY_RANGE)
+        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
+            check_bool(getattr(self, name), name)
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise InvalidRequestError(f"structured_outputs must be a StructuredOutputsParams, got "
+                                      f"{type(self.structured_outputs).__name__}", param="structured_outputs")
+        if not isinstance(self.extra, dict):
+            raise InvalidRequestError(f"extra must be a dict, got {type(self.extra).__name__}", param="extra")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
 
     @property
     def has_penalties(self) -> bool:

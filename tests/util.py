@@ -105,3 +105,47 @@ def forward_logits(runner, token_ids: list[int]) -> torch.Tensor:
     meta.query_start_loc = meta.query_start_loc.to(runner.device)
     hidden = runner.model.forward(ids, meta, runner.kv_caches)
     return runner.model.compute_logits(hidden)
+
+
+# Sampling values at the edges of what SamplingParams accepts, and logits rows a sampler must survive
+# (tests/test_validation.py on the CPU, tests/cuda/test_sampling.py on the GPU).
+SAMPLING_EDGES = {
+    "temperature": [0.0, 5e-324, 1e-38, 9.99e-6, 1e-5, 0.7, 1.0, 2.0, 1e4, 1e300],
+    "top_p": [5e-324, 1e-320, 1e-10, 0.3, 0.95, 1.0],
+    "top_k": [-1, 0, 1, 2, 40, 10**12],
+    "min_p": [0.0, 5e-324, 0.05, 0.999999, 1.0],
+    "repetition_penalty": [0.01, 0.9, 1.0, 1.3, 100.0],
+    "presence_penalty": [-2.0, 0.0, 2.0],
+    "frequency_penalty": [-2.0, 0.0, 2.0],
+    "logprobs": [None, 0, 3, 20],
+}
+LOGIT_KINDS = ("normal", "huge", "masked", "one_left", "overflow", "all_masked")
+
+
+def random_edge_params(rng: random.Random, **fixed):
+    from forge import SamplingParams
+
+    values = {name: rng.choice(options) for name, options in SAMPLING_EDGES.items()}
+    return SamplingParams(seed=rng.randrange(-(2**63), 2**63), max_tokens=None, **(values | fixed))
+
+
+def random_edge_logits(rng: random.Random, kind: str, vocab: int) -> torch.Tensor:
+    """One float32 row: ordinary, spanning +-FLT_MAX, grammar-masked (-inf but a few), one token left,
+    with NaN/+inf entries (a model that overflowed), or every token masked."""
+    g = torch.Generator().manual_seed(rng.randrange(2**31))
+    big = torch.finfo(torch.float32).max
+    row = torch.randn(vocab, generator=g) * rng.choice([1.0, 10.0])
+    if kind == "huge":
+        row = (torch.rand(vocab, generator=g) * 2 - 1) * big
+        row[rng.randrange(vocab)], row[rng.randrange(vocab)] = big, -big
+    elif kind in ("masked", "one_left"):
+        keep = torch.randperm(vocab, generator=g)[: 1 if kind == "one_left" else rng.randint(2, 8)]
+        masked = torch.full((vocab,), float("-inf"))
+        masked[keep] = rng.choice([row[keep], -big * torch.rand(len(keep), generator=g), torch.full((len(keep),), big)])
+        row = masked
+    elif kind == "overflow":
+        row[torch.randperm(vocab, generator=g)[:5]] = float("nan")
+        row[torch.randperm(vocab, generator=g)[:2]] = float("inf")
+    elif kind == "all_masked":
+        row = torch.full((vocab,), float("-inf"))
+    return row

@@ -59,7 +59,11 @@ class LLMEngine:
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
         self.model_path = loaded.path
-        self.max_model_len = min(config.max_model_len or 8192, loaded.config.max_position_embeddings)
+        context = loaded.config.max_position_embeddings
+        if config.max_model_len is not None and config.max_model_len > context:  # vLLM refuses too
+            raise InvalidRequestError(f"max_model_len {config.max_model_len} is greater than the model's context "
+                                      f"of {context} tokens", param="max_model_len")
+        self.max_model_len = config.max_model_len or min(8192, context)
         self.tp = None  # tensor parallelism: this process is rank 0, workers follow its steps (forge.distributed)
         if config.tensor_parallel_size > 1:
             from forge.distributed.worker import TensorParallelExecutor
@@ -77,7 +81,14 @@ class LLMEngine:
             self.runner.step_hook = self.tp.broadcast_step
         del loaded
         num_blocks = self.runner.num_kv_blocks
-        # A single sequence must always fit, or preemption could never make room for it.
+        # A single sequence must always fit, or preemption could never make room for it: an asked-for
+        # length that does not fit is an error (as in vLLM), the default one is capped.
+        if config.max_model_len is not None and config.max_model_len > num_blocks * config.block_size:
+            self.shutdown()
+            raise InvalidRequestError(
+                f"max_model_len {config.max_model_len} does not fit the KV cache of {num_blocks} blocks x "
+                f"{config.block_size} = {num_blocks * config.block_size} tokens; raise num_kv_blocks (or the memory "
+                f"for the cache) or lower max_model_len", param="max_model_len")
         self.max_model_len = min(self.max_model_len, num_blocks * config.block_size)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
@@ -104,20 +115,40 @@ class LLMEngine:
 
     # -- requests --------------------------------------------------------------------------
     def tokenize_prompt(self, prompt: str | dict | list[int]) -> tuple[str | None, list[int]]:
+        """A prompt is text, a list of token ids, or a dict with "prompt" (text) or "prompt_token_ids"."""
+        from forge.validation import check_token_ids
+
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
-            prompt = prompt.get("prompt", "")
+                text = prompt.get("prompt")
+                if text is not None and not isinstance(text, str):
+                    raise InvalidRequestError(f"prompt must be a string, got {type(text).__name__}", param="prompt")
+                return text, check_token_ids(prompt["prompt_token_ids"])
+            if "prompt" not in prompt:
+                raise InvalidRequestError(f"a prompt dict needs 'prompt' (text) or 'prompt_token_ids', got keys "
+                                          f"{sorted(map(str, prompt))[:5]}", param="prompt")
+            prompt = prompt["prompt"]
+            if not isinstance(prompt, str):
+                raise InvalidRequestError(f"prompt must be a string, got {type(prompt).__name__}", param="prompt")
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidRequestError("prompt is empty", param="prompt")
             return prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
-        return None, list(prompt)
+        if isinstance(prompt, (list, tuple)) or hasattr(prompt, "tolist"):
+            return None, check_token_ids(prompt)
+        raise InvalidRequestError(f"prompt must be a string, a list of token ids or a dict with 'prompt' or "
+                                  f"'prompt_token_ids', got {type(prompt).__name__}", param="prompt")
 
     def add_request(
         self, prompt: str | dict | list[int], params: SamplingParams | None = None, request_id: str | None = None
     ) -> str:
-        params = params or SamplingParams()
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError(f"sampling params must be a SamplingParams, got {type(params).__name__}",
+                                      param="sampling_params")
+        if request_id is not None and not isinstance(request_id, str):
+            raise InvalidRequestError(f"request id must be a string, got {type(request_id).__name__}",
+                                      param="request_id")
         text, ids = self.tokenize_prompt(prompt)
         self.validate_prompt(ids, params)
         request_id = request_id if request_id is not None else str(next(self._ids))
@@ -154,6 +185,10 @@ class LLMEngine:
                 f"exceeds the model's context of {self.max_model_len} tokens",
                 param="max_tokens",
             )
+        if len(ids) + params.min_tokens > self.max_model_len:  # (only reachable with max_tokens=None)
+            raise PromptTooLongError(
+                f"prompt ({len(ids)} tokens) + min_tokens ({params.min_tokens}) = {len(ids) + params.min_tokens} "
+                f"exceeds the model's context of {self.max_model_len} tokens", param="min_tokens")
 
     def make_structured_matcher(self, spec):
         from forge.structured import make_matcher

@@ -2,6 +2,12 @@
 
 This is the reference sampler used on the CPU. Each sampled row draws from its sequence's own
 generator, so a request's output does not depend on what else is in the batch.
+
+No accepted SamplingParams can make it draw from NaN/inf probabilities: NaN logits count as masked
+(-inf) and +inf as the largest float; penalties keep logits finite (masked ones stay masked); a row is
+shifted by its maximum and scaled in float64, so the top token has logit 0 and survives every filter.
+A row with no finite logit at all (every token masked) falls back to argmax. Logprobs are floored at
+LOGPROB_FLOOR, as OpenAI does, so they are always finite.
 """
 
 from dataclasses import dataclass
@@ -18,35 +24,69 @@ class SampleResult:
     top_logprobs: list[tuple[int, float]] | None = None  # (token id, logprob), most likely first
 
 
+LOGPROB_FLOOR = -9999.0  # OpenAI's value for "practically impossible": masked tokens' logprobs stay finite (JSON)
+
+
+def finite_logprobs(logprobs: torch.Tensor) -> torch.Tensor:
+    """Floor at LOGPROB_FLOOR; NaN (a row with every token masked) counts as impossible too."""
+    return torch.nan_to_num(logprobs, nan=LOGPROB_FLOOR).clamp_(min=LOGPROB_FLOOR)
+
+
+def sanitize_logits(logits: torch.Tensor) -> torch.Tensor:
+    """NaN -> -inf (never drawn), +inf -> the largest float32, -inf (masked) stays: float32."""
+    return torch.nan_to_num(logits.float(), nan=float("-inf"), posinf=torch.finfo(torch.float32).max,
+                            neginf=float("-inf"))
+
+
 def apply_penalties(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
-    """OpenAI presence/frequency penalties over output tokens; HF repetition penalty over all tokens."""
+    """OpenAI presence/frequency penalties over output tokens; HF repetition penalty over all tokens.
+    Penalized logits are clamped to the finite float range, and masked (-inf) ones stay masked, so a
+    penalty can neither unmask a token nor push every allowed token to -inf."""
     p = seq.params
+    finite = torch.finfo(logits.dtype).max
     if p.repetition_penalty != 1.0:
         seen = torch.tensor(sorted(set(seq.token_ids)), dtype=torch.long, device=logits.device)
         vals = logits[seen]
-        logits[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        penalized = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        logits[seen] = torch.where(vals == float("-inf"), vals, penalized.clamp(-finite, finite))
     if (p.presence_penalty or p.frequency_penalty) and seq.num_output_tokens:
         ids, counts = torch.tensor(seq.output_token_ids, device=logits.device).unique(return_counts=True)
-        logits[ids] -= p.frequency_penalty * counts.to(logits.dtype) + p.presence_penalty
+        vals = logits[ids]
+        penalized = vals - (p.frequency_penalty * counts.to(logits.dtype) + p.presence_penalty)
+        logits[ids] = torch.where(vals == float("-inf"), vals, penalized.clamp(-finite, finite))
     return logits
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
-    """Mask (to -inf) every token outside top-k, outside the top-p nucleus, or under min_p * max prob."""
+    """Mask (to -inf) every token outside top-k, outside the top-p nucleus, or under min_p * max prob.
+    The most likely token always stays."""
     if top_k and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
         probs = sorted_logits.softmax(-1)
-        # Drop a token when the mass before it already reaches top_p (the top token always stays).
+        # Drop a token when the mass before it already reaches top_p.
         drop = (probs.cumsum(-1) - probs) >= top_p
+        drop[0] = False
         logits = logits.clone()
         logits[order[drop]] = float("-inf")
     if min_p > 0.0:
         probs = logits.softmax(-1)
         logits = logits.masked_fill(probs < min_p * probs.max(), float("-inf"))
     return logits
+
+
+def draw(row: torch.Tensor, params, generator: torch.Generator | None) -> int:
+    """One seeded draw from softmax(row / temperature) after the filters. The row is shifted by its
+    maximum and scaled in float64 (any finite float32 logit / any temperature >= GREEDY_TEMPERATURE
+    stays finite there), so the top token has logit 0 and probability >= 1 / vocab."""
+    x = row.double()
+    top = x.max()
+    if top == float("-inf"):  # nothing left to draw from: every token is masked
+        return int(torch.argmax(row))
+    x = filter_logits((x - top) / params.temperature, params.top_k, params.top_p, params.min_p)
+    return int(torch.multinomial(torch.softmax(x, dim=-1), 1, generator=generator))
 
 
 class PendingSample:
@@ -74,20 +114,16 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampleResult]:
         """logits: [len(seqs), vocab] float32 (already masked by any structured-output constraint)."""
+        logits = sanitize_logits(logits)
         need_logprobs = any(s.params.logprobs is not None for s in seqs)
-        raw_logprobs = torch.log_softmax(logits, dim=-1) if need_logprobs else None
+        raw_logprobs = finite_logprobs(torch.log_softmax(logits, dim=-1)) if need_logprobs else None
         results = []
         for i, seq in enumerate(seqs):
             p = seq.params
             row = logits[i]
             if p.has_penalties:
                 row = apply_penalties(row.clone(), seq)
-            if p.greedy:
-                token = int(torch.argmax(row))
-            else:
-                row = filter_logits(row / p.temperature, p.top_k, p.top_p, p.min_p)
-                probs = torch.softmax(row, dim=-1)
-                token = int(torch.multinomial(probs, 1, generator=seq.generator))
+            token = int(torch.argmax(row)) if p.greedy else draw(row, p, seq.generator)
             result = SampleResult(token)
             if p.logprobs is not None:
                 lp = raw_logprobs[i]
@@ -127,7 +163,8 @@ class DeviceSampler:
         host = torch.tensor(
             [[0.0 if p.greedy else p.temperature, p.top_p, p.min_p] for p in params], dtype=torch.float32
         )
-        ints = torch.tensor([[p.top_k, s.sampling_seed, s.num_output_tokens] for p, s in zip(params, seqs)],
+        vocab = logits.shape[-1]  # (a top_k beyond the vocabulary keeps every token, and must fit int64)
+        ints = torch.tensor([[min(p.top_k, vocab), s.sampling_seed, s.num_output_tokens] for p, s in zip(params, seqs)],
                             dtype=torch.int64)
         host, ints = host.pin_memory().to(device, non_blocking=True), ints.pin_memory().to(device, non_blocking=True)
         num_logprobs = max((p.logprobs or 0) for p in params)
@@ -137,6 +174,8 @@ class DeviceSampler:
             use_min_p=any(not p.greedy and p.min_p > 0 for p in params),
         )
         want = any(p.logprobs is not None for p in params)
+        if want:
+            chosen, top_lps = finite_logprobs(chosen), finite_logprobs(top_lps)
         host, event = _to_host(token_ids, *((chosen, top_ids, top_lps) if want else ()))
 
         def build() -> list[SampleResult]:

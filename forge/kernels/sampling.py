@@ -12,6 +12,11 @@ and takes the argmax in one pass over the logits.
 On CPU tensors (or without cuda.core) the same hash and draw run in plain torch.
 Logprobs are those of the raw model distribution (log_softmax of the unscaled, unmasked
 logits), like vLLM.
+
+No input makes a row draw from NaN: NaN logits count as masked (-inf), +inf as the largest float,
+and each row is shifted by its maximum before it is divided by the temperature, so the top token
+sits at 0 (finite for any temperature) and every filter keeps it. A row with every token masked
+gives token 0. Temperatures that round to 0 in float32 (or NaN) are greedy; +inf is the largest float.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import torch
 
 from forge.kernels import compiler
 
+FLT_MAX = torch.finfo(torch.float32).max
 _GOLDEN = 0x9E3779B97F4A7C15
 _M1 = 0xBF58476D1CE4E5B9
 _M2 = 0x94D049BB133111EB
@@ -83,6 +89,17 @@ def filter_thresholds(
     return thr
 
 
+def scaled_logits(logits: torch.Tensor, temperature: torch.Tensor, sampled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(clean, x): clean = logits with NaN -> -inf and +inf -> FLT_MAX; x = (clean - row max) / T
+    for sampled rows and clean - row max for greedy ones (same argmax). x <= 0 with the top token at 0,
+    so no temperature overflows it, and softmax over x never sees inf - inf."""
+    clean = torch.nan_to_num(logits, nan=float("-inf"), posinf=FLT_MAX, neginf=float("-inf"))
+    top = clean.amax(dim=-1, keepdim=True)
+    top = torch.where(top == float("-inf"), torch.zeros_like(top), top)  # every token masked: nothing to shift
+    t = torch.where(sampled, temperature, torch.ones_like(temperature))
+    return clean, (clean - top) / t[:, None]
+
+
 def _draw_torch(logits, temperature, threshold, seeds, steps) -> torch.Tensor:
     greedy = ~(temperature > 0)
     t = torch.where(greedy, torch.ones_like(temperature), temperature)
@@ -138,7 +155,7 @@ def sample(
         logits = logits.contiguous()
     b, v = logits.shape
     dev = logits.device
-    temperature = temperature.to(device=dev, dtype=torch.float32).contiguous()
+    temperature = temperature.to(device=dev, dtype=torch.float32).nan_to_num(nan=0.0, posinf=FLT_MAX).contiguous()
     top_k = top_k.to(device=dev, dtype=torch.int64)
     top_p = top_p.to(device=dev, dtype=torch.float32)
     min_p = min_p.to(device=dev, dtype=torch.float32)
@@ -149,16 +166,18 @@ def sample(
         use_top_k_p = bool((sampled & (((top_k > 0) & (top_k < v)) | (top_p < 1.0))).any())
     if use_min_p is None:
         use_min_p = bool((sampled & (min_p > 0)).any())
+    logits, x = scaled_logits(logits, temperature, sampled)
     if use_top_k_p or use_min_p:
-        t = torch.where(sampled, temperature, torch.ones_like(temperature))
-        threshold = filter_thresholds(logits / t[:, None], top_k, top_p, min_p, use_top_k_p, use_min_p)
+        threshold = filter_thresholds(x, top_k, top_p, min_p, use_top_k_p, use_min_p)
     else:
         threshold = torch.full((b,), float("-inf"), dtype=torch.float32, device=dev)
     threshold = threshold.float().contiguous()
+    # x is already scaled: the draw divides by 1 (sampled rows) or takes the argmax (0 = greedy rows)
+    mode = sampled.float().contiguous()
     if logits.is_cuda and compiler.available():
-        token_ids = _draw_cuda(logits, temperature, threshold, seeds, steps)
+        token_ids = _draw_cuda(x, mode, threshold, seeds, steps)
     else:
-        token_ids = _draw_torch(logits, temperature, threshold, seeds, steps)
+        token_ids = _draw_torch(x, mode, threshold, seeds, steps)
     logprobs = torch.log_softmax(logits, dim=-1)
     chosen = logprobs.gather(1, token_ids[:, None]).squeeze(1)
     if num_logprobs > 0:

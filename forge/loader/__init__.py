@@ -39,6 +39,8 @@ def load_model(path: str | os.PathLike | None = None, load_format: str = "auto",
     the model is then initialised with random values of the right shape, like vLLM's dummy format.
     shard=(rank, world_size): keep only that tensor-parallel rank's slice of each weight, cut as
     each tensor is read (peak host memory: the slice plus one full tensor, not the checkpoint)."""
+    if path is not None and not str(path).strip():  # Path("") would be ".", the current directory
+        raise ModelLoadError("model path is empty: pass a .gguf file or an HF model directory")
     p = Path(path) if path is not None else default_model_path()
     if not p.exists():
         raise ModelLoadError(f"model not found: {p}")

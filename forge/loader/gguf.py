@@ -1,11 +1,12 @@
 """GGUF loading with the `gguf` package: metadata -> ModelConfig, tensors dequantized to float32."""
 
+import math
 from pathlib import Path
 
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as Q
-from gguf import GGUFReader
+from gguf import GGML_QUANT_SIZES, GGUFReader
 from gguf.quants import dequantize
 
 from forge.config import ModelConfig
@@ -65,6 +66,9 @@ def config_from_metadata(meta: dict) -> ModelConfig:
     def get(key, default=None):
         return meta.get(f"{arch}.{key}", default)
 
+    for key in ("attention.head_count", "embedding_length", "feed_forward_length", "block_count"):
+        if not isinstance(get(key), int) or get(key) < 1:
+            raise ModelLoadError(f"GGUF metadata lacks a positive integer {arch}.{key} (got {get(key)!r})")
     num_heads = get("attention.head_count")
     hidden = get("embedding_length")
     head_dim = get("attention.key_length") or get("rope.dimension_count") or hidden // num_heads
@@ -106,14 +110,50 @@ def dequantize_tensor(tensor) -> np.ndarray:
     return array if array.flags.writeable else array.copy()
 
 
+def check_not_truncated(path, file_size: int, data_offset: int, table: list[tuple[str, int, list[int], int]]) -> None:
+    """Compare the file's size with the end of its last tensor, from the tensor table
+    [(name, ggml type, dims, offset from data_offset)], before any tensor is read."""
+    expected = data_offset
+    for name, ggml_type, dims, offset in table:
+        try:
+            block_size, type_size = GGML_QUANT_SIZES[Q(ggml_type)]
+        except (ValueError, KeyError):
+            raise UnsupportedModelError(f"tensor {name!r} of {path} has unknown GGML type {ggml_type}") from None
+        expected = max(expected, data_offset + offset + math.prod(dims) * type_size // block_size)
+    if file_size < expected:
+        raise ModelLoadError(f"{path} is truncated: expected {expected} bytes, found {file_size}")
+
+
+class _TableCheckedReader(GGUFReader):
+    """GGUFReader that checks the file against its tensor table before it maps any tensor (the
+    reader itself fails on a short file with a numpy reshape error)."""
+
+    def __init__(self, path):
+        self.path = path
+        super().__init__(path)
+
+    def _build_tensors(self, start_offs, fields) -> None:
+        table = []
+        for field in fields:  # parts: name length, name, n_dims, dims, type, offset
+            _, name, _, dims, ggml_type, offset = field.parts
+            table.append((bytes(name).decode("utf-8", "replace"), int(ggml_type[0]), [int(d) for d in dims],
+                          int(offset[0])))
+        check_not_truncated(self.path, len(self.data), int(start_offs), table)
+        super()._build_tensors(start_offs, fields)
+
+
 def load_gguf(path: Path, shard: tuple[int, int] | None = None):
     from forge.loader import LoadedModel
     from forge.tokenizer import Tokenizer
 
     try:
-        reader = GGUFReader(path)
+        reader = _TableCheckedReader(path)
+    except (ModelLoadError, UnsupportedModelError):
+        raise
     except Exception as e:  # the gguf package raises ValueError/IndexError/... on a bad file
-        raise ModelLoadError(f"cannot read GGUF file {path}: {type(e).__name__}: {e}".split("\n")[0]) from None
+        # (the metadata and tensor table are parsed: a short file fails here before the size check)
+        raise ModelLoadError(f"cannot read GGUF file {path}: truncated or corrupt header "
+                             f"({type(e).__name__}: {e})".split("\n")[0]) from None
     meta = read_metadata(reader)
     config = config_from_metadata(meta)
     cut = tensor_sharder(config, shard)
