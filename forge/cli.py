@@ -174,10 +174,16 @@ def cmd_serve(args) -> None:
 
     check_int(args.port, "port", 1, 65535)
     config = engine_config(args)  # bad flags fail before torch and the model load
+    from forge.server.limits import ServerLimits
+
+    limits = ServerLimits(max_waiting=args.max_waiting, max_connections=args.max_connections,
+                          timeout_keep_alive=args.timeout_keep_alive, timeout_request_header=args.timeout_request_header,
+                          timeout_request_body=args.timeout_request_body, shutdown_timeout=args.shutdown_timeout)
+    allowed_hosts = [h for arg in args.allowed_hosts or [] for h in arg.split(",")]
     from forge.server.api_server import serve
 
-    serve(config, host=args.host, port=args.port, api_key=args.api_key, max_waiting=args.max_waiting,
-          served_model_name=args.served_model_name, ui=not args.no_ui)
+    serve(config, host=args.host, port=args.port, api_key=args.api_key, limits=limits,
+          allowed_hosts=allowed_hosts, served_model_name=args.served_model_name, ui=not args.no_ui)
 
 
 def cmd_bench(args) -> None:
@@ -234,8 +240,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1/*")
-    p.add_argument("--max-waiting", type=int, default=256, help="queued requests beyond which new ones get 503")
+    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1/* "
+                   "(default: $FORGE_API_KEY, which `ps` does not show; neither: no auth)")
+    p.add_argument("--allowed-hosts", action="append", default=None, metavar="NAMES",
+                   help="comma-separated Host names to accept besides the bound address (and localhost on "
+                        "loopback); '*' = any, '*.example.com' = subdomains (default on 0.0.0.0: any)")
+    from forge.server.limits import ServerLimits
+
+    d = ServerLimits()  # the defaults live there, with the checks (see docs/RELIABILITY.md)
+    g = p.add_argument_group("limits and timeouts")
+    g.add_argument("--max-waiting", type=int, default=d.max_waiting,
+                   help=f"queued prompts beyond which new requests get 503 (default: {d.max_waiting})")
+    g.add_argument("--max-connections", type=int, default=d.max_connections,
+                   help=f"open connections beyond which requests get 503 (default: {d.max_connections})")
+    g.add_argument("--timeout-keep-alive", type=float, default=d.timeout_keep_alive,
+                   help=f"seconds an idle keep-alive connection stays open (default: {d.timeout_keep_alive:g})")
+    g.add_argument("--timeout-request-header", type=float, default=d.timeout_request_header,
+                   help=f"seconds to send a whole request head, else 408 (default: {d.timeout_request_header:g})")
+    g.add_argument("--timeout-request-body", type=float, default=d.timeout_request_body,
+                   help=f"seconds to send a whole request body after its head, else 408 "
+                        f"(default: {d.timeout_request_body:g})")
+    g.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout,
+                   help=f"on SIGTERM/SIGINT, seconds running requests may finish before they are aborted "
+                        f"(default: {d.shutdown_timeout:g})")
     p.add_argument("--served-model-name", default=None, help="model name clients use (default: the file's stem)")
     p.add_argument("--no-ui", action="store_true", help="do not serve the chat page at / (the API only)")
     add_model_args(p)

@@ -8,29 +8,35 @@ import time
 
 import httpx
 import pytest
-import uvicorn
 
 from forge.config import EngineConfig
 from forge.engine.llm_engine import LLMEngine
 from forge.server.api_server import build_app, default_model_name, serve
 from forge.server.async_engine import AsyncEngine
+from forge.server.limits import ServerLimits
+from forge.server.uvicorn_server import make_server
 
 
 class LiveServer:
     """`with LiveServer(engine, ...) as srv:` serves `engine` at srv.url until the block ends."""
 
-    def __init__(self, engine: LLMEngine, api_key: str | None = None, max_waiting: int = 256):
+    def __init__(self, engine: LLMEngine, api_key: str | None = None, max_waiting: int = 256,
+                 limits: ServerLimits | None = None, **app_options):
         self.engine = engine
         self.async_engine = AsyncEngine(engine)
         self.model = default_model_name(engine.model_path)
         self.api_key = api_key
-        self.app = build_app(self.async_engine, self.model, api_key=api_key, max_waiting=max_waiting)
+        limits = limits or ServerLimits(max_waiting=max_waiting, shutdown_timeout=5)
+        self.app = build_app(self.async_engine, self.model, api_key=api_key, max_waiting=limits.max_waiting,
+                             **app_options)
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))  # loopback only; the OS picks a free port
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=5))
+        serving = self.app.state.serving
+        self.server = make_server(self.app, limits, on_drain=serving.begin_shutdown, on_abort=serving.abort_all,
+                                  log_level="warning")
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self) -> "LiveServer":

@@ -1,13 +1,21 @@
-"""The OpenAI-compatible HTTP server: FastAPI routes, auth, errors, metrics, and `serve()` for the CLI.
+"""The OpenAI-compatible HTTP server: FastAPI routes, auth, Host and Content-Type checks, errors,
+metrics, and `serve()` for the CLI.
 
-    forge serve [--model M] [--host 127.0.0.1] [--port 8000] [--api-key K] [--max-waiting 256]
+    forge serve [--model M] [--host 127.0.0.1] [--port 8000] [--api-key K | $FORGE_API_KEY] [--max-waiting 256]
+
+Connection-level limits (timeouts, connection cap, shutdown) live in uvicorn_server; docs/RELIABILITY.md
+lists every limit and what a client sees when it triggers.
 """
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
+import json
 import logging
+import os
 import time
+from collections.abc import Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -15,10 +23,12 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from forge.config import EngineConfig
 from forge.errors import InvalidRequestError
 from forge.server.async_engine import AsyncEngine
+from forge.server.limits import ServerConfigError, ServerLimits
 from forge.server.metrics import ServerMetrics
 from forge.server.protocol import (
     MAX_BODY_BYTES,
@@ -37,6 +47,9 @@ _ENDPOINTS = ("/v1/models", "/v1/completions", "/v1/chat/completions")
 # An oversized body is still read (and dropped) up to this much, so the client gets its 413 instead
 # of a reset connection; beyond it the connection is simply closed.
 _MAX_DRAIN_BYTES = 64 * 1024 * 1024
+# Names that always reach this machine: allowed as Host whenever the server listens on loopback.
+LOCAL_HOST_NAMES = ("localhost", "127.0.0.1", "::1")
+API_KEY_ENV = "FORGE_API_KEY"
 
 
 def default_model_name(model_path: str | Path) -> str:
@@ -45,8 +58,40 @@ def default_model_name(model_path: str | Path) -> str:
     return p.name if p.is_dir() else p.stem
 
 
+def resolve_api_key(flag_value: str | None) -> str | None:
+    """--api-key, else $FORGE_API_KEY (which `ps` does not show), else None (no auth). Empty is an error:
+    it would enable auth that an empty bearer token passes."""
+    key, source = (flag_value, "--api-key") if flag_value is not None else (os.environ.get(API_KEY_ENV), API_KEY_ENV)
+    if key is not None and not key.strip():
+        raise ServerConfigError(f"{source} is empty: give a non-empty key, or leave it out to serve without auth")
+    return key
+
+
+def allowed_host_names(bind_host: str, allowed_hosts: Iterable[str] = ()) -> frozenset[str] | None:
+    """The names a request's Host header may carry, or None for any.
+
+    Without --allowed-hosts: a server bound to all interfaces (0.0.0.0, ::) takes any Host; one bound to
+    an address takes that address, and on loopback the localhost names too. That stops DNS rebinding: a
+    web page cannot reach a local server under its own domain name. --allowed-hosts adds names
+    ("*" = any, "*.example.com" = its subdomains)."""
+    extra = {_normalize_host(h) for h in allowed_hosts if h.strip()}
+    if "*" in extra:
+        return None
+    bind = _normalize_host(bind_host)
+    wildcard = bind in ("", "0.0.0.0", "::")
+    if wildcard and not extra:
+        return None
+    names = set(extra) | ({bind} if not wildcard else set())
+    if wildcard or _is_loopback(bind):
+        names |= set(LOCAL_HOST_NAMES)
+    return frozenset(names)
+
+
 def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | None = None,
-              max_waiting: int = 256, max_body_bytes: int = MAX_BODY_BYTES, ui: bool = True) -> FastAPI:
+              max_waiting: int = ServerLimits.max_waiting, max_body_bytes: int = MAX_BODY_BYTES, ui: bool = True,
+              bind_host: str = "127.0.0.1", allowed_hosts: Iterable[str] = ()) -> FastAPI:
+    if api_key is not None and not api_key.strip():
+        raise ServerConfigError("the API key is empty: give a non-empty key, or None to serve without auth")
     metrics = async_engine.metrics or ServerMetrics()
     async_engine.metrics = metrics
     metrics.bind(async_engine)
@@ -63,6 +108,7 @@ def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | 
     app = FastAPI(title="forge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.async_engine = async_engine
     app.state.metrics = metrics
+    app.state.serving = serving
 
     # -- errors: always OpenAI's shape -----------------------------------------------------------
     @app.exception_handler(APIError)
@@ -83,6 +129,13 @@ def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | 
     async def validation_error(_, e: RequestValidationError):
         return JSONResponse(APIError(f"invalid request: {e.errors()[0].get('msg')}").body(), status_code=400)
 
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, _):
+        client = request.client
+        logger.info("client %s disconnected while sending its request body (499)",
+                    f"{client.host}:{client.port}" if client else "?")
+        return JSONResponse({"error": {"message": "client disconnected"}}, status_code=499)
+
     @app.exception_handler(Exception)
     async def internal_error(_, e: Exception):
         logger.exception("unhandled error")
@@ -102,6 +155,8 @@ def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | 
     # -- routes ----------------------------------------------------------------------------------
     @app.get("/health")
     async def health():
+        if serving.draining:
+            return JSONResponse({"status": "shutting down"}, status_code=503)
         if not async_engine.is_alive:
             return JSONResponse({"status": "engine stopped"}, status_code=503)
         return {"status": "ok"}
@@ -145,11 +200,20 @@ def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | 
     app.include_router(v1)
     if ui:  # the chat page at / (forge/server/ui.py); --no-ui leaves / a 404
         mount_ui(app)
-    app.add_middleware(_CountRequests, metrics=metrics)
+    hosts = allowed_host_names(bind_host, allowed_hosts)
+    if hosts is not None:
+        app.add_middleware(_CheckHost, allowed=hosts)
+    app.add_middleware(_CountRequests, metrics=metrics)  # outermost: counts the Host rejections too
     return app
 
 
 async def _read_json(request: Request, limit: int) -> dict:
+    # A browser sends a cross-site text/plain or form POST without asking first (no CORS preflight);
+    # requiring JSON makes it ask, and this server never says yes.
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise APIError(f"Content-Type must be application/json, got {media_type or 'none'!r}", status=415,
+                       code="unsupported_media_type")
     length = request.headers.get("content-length", "")
     too_big = APIError(f"request body is larger than {limit} bytes", status=413, code="request_too_large")
     if length.isdigit() and int(length) > _MAX_DRAIN_BYTES:
@@ -164,6 +228,51 @@ async def _read_json(request: Request, limit: int) -> dict:
     if size > limit:
         raise too_big
     return parse_json_object(bytes(body))
+
+
+def _normalize_host(host: str) -> str:
+    """A Host header value or a bind address -> lower-case name without port, brackets or final dot."""
+    host = host.strip().lower()
+    if host.startswith("["):  # [v6]:port
+        host = host[1:].partition("]")[0]
+    elif host.count(":") == 1:  # name:port (a bare IPv6 address has several colons)
+        host = host.partition(":")[0]
+    return host.rstrip(".")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _host_allowed(host: str, allowed: frozenset[str]) -> bool:
+    return host in allowed or any(a.startswith("*.") and host.endswith(a[1:]) for a in allowed)
+
+
+class _CheckHost:
+    """ASGI middleware: refuse requests whose Host header names another server (DNS rebinding)."""
+
+    def __init__(self, app, allowed: frozenset[str]):
+        self.app, self.allowed = app, allowed
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        raw = next((v for k, v in scope["headers"] if k == b"host"), None)
+        host = None if raw is None else _normalize_host(raw.decode("latin-1"))
+        if host is None or _host_allowed(host, self.allowed):  # (no Host at all cannot be a rebinding page)
+            return await self.app(scope, receive, send)
+        shown = raw.decode("latin-1")[:100]
+        err = APIError(f"Host {shown!r} is not served here; allowed: {', '.join(sorted(self.allowed))} "
+                       f"(add names with --allowed-hosts)", status=400, code="invalid_host")
+        body = json.dumps(err.body()).encode()
+        await send({"type": "http.response.start", "status": 400,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
 
 
 class _CountRequests:
@@ -192,20 +301,26 @@ class _CountRequests:
 
 
 def serve(engine_config: EngineConfig, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          max_waiting: int = 256, served_model_name: str | None = None, log_level: str = "info",
-          ui: bool = True) -> None:
-    """Load the model and serve it until interrupted (what `forge serve` runs)."""
-    import uvicorn
-
+          served_model_name: str | None = None, log_level: str = "info", limits: ServerLimits = ServerLimits(),
+          allowed_hosts: Iterable[str] = (), ui: bool = True) -> None:
+    """Load the model and serve it until SIGTERM/SIGINT (what `forge serve` runs). `api_key` None
+    falls back to $FORGE_API_KEY."""
+    api_key = resolve_api_key(api_key)  # before the model loads: a bad key fails at once
     from forge.engine.llm_engine import LLMEngine
+    from forge.server.uvicorn_server import make_server, raise_open_file_limit
 
     engine = LLMEngine(engine_config)
-    name = served_model_name or default_model_name(engine.model_path)
-    app = build_app(AsyncEngine(engine), name, api_key=api_key, max_waiting=max_waiting, ui=ui)
-    if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
-        logger.warning("serving on %s without --api-key: anyone who can reach this address can use the model", host)
-    print(f"forge: serving {name!r} (context {engine.max_model_len} tokens) on http://{host}:{port}/v1", flush=True)
     try:
-        uvicorn.run(app, host=host, port=port, log_level=log_level)
+        name = served_model_name or default_model_name(engine.model_path)
+        app = build_app(AsyncEngine(engine), name, api_key=api_key, max_waiting=limits.max_waiting,
+                        ui=ui, bind_host=host, allowed_hosts=allowed_hosts)
+        if not _is_loopback(_normalize_host(host)) and api_key is None:
+            logger.warning("serving on %s without an API key: anyone who can reach this address can use the model",
+                           host)
+        raise_open_file_limit()
+        server = make_server(app, limits, on_drain=app.state.serving.begin_shutdown,
+                             on_abort=app.state.serving.abort_all, host=host, port=port, log_level=log_level)
+        print(f"forge: serving {name!r} (context {engine.max_model_len} tokens) on http://{host}:{port}/v1", flush=True)
+        server.run()
     finally:
         engine.shutdown()  # tensor-parallel workers, if any

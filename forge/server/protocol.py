@@ -18,6 +18,11 @@ from forge.sampling_params import SamplingParams, StructuredOutputsParams
 
 MAX_BODY_BYTES = 4 * 1024 * 1024  # a full 8k-token context is ~50 KB of text; 4 MiB leaves room for token-id lists
 MAX_CHOICES = 128  # n x number of prompts in one request
+# Stop strings are matched against the newest text after every token: bound that work. (OpenAI allows 4.)
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_BYTES = 1024  # one string, UTF-8
+MAX_STOP_TOTAL_BYTES = 4096  # all of them together
+MAX_STOP_TOKEN_IDS = 1024
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # seeds go into int64 generator state
 
 
@@ -188,7 +193,8 @@ class _SamplingRequest(_Body):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None, num_prompts: int = 1) -> SamplingParams:
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None, num_prompts: int = 1,
+                        max_model_len: int | None = None) -> SamplingParams:
         n = 1 if self.n is None else self.n
         if n * num_prompts > MAX_CHOICES:
             raise APIError(f"n x prompts = {n * num_prompts} choices; at most {MAX_CHOICES} per request", param="n")
@@ -199,6 +205,10 @@ class _SamplingRequest(_Body):
             raise APIError("logit_bias is not supported", param="logit_bias")
         if self.stream_options is not None and not self.stream:
             raise APIError("stream_options is only allowed when stream is true", param="stream_options")
+        self._check_stop()
+        if max_model_len is not None and self.min_tokens is not None and self.min_tokens > max_model_len:
+            raise APIError(f"min_tokens ({self.min_tokens}) exceeds the model's context of {max_model_len} tokens",
+                           param="min_tokens", code="context_length_exceeded")
 
         def given(value, default):
             return default if value is None else value
@@ -213,6 +223,21 @@ class _SamplingRequest(_Body):
             include_stop_str_in_output=given(self.include_stop_str_in_output, False),
             structured_outputs=self.structured_outputs_params(),
         )
+
+    def _check_stop(self) -> None:
+        stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        if len(stops) > MAX_STOP_STRINGS:
+            raise APIError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}", param="stop")
+        sizes = [len(s.encode("utf-8")) for s in stops]
+        if sizes and max(sizes) > MAX_STOP_STRING_BYTES:
+            raise APIError(f"a stop string may be at most {MAX_STOP_STRING_BYTES} bytes (UTF-8), got {max(sizes)}",
+                           param="stop")
+        if sum(sizes) > MAX_STOP_TOTAL_BYTES:
+            raise APIError(f"stop strings may total at most {MAX_STOP_TOTAL_BYTES} bytes (UTF-8), got {sum(sizes)}",
+                           param="stop")
+        if self.stop_token_ids is not None and len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise APIError(f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids, got {len(self.stop_token_ids)}",
+                           param="stop_token_ids")
 
     def structured_outputs_params(self) -> StructuredOutputsParams | None:
         """response_format, structured_outputs and guided_* all say the same thing: accept one of them."""
@@ -255,8 +280,9 @@ class CompletionRequest(_SamplingRequest):
     suffix: str | None = None
     best_of: int | None = None
 
-    def completion_params(self, num_prompts: int) -> SamplingParams:
-        params = self.sampling_params(self.max_tokens, self.logprobs, num_prompts=num_prompts)
+    def completion_params(self, num_prompts: int, max_model_len: int | None = None) -> SamplingParams:
+        params = self.sampling_params(self.max_tokens, self.logprobs, num_prompts=num_prompts,
+                                      max_model_len=max_model_len)
         if self.echo and self.logprobs is not None:  # echoed prompt tokens come with their logprobs too
             params.prompt_logprobs = self.logprobs
             params.validate()
@@ -308,7 +334,7 @@ _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant"
 
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage]
-    max_tokens: int | None = None  # None: up to the end of the context
+    max_tokens: int | None = None  # None: up to the end of the context (docs/RELIABILITY.md)
     max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens; wins when both are given
     logprobs: bool | None = None
     top_logprobs: int | None = None

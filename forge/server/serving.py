@@ -7,7 +7,8 @@ import json
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from fastapi import Request
@@ -50,40 +51,89 @@ class _Job:
     streams: list[RequestStream] = field(default_factory=list)
 
 
+@dataclass
+class _Admission:
+    """The prompts of one admitted request that are not handed to the engine yet."""
+
+    unsubmitted: int
+
+
 class OpenAIServing:
     def __init__(self, async_engine: AsyncEngine, model_name: str, max_waiting: int):
         self.engine = async_engine
         self.tokenizer = async_engine.engine.tokenizer
         self.model_name = model_name
         self.max_waiting = max_waiting
+        # Prompts admitted but not yet submitted (being tokenized): the engine does not count them yet.
+        self._unsubmitted = 0
+        self._live: dict[str, _Job] = {}  # jobs with engine requests, until their response ends
+        self.draining = False  # shutting down: new requests are refused
+        self.aborting = False  # shutting down, and the drain time is up: running requests are aborted
 
     # -- endpoints ----------------------------------------------------------------------------------
     async def completions(self, req: CompletionRequest, raw: Request):
         req.check_supported()
         prompts = req.prompts()
-        params = req.completion_params(len(prompts))
-        self._check_capacity(len(prompts))
-        tokenized = [await asyncio.to_thread(self._tokenize, p) for p in prompts]
-        job = _Job("completion", f"cmpl-{uuid.uuid4().hex}", self.model_name, tokenized, params,
-                   echo=bool(req.echo), include_usage=req.include_usage)
-        return await self._run(job, bool(req.stream), raw)
+        params = req.completion_params(len(prompts), self.engine.engine.max_model_len)
+        with self._admit(len(prompts)) as admission:
+            tokenized = [await asyncio.to_thread(self._tokenize, p) for p in prompts]
+            job = _Job("completion", f"cmpl-{uuid.uuid4().hex}", self.model_name, tokenized, params,
+                       echo=bool(req.echo), include_usage=req.include_usage)
+            return await self._run(job, bool(req.stream), raw, admission)
 
     async def chat(self, req: ChatCompletionRequest, raw: Request):
         conversation = req.conversation()
-        params = req.sampling_params(req.max_new_tokens, req.num_logprobs)
-        self._check_capacity(1)
+        params = req.sampling_params(req.max_new_tokens, req.num_logprobs,
+                                     max_model_len=self.engine.engine.max_model_len)
         add_generation_prompt = req.add_generation_prompt is not False
-        ids = await asyncio.to_thread(self._render_chat, conversation, add_generation_prompt)
-        job = _Job("chat", f"chatcmpl-{uuid.uuid4().hex}", self.model_name,
-                   [{"prompt": None, "prompt_token_ids": ids}], params, include_usage=req.include_usage)
-        return await self._run(job, bool(req.stream), raw)
+        with self._admit(1) as admission:
+            ids = await asyncio.to_thread(self._render_chat, conversation, add_generation_prompt)
+            job = _Job("chat", f"chatcmpl-{uuid.uuid4().hex}", self.model_name,
+                       [{"prompt": None, "prompt_token_ids": ids}], params, include_usage=req.include_usage)
+            return await self._run(job, bool(req.stream), raw, admission)
+
+    # -- shutdown (called by the server, see uvicorn_server.ForgeServer) ------------------------------
+    def begin_shutdown(self) -> None:
+        """Refuse new requests; running ones go on."""
+        self.draining = True
+
+    def abort_all(self) -> int:
+        """End every running request with the shutdown error (streams still get it and [DONE]).
+        Returns how many requests that was."""
+        self.draining = self.aborting = True
+        for job in self._live.values():
+            self._abort(job)
+        return len(self._live)
 
     # -- shared machinery ------------------------------------------------------------------------------
-    def _check_capacity(self, num_new: int) -> None:
-        waiting = self.engine.num_waiting_requests
-        if waiting + num_new > self.max_waiting:
+    @contextmanager
+    def _admit(self, count: int) -> Iterator[_Admission]:
+        """Reserve `count` places in the waiting queue, or refuse with 503.
+
+        Check and reservation happen together, before the first `await`: simultaneous requests are
+        counted one after another, so a burst cannot overshoot `max_waiting`. A reserved place passes
+        to the engine's own count when its prompt is submitted (`_submit`); whatever was not
+        submitted is given back however the request ends."""
+        if self.draining:
+            raise _shutting_down()
+        waiting = self._unsubmitted + self.engine.num_waiting_requests
+        if waiting + count > self.max_waiting:
             raise APIError(f"the server is busy: {waiting} requests wait (limit {self.max_waiting}); retry shortly",
                            status=503, type="server_error", code="server_busy", headers={"Retry-After": "1"})
+        admission = _Admission(count)
+        self._unsubmitted += count
+        try:
+            yield admission
+        finally:
+            self._unsubmitted -= admission.unsubmitted
+            admission.unsubmitted = 0
+
+    async def _submit(self, job: _Job, i: int, admission: _Admission) -> RequestStream:
+        # Hand the place over in the same synchronous stretch in which generate() counts the request
+        # as waiting (before its first await): it is never counted twice, nor missed.
+        admission.unsubmitted -= 1
+        self._unsubmitted -= 1
+        return await self.engine.generate(job.prompts[i], job.params, f"{job.id}-{i}")
 
     def _tokenize(self, prompt: str | list[int]) -> dict:
         # Runs in a worker thread: a long prompt must not stall the event loop or the step loop.
@@ -94,31 +144,49 @@ class OpenAIServing:
         text = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt)
         return self.tokenizer.encode(text)
 
-    async def _run(self, job: _Job, stream: bool, raw: Request):
-        results = await asyncio.gather(
-            *(self.engine.generate(p, job.params, f"{job.id}-{i}") for i, p in enumerate(job.prompts)),
-            return_exceptions=True,
-        )
+    async def _run(self, job: _Job, stream: bool, raw: Request, admission: _Admission):
+        self._check_min_tokens(job)
+        results = await asyncio.gather(*(self._submit(job, i, admission) for i in range(len(job.prompts))),
+                                       return_exceptions=True)
         job.streams = [r for r in results if isinstance(r, RequestStream)]
         errors = [r for r in results if isinstance(r, BaseException)]
-        if errors:
+        if errors or self.aborting:
             self._abort(job)
+            if not errors:
+                raise _shutting_down()
             if isinstance(errors[0], InvalidRequestError):
                 raise APIError.from_invalid_request(errors[0])
             if isinstance(errors[0], EngineRequestError):
                 raise APIError(str(errors[0]), status=503, type="server_error", code="engine_unavailable")
             raise errors[0]
+        self._live[job.id] = job
         if stream:
             headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-            return _AbortingStreamingResponse(self._sse(job), on_close=lambda: self._abort(job),
+            return _AbortingStreamingResponse(self._sse(job), on_close=lambda: self._close_job(job),
                                               media_type="text/event-stream", headers=headers)
         try:
             finals = await self._collect(job, raw)
         finally:
-            self._abort(job)
+            self._close_job(job)
         if finals is None:  # the client went away; nobody reads this
             return JSONResponse({"error": {"message": "client disconnected"}}, status_code=499)
         return JSONResponse(self._full_response(job, finals))
+
+    def _check_min_tokens(self, job: _Job) -> None:
+        """Without max_tokens a request may generate up to the end of the context: min_tokens must fit there."""
+        params, context = job.params, self.engine.engine.max_model_len
+        if params.max_tokens is not None or not params.min_tokens:
+            return
+        for p in job.prompts:
+            prompt_len = len(p["prompt_token_ids"])
+            if prompt_len + params.min_tokens > context:
+                raise APIError(f"prompt ({prompt_len} tokens) + min_tokens ({params.min_tokens}) = "
+                               f"{prompt_len + params.min_tokens} exceeds the model's context of {context} tokens",
+                               param="min_tokens", code="context_length_exceeded")
+
+    def _close_job(self, job: _Job) -> None:
+        self._abort(job)
+        self._live.pop(job.id, None)
 
     def _abort(self, job: _Job) -> None:
         for s in job.streams:
@@ -144,7 +212,7 @@ class OpenAIServing:
                     return None
                 for t in done:
                     if t.exception() is not None:
-                        raise APIError(str(t.exception()), status=500, type="server_error")
+                        raise self._engine_error(t.exception())
         finally:
             for t in tasks | {gone}:
                 t.cancel()
@@ -213,10 +281,14 @@ class OpenAIServing:
             if job.include_usage:
                 yield _sse(self._chunk(job, [], usage=self._usage(job, [finals[i] for i in sorted(finals)])))
         except EngineRequestError as e:
-            yield _sse(APIError(str(e), status=500, type="server_error").body())
+            yield _sse(self._engine_error(e).body())
         finally:
             self._abort(job)
         yield "data: [DONE]\n\n"
+
+    def _engine_error(self, e: BaseException) -> APIError:
+        # Once the server aborts what still runs at shutdown, every engine error is that abort.
+        return _shutting_down() if self.aborting else APIError(str(e), status=500, type="server_error")
 
     def _delta(self, job: _Job, choice: _Choice, c: CompletionOutput, force: bool = False) -> dict | None:
         """The chunk choice for what is new in `c` since the last chunk, or None if nothing is."""
@@ -310,6 +382,11 @@ class _AbortingStreamingResponse(StreamingResponse):
 
 
 # -- helpers ------------------------------------------------------------------------------------------
+
+def _shutting_down() -> APIError:
+    return APIError("the server is shutting down; retry on another instance or after it restarts", status=503,
+                    type="server_error", code="server_shutting_down")
+
 
 def _sse(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
