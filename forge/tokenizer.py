@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping
 from datetime import datetime
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -220,6 +220,85 @@ def _make_jinja_env() -> ImmutableSandboxedEnvironment:
     return env
 
 
+@lru_cache(maxsize=32)
+def _compile_template(source: str) -> jinja2.Template:
+    """A compiled chat template (the model's own, named ones and overrides share this cache)."""
+    return _make_jinja_env().from_string(source)
+
+
+# transformers' marker for the end of the message to continue (continue_final_message).
+_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+# Names a message may carry its reasoning under, in the order transformers prefers them.
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+def _template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The messages as chat templates expect them, in new dicts (the caller's are not changed).
+
+    * A tool call's `function.arguments` in the OpenAI shape is JSON text; templates (Llama 3.x,
+      Mistral, Hermes) write it with `| tojson` and expect an object, as transformers documents,
+      so text that parses to an object is replaced by the object (as vLLM does).
+    * Reasoning given as `reasoning_content`, `thinking` or `reasoning` is offered under the first
+      two names too, as transformers does (Qwen3 templates read reasoning_content, gpt-oss thinking).
+    """
+    out = []
+    for message in messages:
+        if not isinstance(message, dict):
+            raise InvalidRequestError(f"each message must be an object, got {type(message).__name__}", param="messages")
+        message = dict(message)
+        calls = message.get("tool_calls")
+        if isinstance(calls, list):
+            message["tool_calls"] = [_template_tool_call(c) for c in calls]
+        reasoning = next((message[k] for k in _REASONING_FIELDS if message.get(k) is not None), None)
+        if reasoning is not None:
+            message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
+        out.append(message)
+    return out
+
+
+def _template_tool_call(call: Any) -> Any:
+    function = call.get("function") if isinstance(call, dict) else None
+    arguments = function.get("arguments") if isinstance(function, dict) else None
+    if not isinstance(arguments, str):
+        return call
+    try:
+        parsed = json.loads(arguments)
+    except ValueError:
+        return call  # not JSON: left as the client sent it
+    if not isinstance(parsed, dict):
+        return call
+    return {**call, "function": {**function, "arguments": parsed}}
+
+
+def _mark_final_message(messages: list[dict[str, Any]]) -> None:
+    """Append the continue tag to the final message's text (its last text part for a list)."""
+    if not messages:
+        raise InvalidRequestError("continue_final_message needs at least one message", param="messages")
+    final = messages[-1]
+    content = final.get("content")
+    if isinstance(content, str):
+        final["content"] = content + _CONTINUE_TAG
+        return
+    if isinstance(content, list):
+        for i in range(len(content) - 1, -1, -1):
+            part = content[i]
+            if isinstance(part, dict) and isinstance(part.get("text"), str):
+                final["content"] = content[:i] + [{**part, "text": part["text"] + _CONTINUE_TAG}] + content[i + 1:]
+                return
+    raise InvalidRequestError("continue_final_message needs a final message with text content", param="messages")
+
+
+def _cut_after_final_message(rendered: str) -> str:
+    """The rendered chat up to the end of the final message's text (transformers' rule)."""
+    loc = rendered.rfind(_CONTINUE_TAG.strip())
+    if loc < 0:
+        raise InvalidRequestError("continue_final_message: the chat template does not write the final message's "
+                                  "text, so it cannot be continued", param="messages")
+    if rendered[loc: loc + len(_CONTINUE_TAG)] == _CONTINUE_TAG:
+        return rendered[:loc]
+    return rendered[:loc].rstrip()  # the template trimmed the message's trailing whitespace
+
+
 # ---------------------------------------------------------------------------------------------
 # Tokenizer
 # ---------------------------------------------------------------------------------------------
@@ -279,6 +358,7 @@ class Tokenizer:
         add_bos_token: bool = False,
         chat_template: str | None = None,
         extra_stop_token_ids: Iterable[int] = (),
+        named_chat_templates: Mapping[str, str] | None = None,
     ):
         self._tok = tokenizer
         self._bos_token_id = bos_token_id
@@ -286,7 +366,8 @@ class Tokenizer:
         self._add_bos_token = add_bos_token
         self._chat_template = chat_template
         self._extra_stop_token_ids = frozenset(extra_stop_token_ids)
-        self._compiled_template: jinja2.Template | None = None
+        # Extra templates by name (e.g. "tool_use", used when tools are given, as transformers does).
+        self._named_chat_templates = dict(named_chat_templates or {})
 
     # --- construction -------------------------------------------------------------------------
 
@@ -308,6 +389,9 @@ class Tokenizer:
             add_bos_token=add_bos,
             chat_template=fields.get("tokenizer.chat_template") or None,
             extra_stop_token_ids=[i for i in extra if i is not None],
+            # llama.cpp's converter stores a repo's named templates as tokenizer.chat_template.<name>.
+            named_chat_templates={k.removeprefix("tokenizer.chat_template."): v for k, v in fields.items()
+                                  if k.startswith("tokenizer.chat_template.") and isinstance(v, str) and v},
         )
 
     @classmethod
@@ -326,9 +410,11 @@ class Tokenizer:
         model_config = _read_json(path / "config.json")
 
         chat_template = tok_config.get("chat_template")
+        named: dict[str, str] = {}
         if isinstance(chat_template, list):  # named templates: [{"name": ..., "template": ...}]
-            named = {t.get("name"): t.get("template") for t in chat_template if isinstance(t, dict)}
-            chat_template = named.get("default")
+            named = {t.get("name"): t.get("template") for t in chat_template
+                     if isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)}
+            chat_template = named.pop("default", None)
         if not chat_template and (path / "chat_template.jinja").is_file():
             chat_template = (path / "chat_template.jinja").read_text(encoding="utf-8")
         if not chat_template:
@@ -357,6 +443,7 @@ class Tokenizer:
             add_bos_token=bool(add_bos),
             chat_template=chat_template or None,
             extra_stop_token_ids=extra,
+            named_chat_templates=named,
         )
 
     def save_hf_dir(self, path: str | Path) -> None:
@@ -372,7 +459,10 @@ class Tokenizer:
             "eos_token": self.id_to_token(self._eos_token_id) if self._eos_token_id is not None else None,
             "clean_up_tokenization_spaces": False,
         }
-        if self._chat_template is not None:
+        if self._named_chat_templates:
+            named = {"default": self._chat_template, **self._named_chat_templates}
+            config["chat_template"] = [{"name": k, "template": v} for k, v in named.items() if v is not None]
+        elif self._chat_template is not None:
             config["chat_template"] = self._chat_template
         text = json.dumps(config, indent=2, ensure_ascii=False) + "\n"
         (path / "tokenizer_config.json").write_text(text, encoding="utf-8")
@@ -398,6 +488,11 @@ class Tokenizer:
     @property
     def chat_template(self) -> str | None:
         return self._chat_template
+
+    @property
+    def named_chat_templates(self) -> dict[str, str]:
+        """Templates besides the default, by name (e.g. "tool_use")."""
+        return dict(self._named_chat_templates)
 
     @cached_property
     def stop_token_ids(self) -> frozenset[int]:
@@ -436,31 +531,71 @@ class Tokenizer:
     # --- chat ---------------------------------------------------------------------------------
 
     def apply_chat_template(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        *,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        chat_template: str | None = None,
+        **chat_template_kwargs: Any,
     ) -> str:
-        """Render `messages` with the model's chat template (as transformers would) into prompt text.
+        """Render `messages` with the chat template into prompt text, as transformers would.
 
-        Extra keyword arguments (tools, documents, ...) are passed to the template as variables.
+        tools: OpenAI tool dicts, given to the template as `tools` (None when absent, as
+            transformers does); a model's "tool_use" template, if it has one, is used when given.
+        add_generation_prompt: end with the assistant turn's opening.
+        continue_final_message: end right after the final message's text, its turn left open, so
+            the model continues it (cannot be combined with add_generation_prompt).
+        chat_template: a template to use instead of the model's (or the name of one of its named
+            templates).
+        chat_template_kwargs: more template variables (enable_thinking, documents, ...).
+
+        Messages reach the template as given (assistant `tool_calls`, `role: "tool"` messages and
+        all), except that JSON-text tool-call arguments become objects and reasoning fields are
+        aliased (see `_template_messages`).
         """
-        if self._chat_template is None:
-            raise InvalidRequestError("this model has no chat template; send a plain prompt instead", param="messages")
-        if self._compiled_template is None:
-            try:
-                self._compiled_template = _make_jinja_env().from_string(self._chat_template)
-            except jinja2.TemplateError as e:
-                raise UnsupportedModelError(f"the model's chat template does not compile: {e}") from e
+        source, overridden = self._select_template(chat_template, tools)
+        try:
+            template = _compile_template(source)
+        except jinja2.TemplateError as e:
+            if overridden:
+                raise InvalidRequestError(f"the chat template does not compile: {e}", param="chat_template") from e
+            raise UnsupportedModelError(f"the model's chat template does not compile: {e}") from e
+        if continue_final_message and add_generation_prompt:
+            raise InvalidRequestError("continue_final_message and add_generation_prompt cannot both be true "
+                                      "(the first continues the last message, the second starts a new one)",
+                                      param="continue_final_message")
+        messages = _template_messages(messages)
+        if continue_final_message:
+            _mark_final_message(messages)
         variables: dict[str, Any] = {
             "bos_token": self.id_to_token(self._bos_token_id) if self._bos_token_id is not None else "",
             "eos_token": self.id_to_token(self._eos_token_id) if self._eos_token_id is not None else "",
-            **kwargs,
+            "documents": None,
+            **chat_template_kwargs,
             "messages": messages,
+            "tools": tools,
             "add_generation_prompt": add_generation_prompt,
         }
         try:
-            return self._compiled_template.render(**variables)
+            rendered = template.render(**variables)
         except jinja2.TemplateError as e:
             # Undefined fields, bad types in messages and the like: the request does not fit the template.
             raise InvalidRequestError(f"cannot render chat template: {e}", param="messages") from e
+        return _cut_after_final_message(rendered) if continue_final_message else rendered
+
+    def _select_template(self, chat_template: str | None, tools: Any) -> tuple[str, bool]:
+        """(template source, whether it is an override rather than the model's own)."""
+        if chat_template is not None:
+            if chat_template in self._named_chat_templates:
+                return self._named_chat_templates[chat_template], False
+            return chat_template, True
+        if tools is not None and "tool_use" in self._named_chat_templates:
+            return self._named_chat_templates["tool_use"], False
+        if self._chat_template is None:
+            raise InvalidRequestError("this model has no chat template; send a plain prompt instead", param="messages")
+        return self._chat_template, False
 
 
 # ---------------------------------------------------------------------------------------------

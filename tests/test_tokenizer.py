@@ -336,3 +336,195 @@ def test_spm_incremental_detokenizer():
         expected = t.decode(prompt + ids)[len(t.decode(prompt)) :]
         assert "".join(pieces) == expected == (" " + text if prompt else text)
         assert not any("\ufffd" in p for p in pieces)
+
+
+# ---------------------------------------------------------------------------------------------
+# Chat templates: tools, tool messages, template variables, continue_final_message, overrides
+# ---------------------------------------------------------------------------------------------
+
+# Qwen2.5's tool-calling template (abridged only in its default system prompt).
+QWEN_TOOLS_TEMPLATE = """{%- if tools %}
+{{- '<|im_start|>system\\n' }}
+{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] }}{%- else %}{{- 'You are a helpful assistant.' }}{%- endif %}
+{{- "\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are provided with function signatures within <tools></tools> XML tags:\\n<tools>" }}
+{%- for tool in tools %}{{- "\\n" }}{{- tool | tojson }}{%- endfor %}
+{{- "\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\"name\\": <function-name>, \\"arguments\\": <args-json-object>}\\n</tool_call><|im_end|>\\n" }}
+{%- else %}
+{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}{%- endif %}
+{%- endif %}
+{%- for message in messages %}
+{%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}
+{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}
+{%- elif message.role == "assistant" %}
+{{- '<|im_start|>' + message.role }}
+{%- if message.content %}{{- '\\n' + message.content }}{%- endif %}
+{%- for tool_call in message.tool_calls %}
+{%- if tool_call.function is defined %}{%- set tool_call = tool_call.function %}{%- endif %}
+{{- '\\n<tool_call>\\n{"name": "' }}{{- tool_call.name }}{{- '", "arguments": ' }}{{- tool_call.arguments | tojson }}{{- '}\\n</tool_call>' }}
+{%- endfor %}
+{{- '<|im_end|>\\n' }}
+{%- elif message.role == "tool" %}
+{%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}{{- '<|im_start|>user' }}{%- endif %}
+{{- '\\n<tool_response>\\n' }}{{- message.content }}{{- '\\n</tool_response>' }}
+{%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}{{- '<|im_end|>\\n' }}{%- endif %}
+{%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}
+"""
+
+# Qwen3-style: earlier reasoning is shown, enable_thinking=False pre-fills an empty <think> block.
+THINK_TEMPLATE = """{%- for message in messages %}{{- '<|im_start|>' + message.role + '\\n' }}
+{%- if message.role == 'assistant' and message.reasoning_content %}{{- '<think>\\n' + message.reasoning_content + '\\n</think>\\n\\n' }}{%- endif %}
+{{- message.content + '<|im_end|>\\n' }}{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}
+{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{%- endif %}"""
+
+TRIMMING_TEMPLATE = "{% for m in messages %}<{{ m.role }}>{{ m.content | trim }}</{{ m.role }}>{% endfor %}"
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+TIME_TOOL = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
+
+
+def _tool_conversation(arguments_as_text: bool) -> list[dict]:
+    """A user turn, the assistant's two calls, their results: as an OpenAI client sends it (arguments
+    as JSON text) or as transformers documents it (arguments as objects)."""
+    def args(value):
+        return json.dumps(value) if arguments_as_text else value
+    return [
+        {"role": "user", "content": "Weather in Paris and the time?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": args({"city": "Paris"})}},
+            {"id": "call_2", "type": "function", "function": {"name": "get_time", "arguments": args({})}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"temp_c": 21}'},
+        {"role": "tool", "tool_call_id": "call_2", "content": "12:00"},
+    ]
+
+
+@pytest.fixture(scope="module")
+def hf_tok(tok, tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    path = tmp_path_factory.mktemp("hf_tok")
+    tok.save_hf_dir(path)
+    return transformers.AutoTokenizer.from_pretrained(str(path))
+
+
+def _hf(hf_tok, messages, template, **kwargs):
+    return hf_tok.apply_chat_template(messages, chat_template=template, tokenize=False, **kwargs)
+
+
+def test_tools_and_tool_messages_render_like_transformers(tok, hf_tok):
+    import copy
+
+    sent = _tool_conversation(arguments_as_text=True)
+    before = copy.deepcopy(sent)
+    tools = [WEATHER_TOOL, TIME_TOOL]
+    rendered = tok.apply_chat_template(sent, tools, chat_template=QWEN_TOOLS_TEMPLATE)
+    assert sent == before  # the caller's messages are not changed
+    expected = _hf(hf_tok, _tool_conversation(arguments_as_text=False), QWEN_TOOLS_TEMPLATE, tools=tools,
+                   add_generation_prompt=True)
+    assert rendered == expected
+    assert json.dumps(WEATHER_TOOL, ensure_ascii=False) in rendered  # the tools reached the template
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in rendered
+    assert "<tool_response>\n12:00\n</tool_response><|im_end|>\n<|im_start|>assistant\n" in rendered
+    # Without tools the template's other branch runs, as in transformers (tools=None reaches it).
+    plain = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert tok.apply_chat_template(plain, chat_template=QWEN_TOOLS_TEMPLATE) == _hf(
+        hf_tok, plain, QWEN_TOOLS_TEMPLATE, add_generation_prompt=True)
+    # Arguments that are not JSON object text are passed through as the client sent them.
+    odd = [{"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": "not json"}}]}]
+    assert '"arguments": "not json"}' in tok.apply_chat_template(odd, chat_template=QWEN_TOOLS_TEMPLATE)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"enable_thinking": False}, {"enable_thinking": True}])
+def test_chat_template_kwargs_reach_the_template(tok, hf_tok, kwargs):
+    messages = [{"role": "user", "content": "2+2?"},
+                {"role": "assistant", "content": "4", "reasoning_content": "Two plus two."},
+                {"role": "user", "content": "And 3+3?"}]
+    rendered = tok.apply_chat_template(messages, chat_template=THINK_TEMPLATE, **kwargs)
+    assert rendered == _hf(hf_tok, messages, THINK_TEMPLATE, add_generation_prompt=True, **kwargs)
+    assert "<think>\nTwo plus two.\n</think>\n\n4" in rendered
+    assert rendered.endswith("<think>\n\n</think>\n\n") == (kwargs.get("enable_thinking") is False)
+    # Reasoning sent back as "reasoning" (vLLM's newer name) reaches the template too.
+    renamed = [dict(m) for m in messages]
+    renamed[1]["reasoning"] = renamed[1].pop("reasoning_content")
+    assert tok.apply_chat_template(renamed, chat_template=THINK_TEMPLATE, **kwargs) == rendered
+
+
+@pytest.mark.parametrize("template", [None, QWEN_TOOLS_TEMPLATE, TRIMMING_TEMPLATE])
+@pytest.mark.parametrize("final", ["The capital of France is", "Sure, ", ""])
+def test_continue_final_message_like_transformers(tok, hf_tok, template, final):
+    messages = [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": final}]
+    rendered = tok.apply_chat_template(messages, add_generation_prompt=False, continue_final_message=True,
+                                       chat_template=template)
+    expected = _hf(hf_tok, messages, template or tok.chat_template, continue_final_message=True)
+    assert rendered == expected
+    assert rendered.endswith(final.strip() if template == TRIMMING_TEMPLATE else final)
+    assert not rendered.endswith("<|im_end|>\n")
+    closed = tok.apply_chat_template(messages, add_generation_prompt=False, chat_template=template)
+    assert closed.startswith(rendered) and len(closed) > len(rendered)
+
+
+def test_continue_final_message_with_content_parts(tok, hf_tok):
+    template = "{% for m in messages %}[{{ m.role }}]{% for p in m.content %}{{ p.text }}{% endfor %}[/]{% endfor %}"
+    messages = [{"role": "assistant", "content": [{"type": "text", "text": "One, "}, {"type": "text", "text": "two,"}]}]
+    rendered = tok.apply_chat_template(messages, add_generation_prompt=False, continue_final_message=True,
+                                       chat_template=template)
+    assert rendered == "[assistant]One, two," == _hf(hf_tok, messages, template, continue_final_message=True)
+
+
+def test_continue_final_message_errors(tok):
+    assistant = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hel"}]
+    with pytest.raises(InvalidRequestError, match="cannot both be true") as err:
+        tok.apply_chat_template(assistant, continue_final_message=True)
+    assert err.value.param == "continue_final_message"
+    for messages, match in [
+        ([], "at least one message"),
+        ([{"role": "assistant", "content": None}], "text content"),
+        ([{"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], "text content"),
+    ]:
+        with pytest.raises(InvalidRequestError, match=match) as err:
+            tok.apply_chat_template(messages, add_generation_prompt=False, continue_final_message=True)
+        assert err.value.param == "messages"
+    dropping = "{% for m in messages %}{% if m.role == 'user' %}{{ m.content }}{% endif %}{% endfor %}"
+    with pytest.raises(InvalidRequestError, match="cannot be continued"):
+        tok.apply_chat_template(assistant, add_generation_prompt=False, continue_final_message=True,
+                                chat_template=dropping)
+
+
+def test_chat_template_override(fields):
+    no_template = dict(fields)
+    no_template.pop("tokenizer.chat_template")
+    t = Tokenizer.from_gguf_metadata(no_template)
+    hello = [{"role": "user", "content": "hi"}]
+    with pytest.raises(InvalidRequestError, match="no chat template"):
+        t.apply_chat_template(hello)
+    assert t.apply_chat_template(hello, chat_template="{{ messages[0].content | upper }}!") == "HI!"
+    with pytest.raises(InvalidRequestError, match="does not compile") as err:
+        t.apply_chat_template(hello, chat_template="{% for m in messages %}")
+    assert err.value.param == "chat_template"
+    broken = dict(fields)
+    broken["tokenizer.chat_template"] = "{% if %}"
+    with pytest.raises(UnsupportedModelError, match="model's chat template does not compile"):
+        Tokenizer.from_gguf_metadata(broken).apply_chat_template(hello)
+
+
+def test_named_tool_use_template(tok, fields, tmp_path):
+    """A model's "tool_use" template (Hermes-2-Pro, Command-R) is used when tools are given, as
+    transformers does; named templates are read from GGUF and HF directories and saved back."""
+    tool_use = "TOOLS {{ tools | map(attribute='function.name') | join(',') }}: {{ messages[0].content }}"
+    named = dict(fields)
+    named["tokenizer.chat_template.tool_use"] = tool_use
+    t = Tokenizer.from_gguf_metadata(named)
+    hello = [{"role": "user", "content": "hi"}]
+    assert t.named_chat_templates == {"tool_use": tool_use}
+    assert t.apply_chat_template(hello, [WEATHER_TOOL, TIME_TOOL]) == "TOOLS get_weather,get_time: hi"
+    assert t.apply_chat_template(hello) == tok.apply_chat_template(hello)
+    assert t.apply_chat_template(hello, chat_template="tool_use", tools=[TIME_TOOL]) == "TOOLS get_time: hi"
+    t.save_hf_dir(tmp_path)
+    loaded = Tokenizer.from_hf_dir(tmp_path)
+    assert loaded.chat_template == tok.chat_template and loaded.named_chat_templates == {"tool_use": tool_use}
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert hf.apply_chat_template(hello, tools=[WEATHER_TOOL, TIME_TOOL], tokenize=False) == "TOOLS get_weather,get_time: hi"
