@@ -86,9 +86,7 @@ def test_tool_choice():
     assert resolve_tool_choice("none", []) == "none"
     assert resolve_tool_choice("required", functions) == "required"
     assert resolve_tool_choice({"type": "function", "function": {"name": "add"}}, functions) == "add"
-    for choice, words in [
-        ("auto", []), ("required", []),
-    ]:
+    for choice in ("auto", "required"):
         with pytest.raises(InvalidRequestError, match="needs tools") as err:
             resolve_tool_choice(choice, [])
         assert err.value.param == "tool_choice"
