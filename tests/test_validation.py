@@ -1,7 +1,6 @@
 """Validation at the boundary (SamplingParams, EngineConfig, prompts, GGUF files) and samplers that
 cannot draw from NaN/inf probabilities for any accepted value."""
 
-import math
 import random
 import re
 
@@ -11,11 +10,11 @@ import torch
 
 from forge import SamplingParams, StructuredOutputsParams
 from forge.config import EngineConfig
-from forge.engine.sampler import LOGPROB_FLOOR, Sampler
+from forge.engine.sampler import Sampler
 from forge.errors import InvalidRequestError, ModelLoadError, PromptTooLongError
-from forge.kernels.sampling import sample
 from forge.sequence import Sequence
-from tests.util import LOGIT_KINDS, SAMPLING_EDGES, random_edge_logits, random_edge_params
+from tests.util import (LOGIT_KINDS, SAMPLING_EDGES, assert_valid_samples, check_sample_function_edges, edge_sequence,
+                        random_edge_logits, random_edge_params)
 
 NAN, INF = float("nan"), float("inf")
 
@@ -61,9 +60,9 @@ def assert_one_line_error(error: InvalidRequestError, param: str) -> None:
     ({"min_tokens": 2**63, "max_tokens": None}, "min_tokens"),
     ({"n": 1.5}, "n"),
     ({"n": True}, "n"),
-    ({"logprobs": 21}, "logprobs"),
     ({"logprobs": 1.5}, "logprobs"),
-    ({"prompt_logprobs": -1}, "prompt_logprobs"),
+    ({"logprobs": "5"}, "logprobs"),
+    ({"prompt_logprobs": -2}, "prompt_logprobs"),
     ({"presence_penalty": NAN}, "presence_penalty"),
     ({"frequency_penalty": INF}, "frequency_penalty"),
     ({"repetition_penalty": 1e-38}, "repetition_penalty"),
@@ -155,34 +154,11 @@ def test_good_engine_config_values():
 VOCAB = 256
 
 
-def make_seq(rng: random.Random, params: SamplingParams, row: torch.Tensor) -> Sequence:
-    """A sequence whose history contains some of the row's unmasked tokens, so penalties hit them."""
-    allowed = torch.nonzero(row > float("-inf")).flatten().tolist()
-    prompt = [rng.randrange(VOCAB) for _ in range(rng.randint(1, 12))] + rng.sample(allowed, min(2, len(allowed)))
-    seq = Sequence("r", prompt, params, seed=params.seed)
-    seq.token_ids += [rng.randrange(VOCAB) for _ in range(rng.randint(0, 6))] + allowed[:1]
-    return seq
-
-
-def assert_valid(rows: torch.Tensor, tokens: list[int], results=None, kinds=None) -> None:
-    """Every token is in the vocabulary and, where the row has any finite or +inf logit, is one of them
-    (never a masked or NaN one); every returned logprob is finite."""
-    for i, token in enumerate(tokens):
-        assert 0 <= token < rows.shape[1], (i, token)
-        allowed = ~torch.isnan(rows[i]) & (rows[i] > float("-inf"))
-        if allowed.any():
-            assert allowed[token], (kinds and kinds[i], token, rows[i][token])
-        if results is not None and results[i].logprob is not None:
-            r = results[i]
-            assert math.isfinite(r.logprob) and r.logprob >= LOGPROB_FLOOR, r.logprob
-            assert all(math.isfinite(lp) and lp >= LOGPROB_FLOOR for _, lp in r.top_logprobs or [])
-
-
-def sample_cpu(rng: random.Random, params_list: list[SamplingParams], kinds: list[str]):
+def sample_cpu(rng: random.Random, params_list: list[SamplingParams], kinds: list[str]) -> None:
     rows = torch.stack([random_edge_logits(rng, kind, VOCAB) for kind in kinds])
-    seqs = [make_seq(rng, p, row) for p, row in zip(params_list, rows)]
+    seqs = [edge_sequence(rng, p, row) for p, row in zip(params_list, rows)]
     results = Sampler()(rows.clone(), seqs)
-    assert_valid(rows, [r.token_id for r in results], results, kinds)
+    assert_valid_samples(rows, [r.token_id for r in results], results)
 
 
 def test_cpu_sampler_survives_every_edge_value_on_every_kind_of_logits():
@@ -213,33 +189,14 @@ def test_cpu_sampler_edges_keep_their_meaning():
         p = SamplingParams(**({"temperature": 1.0} | kw), seed=rng.randrange(2**31))
         tokens = {Sampler()(logits.clone(), [Sequence("r", [1], p, seed=p.seed + i)])[0].token_id for i in range(20)}
         assert tokens == {top}, kw
-    base = torch.tensor([[1.0, 0.5, 2.0, -1.0, 0.0]])
-    p = SamplingParams(temperature=1.0, seed=5)
-    seq = Sequence("r", [1], p, seed=5)
-    counts = torch.bincount(torch.tensor([Sampler()(base.clone(), [seq])[0].token_id for _ in range(2000)]), minlength=5)
-    assert (counts / 2000 - torch.softmax(base[0], -1)).abs().max() < 0.04
+    base = torch.tensor([1.0, 0.5, 2.0, -1.0, 0.0])
+    seqs = [Sequence("r", [1], SamplingParams(temperature=1.0, seed=i), seed=i) for i in range(2000)]
+    tokens = [r.token_id for r in Sampler()(base.expand(2000, 5).clone(), seqs)]
+    assert (torch.bincount(torch.tensor(tokens), minlength=5) / 2000 - torch.softmax(base, -1)).abs().max() < 0.04
 
 
 def test_device_sample_function_survives_raw_edge_values_on_cpu():
-    """forge.kernels.sampling.sample (the CUDA sampler's math; its torch draw on CPU tensors) with the
-    raw edge values, including temperatures the engine would have made greedy."""
-    rng = random.Random(3)
-    kinds = list(LOGIT_KINDS) * 2
-    for name, options in SAMPLING_EDGES.items():
-        if name not in ("temperature", "top_p", "top_k", "min_p"):
-            continue
-        for value in options:
-            b = len(kinds)
-            rows = torch.stack([random_edge_logits(rng, kind, VOCAB) for kind in kinds])
-            kw = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0} | {name: value}
-            ids, chosen, top_ids, top_lps = sample(
-                rows.clone(), torch.full((b,), kw["temperature"], dtype=torch.float64),
-                torch.full((b,), max(0, min(kw["top_k"], VOCAB)), dtype=torch.int64),
-                torch.full((b,), kw["top_p"], dtype=torch.float64), torch.full((b,), kw["min_p"], dtype=torch.float64),
-                torch.arange(b, dtype=torch.int64) * 7919, torch.full((b,), 3, dtype=torch.int64), num_logprobs=3)
-            assert_valid(rows, ids.tolist(), kinds=kinds)
-            live = [i for i, k in enumerate(kinds) if k != "all_masked"]  # (an all-masked row has no distribution)
-            assert torch.isfinite(chosen[live]).all() and torch.isfinite(top_lps[live][:, 0]).all(), (name, value)
+    check_sample_function_edges("cpu")
 
 
 # -- prompts, contexts and the offline API --------------------------------------------------------------

@@ -149,3 +149,58 @@ def random_edge_logits(rng: random.Random, kind: str, vocab: int) -> torch.Tenso
     elif kind == "all_masked":
         row = torch.full((vocab,), float("-inf"))
     return row
+
+
+def edge_sequence(rng: random.Random, params, row: torch.Tensor):
+    """A Sequence whose history holds some of the row's unmasked tokens, so penalties hit them."""
+    from forge.sequence import Sequence
+
+    vocab = row.shape[-1]
+    allowed = torch.nonzero(row > float("-inf")).flatten().tolist()
+    prompt = [rng.randrange(vocab) for _ in range(rng.randint(1, 12))] + rng.sample(allowed, min(2, len(allowed)))
+    seq = Sequence("r", prompt, params, seed=params.seed)
+    seq.token_ids += [rng.randrange(vocab) for _ in range(rng.randint(0, 6))] + allowed[:1]
+    return seq
+
+
+def assert_valid_samples(rows: torch.Tensor, tokens: list[int], results=None) -> None:
+    """Every token is in the vocabulary and, where the row has any unmasked logit, is one of them (never
+    -inf or NaN); every returned logprob is finite and >= LOGPROB_FLOOR."""
+    import math
+
+    from forge.engine.sampler import LOGPROB_FLOOR
+
+    rows = rows.cpu()
+    for i, token in enumerate(tokens):
+        assert 0 <= token < rows.shape[1], (i, token)
+        allowed = rows[i] > float("-inf")  # (False for NaN)
+        if allowed.any():
+            assert allowed[token], (i, token, rows[i][token])
+        if results is not None and results[i].logprob is not None:
+            r = results[i]
+            assert math.isfinite(r.logprob) and r.logprob >= LOGPROB_FLOOR, r.logprob
+            assert all(math.isfinite(lp) and lp >= LOGPROB_FLOOR for _, lp in r.top_logprobs or [])
+
+
+def check_sample_function_edges(device: str, vocab: int = 256, seed: int = 3) -> None:
+    """forge.kernels.sampling.sample (the GPU sampler's math; its torch draw on CPU tensors) with the raw
+    edge values, including temperatures the engine would have made greedy, on every kind of row."""
+    from forge.kernels.sampling import sample
+
+    rng = random.Random(seed)
+    kinds = list(LOGIT_KINDS) * 2
+    b = len(kinds)
+    for name in ("temperature", "top_p", "top_k", "min_p"):
+        for value in SAMPLING_EDGES[name]:
+            rows = torch.stack([random_edge_logits(rng, kind, vocab) for kind in kinds])
+            kw = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0} | {name: value}
+            ids, chosen, _, top_lps = sample(
+                rows.to(device), torch.full((b,), kw["temperature"], dtype=torch.float64, device=device),
+                torch.full((b,), max(0, min(kw["top_k"], vocab)), dtype=torch.int64, device=device),
+                torch.full((b,), kw["top_p"], dtype=torch.float64, device=device),
+                torch.full((b,), kw["min_p"], dtype=torch.float64, device=device),
+                torch.arange(b, dtype=torch.int64, device=device) * 7919,
+                torch.full((b,), 3, dtype=torch.int64, device=device), num_logprobs=3)
+            assert_valid_samples(rows, ids.tolist())
+            live = [i for i, k in enumerate(kinds) if k != "all_masked"]  # (an all-masked row has no distribution)
+            assert torch.isfinite(chosen[live]).all() and torch.isfinite(top_lps[live][:, 0]).all(), (name, value)

@@ -84,7 +84,8 @@ class LLMEngine:
         # A single sequence must always fit, or preemption could never make room for it: an asked-for
         # length that does not fit is an error (as in vLLM), the default one is capped.
         if config.max_model_len is not None and config.max_model_len > num_blocks * config.block_size:
-            self.shutdown()
+            if self.tp is not None:
+                self.tp.shutdown()
             raise InvalidRequestError(
                 f"max_model_len {config.max_model_len} does not fit the KV cache of {num_blocks} blocks x "
                 f"{config.block_size} = {num_blocks * config.block_size} tokens; raise num_kv_blocks (or the memory "
