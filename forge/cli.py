@@ -1,4 +1,7 @@
-"""The `forge` command: generate, chat, serve, bench."""
+"""The `forge` command: generate, chat, serve, bench.
+
+Only argparse and forge's light modules load before a command runs: `--help`, `--version` and a bad
+flag answer in ~0.1 s, without importing torch or reading the model."""
 
 import argparse
 import logging
@@ -10,10 +13,17 @@ import time
 EXAMPLES = """examples:
   forge generate "The capital of France is"
   forge generate --chat "Write a haiku about the sea" --temperature 0.7 --seed 1
+  echo "The capital of France is" | forge generate
   forge chat --system "You are a pirate."
   forge serve --port 8000
   forge bench --batch-sizes 1 16
 """
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+CHAT_HELP = """commands:
+  /help    show these commands
+  /reset   forget the conversation (the system message stays)
+  /exit    quit (also /quit, Ctrl-D or Ctrl-C)
+Up/down arrows recall earlier lines. Start a message with // to send it with one leading /."""
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -21,8 +31,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", "-m", default=None, help="path to a .gguf file or an HF model directory "
                    "(default: the embedded SmolLM2-135M-Instruct Q4_1)")
     g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="compute dtype (auto: float32 on CPU, bfloat16 on CUDA)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "float", "bfloat16", "float16", "half"],
+                   help="compute dtype (auto: float32 on CPU, bfloat16 on CUDA; float = float32, half = float16)")
     g.add_argument("--max-model-len", type=int, default=None, help="context length cap (default: model's, at most 8192)")
     g.add_argument("--max-num-seqs", type=int, default=64, help="most sequences decoded together (default: 64)")
     g.add_argument("--max-num-batched-tokens", type=int, default=2048,
@@ -37,14 +47,22 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "(default: on for one CUDA device, off otherwise)")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="split the model over N GPUs (one process each, NCCL; default: 1)")
-    g.add_argument("--verbose", "-v", action="store_true", help="log engine details (KV blocks, backends)")
+    g.add_argument("--max-logprobs", type=int, default=20,
+                   help="most logprobs a request may ask for; -1 = the whole vocabulary (default: 20)")
+    g = p.add_argument_group("logging")
+    g.add_argument("--log-level", choices=LOG_LEVELS, default=None,
+                   help="forge's log level, and uvicorn's for `serve` (its access log is at info) "
+                        "(default: info for serve, warning otherwise)")
+    g.add_argument("--verbose", "-v", action="store_true", help="log engine details (KV blocks, backends): "
+                   "--log-level info")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 256) -> None:
     g = p.add_argument_group("sampling")
     g.add_argument("--max-tokens", type=int, default=max_tokens, help=f"most tokens to generate (default: {max_tokens})")
     g.add_argument("--temperature", "-t", type=float, default=0.0,
-                   help="0 = greedy (default); higher = more random")
+                   help="0 = greedy (the default here, so the same prompt gives the same text; the Python "
+                        "API and the server default to 1.0, as vLLM and OpenAI do); higher = more random")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the smallest set of tokens "
                    "whose probability reaches top_p (default: 1.0 = off)")
     g.add_argument("--top-k", type=int, default=0, help="keep only the k most likely tokens (default: 0 = off)")
@@ -64,6 +82,7 @@ def engine_config(args):
         num_kv_blocks=args.num_kv_blocks, gpu_memory_utilization=args.gpu_memory_utilization,
         enable_prefix_caching=not args.no_prefix_caching, enforce_eager=args.enforce_eager,
         async_scheduling=args.async_scheduling, tensor_parallel_size=getattr(args, "tensor_parallel_size", 1),
+        max_logprobs=args.max_logprobs,
     )
 
 
@@ -97,17 +116,30 @@ def stream(engine, prompt, params, out=sys.stdout) -> tuple[str, int, float]:
     return text, n, time.perf_counter() - start
 
 
-def cmd_generate(args) -> None:
-    config, params = engine_config(args), sampling_params(args)  # bad flags fail before torch and the model load
-    from forge.engine.llm_engine import LLMEngine
+def read_prompt(args) -> str:
+    """The prompt argument, else stdin without its trailing newlines (`echo ... | forge generate` gives
+    the same text as the argument, like the shell's $(...))."""
+    if args.prompt is not None:
+        return args.prompt
+    if sys.stdin.isatty():  # nothing piped in: say what we wait for instead of hanging silently
+        print("forge: type the prompt, then Ctrl-D on a new line (or pass it as an argument: "
+              "forge generate \"...\")", file=sys.stderr, flush=True)
+    return sys.stdin.read().rstrip("\r\n")
 
-    engine = LLMEngine(config)
-    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+
+def cmd_generate(args) -> None:
+    if args.system is not None and not args.chat:
+        raise UsageError("--system is the system message of a chat: add --chat (or drop --system)")
+    if args.echo and args.chat:
+        raise UsageError("--echo prints a plain prompt before its completion; it cannot be used with --chat")
+    config, params = engine_config(args), sampling_params(args)  # bad flags fail before torch and the model load
+    prompt = read_prompt(args)
+    engine = load_engine(config)
     if args.chat:
         tok = engine.tokenizer
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": prompt}]
         prompt = {"prompt_token_ids": tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True))}
-    if args.echo and isinstance(prompt, str):
+    if args.echo:
         sys.stdout.write(prompt)
     _, n, seconds = stream(engine, prompt, params)
     sys.stdout.write("\n")
@@ -116,8 +148,16 @@ def cmd_generate(args) -> None:
         print(f"[{n} tokens in {seconds:.2f} s: {n / seconds:.1f} tok/s]", file=sys.stderr)
 
 
+def load_engine(config):
+    from forge.engine.llm_engine import LLMEngine
+
+    return LLMEngine(config)
+
+
 class ChatSession:
-    """A conversation: each user turn is rendered with the whole history through the chat template."""
+    """A conversation: each user turn is rendered with the whole history through the chat template.
+    When the next turn no longer fits the context (with room for max_tokens), the oldest turns are
+    dropped first; the system message always stays."""
 
     def __init__(self, engine, params, system: str | None = None):
         self.engine, self.params, self.system = engine, params, system
@@ -126,16 +166,35 @@ class ChatSession:
     def reset(self) -> None:
         self.history = [{"role": "system", "content": self.system}] if self.system else []
 
-    def prompt_ids(self, user_message: str) -> list[int]:
+    def prompt_ids(self, user_message: str, history: list[dict] | None = None) -> list[int]:
         tok = self.engine.tokenizer
-        return tok.encode(tok.apply_chat_template(self.history + [{"role": "user", "content": user_message}]))
+        messages = (self.history if history is None else history) + [{"role": "user", "content": user_message}]
+        return tok.encode(tok.apply_chat_template(messages))
+
+    def fit(self, user_message: str) -> tuple[list[int], int]:
+        """(prompt ids of the next turn, how many old turns were dropped to make it fit); the history
+        is only shortened once the message is known to fit."""
+        first_turn = 1 if self.system else 0
+        room = self.engine.max_model_len - (self.params.max_tokens or 1)
+        history = list(self.history)
+        while len(ids := self.prompt_ids(user_message, history)) > room:
+            if len(history) <= first_turn:
+                from forge.errors import PromptTooLongError
+
+                raise PromptTooLongError(
+                    f"this message is {len(ids)} tokens with the chat template (and the system message) and the reply "
+                    f"may take {self.params.max_tokens}, but the context holds {self.engine.max_model_len}: shorten "
+                    f"it or lower --max-tokens", param="prompt")
+            del history[first_turn:first_turn + 2]  # the oldest user message and its reply
+        dropped = (len(self.history) - len(history)) // 2
+        self.history = history
+        return ids, dropped
 
     def send(self, user_message: str, out=sys.stdout) -> str:
-        ids = self.prompt_ids(user_message)
-        if len(ids) + (self.params.max_tokens or 0) > self.engine.max_model_len:
-            from forge.errors import PromptTooLongError
-
-            raise PromptTooLongError(f"the conversation ({len(ids)} tokens) no longer fits the context; /reset it")
+        ids, dropped = self.fit(user_message)
+        if dropped:
+            print(f"[the conversation no longer fit the context of {self.engine.max_model_len} tokens: dropped the "
+                  f"{dropped} oldest turn{'s' if dropped > 1 else ''}]", file=sys.stderr, flush=True)
         reply, _, _ = stream(self.engine, {"prompt_token_ids": ids}, self.params, out=out)
         self.history += [{"role": "user", "content": user_message}, {"role": "assistant", "content": reply}]
         return reply
@@ -143,25 +202,40 @@ class ChatSession:
 
 def cmd_chat(args) -> None:
     config, params = engine_config(args), sampling_params(args)  # bad flags fail before torch and the model load
-    from forge.engine.llm_engine import LLMEngine
     from forge.errors import InvalidRequestError
 
-    session = ChatSession(LLMEngine(config), params, args.system)
     interactive = sys.stdin.isatty()
     if interactive:
-        print("forge chat - /reset clears the history, /exit or Ctrl-D quits.", file=sys.stderr)
+        import readline  # noqa: F401  (input() then edits the line, and up/down recall earlier ones)
+    session = ChatSession(load_engine(config), params, args.system)
+    if interactive:
+        print("forge chat - /help lists the commands, /exit or Ctrl-D quits.", file=sys.stderr)
     while True:
         try:
             line = input("> " if interactive else "").strip()
-        except EOFError:
-            break
-        if line == "/exit":
-            break
-        if line == "/reset":
-            session.reset()
-        elif line:
+        except EOFError:  # Ctrl-D: leave the shell's prompt on a line of its own
+            if interactive:
+                print()
+            return
+        except KeyboardInterrupt:
+            print()
+            raise
+        if line.startswith("/") and not line.startswith("//"):
+            command = line.split()[0].lower()
+            if command in ("/exit", "/quit"):
+                return
+            if command == "/reset":
+                session.reset()
+                print("[conversation cleared]", file=sys.stderr)
+            elif command == "/help":
+                print(CHAT_HELP, file=sys.stderr)
+            else:  # a typo must not become a message to the model
+                print(f"unknown command {command}: /help lists the commands (// sends a message that starts with /)",
+                      file=sys.stderr)
+            continue
+        if line:
             try:
-                session.send(line)
+                session.send(line[1:] if line.startswith("//") else line)
                 print()
             except InvalidRequestError as e:
                 print(f"error: {e}", file=sys.stderr)
@@ -170,7 +244,7 @@ def cmd_chat(args) -> None:
 
 
 def cmd_serve(args) -> None:
-    from forge.validation import check_int
+    from forge.validation import check_float, check_int
 
     check_int(args.port, "port", 1, 65535)
     config = engine_config(args)  # bad flags fail before torch and the model load
@@ -180,10 +254,15 @@ def cmd_serve(args) -> None:
                           timeout_keep_alive=args.timeout_keep_alive, timeout_request_header=args.timeout_request_header,
                           timeout_request_body=args.timeout_request_body, shutdown_timeout=args.shutdown_timeout)
     allowed_hosts = [h for arg in args.allowed_hosts or [] for h in arg.split(",")]
+    check_float(args.log_stats_interval, "log_stats_interval", 0)
+    from forge.server.listen import bind_socket
+
+    sock = bind_socket(args.host, args.port)  # a port in use fails now, before torch and the model load
     from forge.server.api_server import serve
 
     serve(config, host=args.host, port=args.port, api_key=args.api_key, limits=limits,
-          allowed_hosts=allowed_hosts, served_model_name=args.served_model_name, ui=not args.no_ui)
+          allowed_hosts=allowed_hosts, served_model_name=args.served_model_name, ui=not args.no_ui,
+          log_level=args.log_level, log_stats_interval=args.log_stats_interval, sock=sock)
 
 
 def cmd_bench(args) -> None:
@@ -197,41 +276,49 @@ def cmd_bench(args) -> None:
     check_int(args.output_len, "output_len", 1)
     config = engine_config(args)  # bad flags fail before torch and the model load
     from forge import SamplingParams
-    from forge.engine.llm_engine import LLMEngine
 
-    engine = LLMEngine(config)
+    engine = load_engine(config)
     rng = random.Random(0)
     vocab = engine.model_config.vocab_size
-    print(f"{'batch':>6} {'prompt':>7} {'output':>7} {'seconds':>8} {'out tok/s':>10}")
+    params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
+    print(f"{'batch':>6} {'prompt':>7} {'output':>7} {'seconds':>8} {'out tok/s':>10}", flush=True)
     for batch in args.batch_sizes:
-        for rep in range(2):  # the first round warms up
-            params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
+        for timed in (False, True):  # the untimed round warms up (allocations, caches, CUDA graphs)
+            if not timed:
+                print(f"batch {batch}: warm-up round ({batch} x {args.prompt_len} prompt + {args.output_len} output "
+                      f"tokens, not timed)...", file=sys.stderr, flush=True)
             for _ in range(batch):
                 engine.add_request({"prompt_token_ids": [rng.randrange(vocab) for _ in range(args.prompt_len)]}, params)
             start = time.perf_counter()
             while engine.has_unfinished_requests():
-                engine.step()
+                engine.step(emit="finished")
             seconds = time.perf_counter() - start
-        print(f"{batch:>6} {args.prompt_len:>7} {args.output_len:>7} {seconds:>8.2f} {batch * args.output_len / seconds:>10.1f}")
+        print(f"{batch:>6} {args.prompt_len:>7} {args.output_len:>7} {seconds:>8.2f} {batch * args.output_len / seconds:>10.1f}",
+              flush=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="forge", description="forge: LLM inference for Llama-family models.",
                             epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from forge import __version__
+
+    parser.add_argument("--version", action="version", version=f"forge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,chat,serve,bench}")
 
     p = sub.add_parser("generate", help="complete a prompt, streaming the text", epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("prompt", nargs="?", default=None, help="the prompt (default: read stdin)")
+    p.add_argument("prompt", nargs="?", default=None,
+                   help="the prompt (default: read stdin, without its trailing newlines)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the model's chat template")
-    p.add_argument("--system", default=None, help="system message (with --chat)")
-    p.add_argument("--echo", action="store_true", help="print the prompt before the completion")
+    p.add_argument("--system", default=None, help="system message (needs --chat)")
+    p.add_argument("--echo", action="store_true", help="print the prompt before the completion (not with --chat)")
     p.add_argument("--stats", action="store_true", help="print tokens/s to stderr at the end")
     add_model_args(p)
     add_sampling_args(p)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("chat", help="interactive chat that keeps the conversation history")
+    p = sub.add_parser("chat", help="interactive chat that keeps the conversation history",
+                       description="Interactive chat. " + CHAT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--system", default=None, help="system message")
     add_model_args(p)
     add_sampling_args(p, max_tokens=512)
@@ -265,13 +352,19 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default: {d.shutdown_timeout:g})")
     p.add_argument("--served-model-name", default=None, help="model name clients use (default: the file's stem)")
     p.add_argument("--no-ui", action="store_true", help="do not serve the chat page at / (the API only)")
+    p.add_argument("--log-stats-interval", type=float, default=10.0, metavar="SECONDS",
+                   help="log a throughput line (running/waiting requests, prompt and generation tok/s, KV-cache "
+                        "use) every SECONDS while there is traffic, at info level; 0 = never (default: 10)")
     add_model_args(p)
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("bench", help="offline decode throughput on random prompts")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--output-len", type=int, default=64)
+    p = sub.add_parser("bench", help="offline decode throughput on random prompts",
+                       description="For each batch size: one untimed warm-up round, then a timed round of that many "
+                                   "random prompts, greedy, ignoring EOS; prints output tokens/s.")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16], metavar="N",
+                   help="requests generated together, one timed round each (default: 1 16)")
+    p.add_argument("--prompt-len", type=int, default=128, help="tokens in each random prompt (default: 128)")
+    p.add_argument("--output-len", type=int, default=64, help="tokens generated per request (default: 64)")
     add_model_args(p)
     p.set_defaults(func=cmd_bench)
     return parser
@@ -295,9 +388,14 @@ def _run(argv: list[str] | None) -> int:
         args = build_parser().parse_args(argv)
     except UsageError as e:
         return fail(str(e))
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.log_level is None:
+        args.log_level = "info" if args.verbose or args.command == "serve" else "warning"
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(asctime)s %(name)s: %(message)s",
+                        datefmt="%m-%d %H:%M:%S")
     try:
         args.func(args)
+    except UsageError as e:
+        return fail(str(e))
     except InvalidRequestError as e:
         flag = args.flags.get(e.param)
         return fail(f"{e} ({flag})" if flag else str(e))
@@ -314,7 +412,8 @@ def fail(message: str) -> int:
 
 
 class UsageError(Exception):
-    """A flag argparse could not parse (unknown flag, `--max-num-seqs abc`, ...)."""
+    """A flag argparse could not parse (unknown flag, `--max-num-seqs abc`, ...) or flags that do not
+    go together (`--system` without `--chat`)."""
 
 
 class ArgumentParser(argparse.ArgumentParser):

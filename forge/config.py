@@ -5,10 +5,12 @@ import re
 from dataclasses import dataclass, field
 
 from forge.errors import InvalidRequestError
+from forge.sampling_params import MAX_LOGPROBS
 from forge.validation import INT64_MAX, INT64_MIN, check_bool, check_float, check_int
 
 DEVICE_PATTERN = re.compile(r"cpu|cuda(:[0-9]+)?")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPE_ALIASES = {"half": "float16", "float": "float32"}  # vLLM's (and torch's) other names
 LOAD_FORMATS = ("auto", "dummy")
 
 
@@ -148,6 +150,7 @@ class EngineConfig:
     async_scheduling: bool | None = None
     tensor_parallel_size: int = 1  # > 1: one process per device (forge.distributed), rank 0 schedules
     seed: int = 0
+    max_logprobs: int = MAX_LOGPROBS  # most logprobs a request may ask for (-1: the whole vocabulary), as vLLM
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -167,8 +170,11 @@ class EngineConfig:
                                       param="load_format")
         if not isinstance(self.device, str) or not DEVICE_PATTERN.fullmatch(self.device):
             raise InvalidRequestError(f"device must be cpu, cuda or cuda:N, got {self.device!r}", param="device")
+        if isinstance(self.dtype, str) or type(self.dtype).__name__ == "dtype":  # a torch.dtype: "torch.float16"
+            self.dtype = DTYPE_ALIASES.get(str(self.dtype).removeprefix("torch."), str(self.dtype).removeprefix("torch."))
         if self.dtype not in DTYPES:
-            raise InvalidRequestError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}", param="dtype")
+            raise InvalidRequestError(f"dtype must be one of {', '.join(DTYPES)} (or half, float), got {self.dtype!r}",
+                                      param="dtype")
         if self.max_model_len is not None:  # room for one prompt token and one generated token
             self.max_model_len = check_int(self.max_model_len, "max_model_len", 2)
         self.block_size = check_int(self.block_size, "block_size", 1, 1024)
@@ -187,5 +193,7 @@ class EngineConfig:
         check_bool(self.async_scheduling, "async_scheduling", optional=True)
         self.tensor_parallel_size = check_int(self.tensor_parallel_size, "tensor_parallel_size", 1)
         self.seed = check_int(self.seed, "seed", INT64_MIN, INT64_MAX)
+        self.max_logprobs = check_int(self.max_logprobs, "max_logprobs (-1 = the whole vocabulary)", -1,
+                                      param="max_logprobs")
         if not isinstance(self.extra, dict):
             raise InvalidRequestError(f"extra must be a dict, got {type(self.extra).__name__}", param="extra")

@@ -10,7 +10,7 @@ from forge.validation import INT64_MAX, INT64_MIN, check_bool, check_float, chec
 GREEDY_TEMPERATURE = 1e-5
 # A factor below 1/100 or above 100 only drives seen tokens' logits to +-overflow; HF and vLLM use ~1-2.
 REPETITION_PENALTY_RANGE = (0.01, 100.0)
-MAX_LOGPROBS = 20  # OpenAI's top_logprobs limit
+MAX_LOGPROBS = 20  # the engine's default max_logprobs (vLLM's and OpenAI's top_logprobs limit)
 
 
 @dataclass
@@ -57,7 +57,9 @@ class SamplingParams:
     stop: list[str] | str | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
-    logprobs: int | None = None  # number of top logprobs per generated token (0 = just the chosen one)
+    # Top logprobs per generated token: 0 = just the chosen one, -1 = the whole vocabulary (vLLM's meaning).
+    # More than the engine's max_logprobs (default MAX_LOGPROBS) is refused when the request is added.
+    logprobs: int | None = None
     prompt_logprobs: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -101,7 +103,8 @@ class SamplingParams:
         self.min_tokens = check_int(self.min_tokens, "min_tokens", 0, self.max_tokens or INT64_MAX)
         for name in ("logprobs", "prompt_logprobs"):
             if getattr(self, name) is not None:
-                setattr(self, name, check_int(getattr(self, name), name, 0, MAX_LOGPROBS))
+                setattr(self, name, check_int(getattr(self, name), f"{name} (-1 = the whole vocabulary)", -1,
+                                              param=name))
         self.presence_penalty = check_float(self.presence_penalty, "presence_penalty", -2, 2)
         self.frequency_penalty = check_float(self.frequency_penalty, "frequency_penalty", -2, 2)
         self.repetition_penalty = check_float(self.repetition_penalty, "repetition_penalty", *REPETITION_PENALTY_RANGE)

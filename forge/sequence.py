@@ -71,6 +71,7 @@ class Sequence:
         self.stop_reason: int | str | None = None
         self.stop_text_cut: int | None = None  # length of the text kept after a stop string
         self.arrival_time = time.monotonic()
+        self.first_scheduled_time: float | None = None  # set by the scheduler (RequestOutput.metrics)
         self.first_token_time: float | None = None
         self.last_token_time: float | None = None
 

@@ -20,7 +20,7 @@ from forge.errors import InvalidRequestError, PromptTooLongError
         ({"top_k": -5}, "top_k"),
         ({"min_p": 2.0}, "min_p"),
         ({"n": 0}, "n"),
-        ({"logprobs": 50}, "logprobs"),
+        ({"logprobs": -5}, "logprobs"),
         ({"presence_penalty": 3.0}, "presence_penalty"),
         ({"repetition_penalty": 0.0}, "repetition_penalty"),
     ],

@@ -71,7 +71,7 @@ def llm():
 
 
 def chat(llm, text):
-    tok = llm.get_tokenizer()
+    tok = llm.llm_engine.tokenizer  # forge's own (get_tokenizer() is transformers-shaped)
     ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True))
     return {"prompt_token_ids": ids, "prompt": None}
 

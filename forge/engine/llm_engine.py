@@ -1,5 +1,6 @@
 """The engine loop: add requests, step (schedule -> run -> sample -> postprocess), emit outputs."""
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -15,7 +16,7 @@ from forge.engine.sampler import DeviceSampler, PendingSample, SampleResult, Sam
 from forge.engine.scheduler import Scheduler
 from forge.errors import InvalidRequestError, PromptTooLongError
 from forge.loader import load_model
-from forge.outputs import CompletionOutput, Logprob, RequestOutput
+from forge.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput, VocabLogprobs
 from forge.sampling_params import SamplingParams
 from forge.sequence import PLACEHOLDER, Sequence
 from forge.tokenizer import IncrementalDetokenizer
@@ -91,6 +92,7 @@ class LLMEngine:
                 f"{config.block_size} = {num_blocks * config.block_size} tokens; raise num_kv_blocks (or the memory "
                 f"for the cache) or lower max_model_len", param="max_model_len")
         self.max_model_len = min(self.max_model_len, num_blocks * config.block_size)
+        self.context_limit = _context_limit(config, context, self.max_model_len, num_blocks)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.sampler = DeviceSampler() if config.device.startswith("cuda") else Sampler()
@@ -152,6 +154,7 @@ class LLMEngine:
                                       param="request_id")
         text, ids = self.tokenize_prompt(prompt)
         self.validate_prompt(ids, params)
+        params = self._resolve_logprobs(params)
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
@@ -178,18 +181,37 @@ class LLMEngine:
             raise InvalidRequestError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})", param="prompt")
         if len(ids) >= self.max_model_len:
             raise PromptTooLongError(
-                f"prompt has {len(ids)} tokens but the model's context is {self.max_model_len} tokens", param="prompt"
+                f"prompt has {len(ids)} tokens but {self.context_limit}", param="prompt"
             )
         if params.max_tokens is not None and len(ids) + params.max_tokens > self.max_model_len:
             raise PromptTooLongError(
                 f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {len(ids) + params.max_tokens} "
-                f"exceeds the model's context of {self.max_model_len} tokens",
+                f"exceeds the context: {self.context_limit}",
                 param="max_tokens",
             )
         if len(ids) + params.min_tokens > self.max_model_len:  # (only reachable with max_tokens=None)
             raise PromptTooLongError(
                 f"prompt ({len(ids)} tokens) + min_tokens ({params.min_tokens}) = {len(ids) + params.min_tokens} "
-                f"exceeds the model's context of {self.max_model_len} tokens", param="min_tokens")
+                f"exceeds the context: {self.context_limit}", param="min_tokens")
+
+    def _resolve_logprobs(self, params: SamplingParams) -> SamplingParams:
+        """Check logprobs / prompt_logprobs against max_logprobs, as vLLM does; -1 (the whole vocabulary)
+        and anything beyond it become the vocabulary size, which the sampler takes as a plain count."""
+        vocab, limit = self.model_config.vocab_size, self.config.max_logprobs
+        resolved = {}
+        for name in ("logprobs", "prompt_logprobs"):
+            n = getattr(params, name)
+            if n is None:
+                continue
+            wanted = vocab if n == -1 else min(n, vocab)
+            if limit != -1 and wanted > limit:
+                asked = f"{name}=-1 (the whole vocabulary, {vocab} tokens)" if n == -1 else f"{name}={n}"
+                raise InvalidRequestError(f"{asked} is more than max_logprobs={limit}; raise it with "
+                                          f"LLM(max_logprobs=...) or --max-logprobs (-1 allows the whole vocabulary)",
+                                          param=name)
+            if wanted != n:
+                resolved[name] = wanted
+        return dataclasses.replace(params, **resolved) if resolved else params
 
     def make_structured_matcher(self, spec):
         from forge.structured import make_matcher
@@ -350,6 +372,10 @@ class LLMEngine:
 
     def _logprob_entries(self, logprobs: torch.Tensor, targets: list[int], top_n: int) -> list[dict[int, Logprob]]:
         """One {token id: Logprob} per row: the target token (with its exact rank) and the top_n."""
+        if top_n >= logprobs.shape[-1]:  # the whole vocabulary: each Logprob is made when it is read
+            ranked = torch.sort(logprobs, dim=-1, descending=True)
+            return [VocabLogprobs(list(zip(ids, lps)), self._decode_token)
+                    for ids, lps in zip(ranked.indices.tolist(), ranked.values.tolist())]
         target_lp = logprobs.gather(1, torch.tensor(targets, device=logprobs.device)[:, None]).squeeze(1)
         ranks = (logprobs > target_lp[:, None]).sum(-1) + 1
         top = torch.topk(logprobs, top_n, dim=-1) if top_n else None
@@ -379,15 +405,18 @@ class LLMEngine:
         seq.last_token_time = now
         if result.logprob is not None:
             seq.cumulative_logprob += result.logprob
-            entry = {token: Logprob(result.logprob, 0, self.tokenizer.decode([token], skip_special_tokens=False))}
-            for rank, (tid, lp) in enumerate(result.top_logprobs or [], start=1):
-                if tid == token:
-                    entry[token].rank = rank
-                else:
-                    entry[tid] = Logprob(lp, rank, self.tokenizer.decode([tid], skip_special_tokens=False))
-            if entry[token].rank == 0:
-                entry[token].rank = -1  # not among the top-n; exact rank not computed
-            seq.output_logprobs.append(entry)
+            if p.logprobs >= self.model_config.vocab_size:  # the whole vocabulary: each Logprob is made when read
+                seq.output_logprobs.append(VocabLogprobs(result.top_logprobs, self._decode_token))
+            else:
+                entry = {token: Logprob(result.logprob, 0, self._decode_token(token))}
+                for rank, (tid, lp) in enumerate(result.top_logprobs or [], start=1):
+                    if tid == token:
+                        entry[token].rank = rank
+                    else:
+                        entry[tid] = Logprob(lp, rank, self._decode_token(tid))
+                if entry[token].rank == 0:
+                    entry[token].rank = -1  # not among the top-n; exact rank not computed
+                seq.output_logprobs.append(entry)
         if seq.structured is not None:
             seq.structured.push(token)  # the grammar advances during the next step's forward pass
         enough = seq.num_output_tokens >= p.min_tokens
@@ -412,6 +441,9 @@ class LLMEngine:
         if seq.num_tokens >= self.max_model_len:
             return self._finish(seq, "length", None)
 
+    def _decode_token(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
     def _finish(self, seq: Sequence, reason: str, stop_reason) -> None:
         seq.finish_reason = reason
         seq.stop_reason = stop_reason
@@ -431,8 +463,7 @@ class LLMEngine:
                     stop_reason=seq.stop_reason,
                 )
             )
-        first = [s.first_token_time for s in req.seqs if s.first_token_time]
-        metrics = {"arrival_time": req.arrival_time, "first_token_time": min(first) if first else None}
+        metrics = _request_metrics(req)
         return RequestOutput(
             request_id=req.request_id,
             prompt=req.prompt,
@@ -458,3 +489,35 @@ class LLMEngine:
 
     def num_waiting(self) -> int:
         return len(self.scheduler.waiting)
+
+
+
+# The engine times with time.monotonic(); metrics report seconds since the epoch, as vLLM's do.
+_EPOCH_OFFSET = time.time() - time.monotonic()
+
+
+def _request_metrics(req: Request) -> RequestMetrics:
+    def epoch(times: list[float | None], pick) -> float | None:
+        known = [t for t in times if t is not None]
+        return pick(known) + _EPOCH_OFFSET if known else None
+
+    last_token = epoch([s.last_token_time for s in req.seqs], max)
+    return RequestMetrics(
+        arrival_time=req.arrival_time + _EPOCH_OFFSET,
+        first_scheduled_time=epoch([s.first_scheduled_time for s in req.seqs], min),
+        first_token_time=epoch([s.first_token_time for s in req.seqs], min),
+        last_token_time=last_token,
+        finished_time=last_token if req.finished else None,
+    )
+
+
+def _context_limit(config: EngineConfig, model_context: int, max_model_len: int, num_kv_blocks: int) -> str:
+    """What sets max_model_len, for messages: a request that does not fit is told which setting to change."""
+    if max_model_len == num_kv_blocks * config.block_size and max_model_len < (config.max_model_len or model_context):
+        return (f"the KV cache holds {max_model_len} tokens ({num_kv_blocks} block{'s' * (num_kv_blocks > 1)} of "
+                f"{config.block_size}; raise num_kv_blocks or the memory for the cache)")
+    if config.max_model_len is not None:
+        return f"max_model_len is {max_model_len} tokens"
+    if max_model_len < model_context:
+        return f"the context is {max_model_len} tokens (forge's default cap; the model's is {model_context}: raise max_model_len)"
+    return f"the model's context is {max_model_len} tokens"

@@ -7,6 +7,7 @@ sequence is preempted: its blocks are freed and it recomputes from the start whe
 prefix cache usually gives most of them back).
 """
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -110,6 +111,8 @@ class Scheduler:
             bm.allocate(seq, cached)
             bm.append_slots(seq, n)
             seq.status = SequenceStatus.RUNNING
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = time.monotonic()
             self.running.append(seq)
             out.scheduled.append(ScheduledSeq(seq, n))
             budget -= n

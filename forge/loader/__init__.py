@@ -43,7 +43,7 @@ def load_model(path: str | os.PathLike | None = None, load_format: str = "auto",
         raise ModelLoadError("model path is empty: pass a .gguf file or an HF model directory")
     p = Path(path) if path is not None else default_model_path()
     if not p.exists():
-        raise ModelLoadError(f"model not found: {p}")
+        raise ModelLoadError(f"model not found: {p}{_hub_id_hint(str(path))}")
     if load_format == "dummy":
         from forge.loader.safetensors import load_hf_config
         from forge.tokenizer import Tokenizer
@@ -62,6 +62,15 @@ def load_model(path: str | os.PathLike | None = None, load_format: str = "auto",
 
         return load_gguf(p, shard)
     raise ModelLoadError(f"{p} is neither a .gguf file nor an HF model directory")
+
+
+def _hub_id_hint(name: str) -> str:
+    """For a missing path shaped like a model-hub id ("org/name"): forge does not download, say how to get it."""
+    if name.count("/") != 1 or name.startswith((".", "/", "~")) or name.endswith((".gguf", "/")):
+        return ""
+    return (f" ({name!r} looks like a model-hub id, but forge never downloads models: fetch it first, e.g. "
+            f"`huggingface-cli download {name} --local-dir DIR` (an HF directory) or a .gguf file, and pass that local "
+            f"path)")
 
 
 def _has_gguf_magic(p: Path) -> bool:

@@ -9,11 +9,13 @@ lists every limit and what a client sees when it triggers.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import json
 import logging
 import os
+import socket
 import time
 from collections.abc import Iterable
 from contextlib import asynccontextmanager
@@ -29,6 +31,7 @@ from forge.config import EngineConfig
 from forge.errors import InvalidRequestError
 from forge.server.async_engine import AsyncEngine
 from forge.server.limits import ServerConfigError, ServerLimits
+from forge.server.listen import bind_socket
 from forge.server.metrics import ServerMetrics
 from forge.server.protocol import (
     MAX_BODY_BYTES,
@@ -39,6 +42,7 @@ from forge.server.protocol import (
     validate,
 )
 from forge.server.serving import OpenAIServing
+from forge.server.stats_log import StatsLogger
 from forge.server.ui import mount_ui
 
 logger = logging.getLogger("forge.server")
@@ -89,7 +93,8 @@ def allowed_host_names(bind_host: str, allowed_hosts: Iterable[str] = ()) -> fro
 
 def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | None = None,
               max_waiting: int = ServerLimits.max_waiting, max_body_bytes: int = MAX_BODY_BYTES, ui: bool = True,
-              bind_host: str = "127.0.0.1", allowed_hosts: Iterable[str] = ()) -> FastAPI:
+              bind_host: str = "127.0.0.1", allowed_hosts: Iterable[str] = (),
+              log_stats_interval: float = 0) -> FastAPI:
     if api_key is not None and not api_key.strip():
         raise ServerConfigError("the API key is empty: give a non-empty key, or None to serve without auth")
     metrics = async_engine.metrics or ServerMetrics()
@@ -102,7 +107,11 @@ def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         async_engine.start()
+        stats_task = asyncio.create_task(StatsLogger(async_engine, log_stats_interval).run()) \
+            if log_stats_interval > 0 else None
         yield
+        if stats_task is not None:
+            stats_task.cancel()
         async_engine.shutdown()
 
     app = FastAPI(title="forge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
@@ -302,18 +311,25 @@ class _CountRequests:
 
 def serve(engine_config: EngineConfig, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           served_model_name: str | None = None, log_level: str = "info", limits: ServerLimits = ServerLimits(),
-          allowed_hosts: Iterable[str] = (), ui: bool = True) -> None:
+          allowed_hosts: Iterable[str] = (), ui: bool = True, log_stats_interval: float = 10.0,
+          sock: socket.socket | None = None) -> None:
     """Load the model and serve it until SIGTERM/SIGINT (what `forge serve` runs). `api_key` None
-    falls back to $FORGE_API_KEY."""
+    falls back to $FORGE_API_KEY. log_stats_interval: seconds between throughput lines (0: none).
+    sock: a listening socket on host:port (forge.server.listen.bind_socket), else one is opened here."""
     api_key = resolve_api_key(api_key)  # before the model loads: a bad key fails at once
+    sock = sock or bind_socket(host, port)  # and so does a port in use
     from forge.engine.llm_engine import LLMEngine
     from forge.server.uvicorn_server import make_server, raise_open_file_limit
 
-    engine = LLMEngine(engine_config)
+    try:
+        engine = LLMEngine(engine_config)
+    except BaseException:
+        sock.close()
+        raise
     try:
         name = served_model_name or default_model_name(engine.model_path)
         app = build_app(AsyncEngine(engine), name, api_key=api_key, max_waiting=limits.max_waiting,
-                        ui=ui, bind_host=host, allowed_hosts=allowed_hosts)
+                        ui=ui, bind_host=host, allowed_hosts=allowed_hosts, log_stats_interval=log_stats_interval)
         if not _is_loopback(_normalize_host(host)) and api_key is None:
             logger.warning("serving on %s without an API key: anyone who can reach this address can use the model",
                            host)
@@ -321,6 +337,7 @@ def serve(engine_config: EngineConfig, host: str = "127.0.0.1", port: int = 8000
         server = make_server(app, limits, on_drain=app.state.serving.begin_shutdown,
                              on_abort=app.state.serving.abort_all, host=host, port=port, log_level=log_level)
         print(f"forge: serving {name!r} (context {engine.max_model_len} tokens) on http://{host}:{port}/v1", flush=True)
-        server.run()
+        server.run(sockets=[sock])
     finally:
+        sock.close()
         engine.shutdown()  # tensor-parallel workers, if any
