@@ -201,3 +201,18 @@ def test_vocab_logprobs_reads_like_a_dict():
     assert list(entry) == [5, 9, 1] and len(entry) == 3 and 9 in entry and 4 not in entry
     assert entry[1] == Logprob(-3.0, 3, "<1>") and entry.get(4) is None
     assert dict(entry) == {5: Logprob(-0.1, 1, "<5>"), 9: Logprob(-2.5, 2, "<9>"), 1: Logprob(-3.0, 3, "<1>")}
+
+
+def test_a_hub_id_gets_a_hint(tmp_path, monkeypatch):
+    from forge.errors import ModelLoadError
+    from forge.loader import load_model
+
+    monkeypatch.chdir(tmp_path)  # (nothing named HuggingFaceTB/ here)
+    with pytest.raises(ModelLoadError, match=r"model not found: HuggingFaceTB/SmolLM2-135M-Instruct \('HuggingFaceTB/"
+                                             r"SmolLM2-135M-Instruct' looks like a model-hub id, but forge never "
+                                             r"downloads models: fetch it first, e.g. `huggingface-cli download"):
+        load_model("HuggingFaceTB/SmolLM2-135M-Instruct")
+    for path in ("missing.gguf", "./org/name", str(tmp_path / "a" / "b")):  # plain paths: no hint
+        with pytest.raises(ModelLoadError) as e:
+            load_model(path)
+        assert "hub id" not in str(e.value)
