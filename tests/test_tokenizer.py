@@ -10,7 +10,7 @@ import pytest
 from forge.errors import InvalidRequestError, UnsupportedModelError
 from forge.tokenizer import IncrementalDetokenizer, Tokenizer
 
-REFERENCE = pathlib.Path("/work/shared/reference/smollm2_135m_q4_1_greedy.json")
+from tests.conftest import REFERENCE
 
 
 def _smollm2_gguf_path() -> pathlib.Path:
