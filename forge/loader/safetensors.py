@@ -1,6 +1,8 @@
 """HF model directories: config.json + *.safetensors (single or sharded) + tokenizer files."""
 
 import json
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -10,6 +12,7 @@ from safetensors.torch import save_file
 from forge.config import ModelConfig
 from forge.distributed.sharding import tensor_sharder
 from forge.errors import ModelLoadError
+from forge.loader.progress import load_progress
 
 
 def load_hf_config(path: Path) -> ModelConfig:
@@ -36,19 +39,29 @@ def load_hf_dir(path: Path, shard: tuple[int, int] | None = None):
         raise ModelLoadError(f"{path} has no .safetensors files")
     cut = tensor_sharder(config, shard)
     weights: dict[str, torch.Tensor] = {}
-    for f in files:
-        try:
-            with safe_open(f, framework="pt") as st:
-                for name in st.keys():
-                    weights[name] = cut(name, st.get_tensor(name))
-        except Exception as e:
-            raise ModelLoadError(f"cannot read {f}: {e}".split("\n")[0]) from None
+    with ThreadPoolExecutor(1) as background, ExitStack() as files_open:
+        # The tokenizer is built while the tensors are read (the Rust tokenizer and the copies release the GIL).
+        tokenizer = background.submit(Tokenizer.from_hf_dir, path)
+        opened = []
+        for f in files:  # (headers only: the tensor count for the progress bar)
+            try:
+                opened.append((f, files_open.enter_context(safe_open(f, framework="pt"))))
+            except Exception as e:
+                raise ModelLoadError(f"cannot read {f}: {e}".split("\n")[0]) from None
+        with load_progress(sum(len(st.keys()) for _, st in opened), path) as bar:
+            for f, st in opened:
+                try:
+                    for name in st.keys():
+                        weights[name] = cut(name, st.get_tensor(name))
+                        bar.update()
+                except Exception as e:
+                    raise ModelLoadError(f"cannot read {f}: {e}".split("\n")[0]) from None
+        tokenizer = tokenizer.result()
     if "lm_head.weight" not in weights:
         config.tie_word_embeddings = True
     from forge.loader.gguf import _check_complete
 
     _check_complete(weights, config, path)
-    tokenizer = Tokenizer.from_hf_dir(path)
     return LoadedModel(config=config, weights=weights, tokenizer=tokenizer, path=path, shard=shard)
 
 
