@@ -49,6 +49,14 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="split the model over N GPUs (one process each, NCCL; default: 1)")
     g.add_argument("--max-logprobs", type=int, default=20,
                    help="most logprobs a request may ask for; -1 = the whole vocabulary (default: 20)")
+    g.add_argument("--quantization", "-q", default="auto", choices=["auto", "none", "int8", "int4"],
+                   help="CPU weights: auto keeps a GGUF's quantized blocks quantized (4-bit kernels); none "
+                        "dequantizes to float (exact); int8/int4 quantize float weights at load (default: auto)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="CPU compute threads (default: physical cores - 1, at least 1)")
+    g.add_argument("--kv-cache-memory", default=None,
+                   help="CPU KV-cache size: bytes, or e.g. 512MiB, 2GB (default: max-model-len x min(max-num-seqs, "
+                        "8) tokens, at most 1/4 of RAM; pages are used as sequences fill them)")
     g = p.add_argument_group("logging")
     g.add_argument("--log-level", choices=LOG_LEVELS, default=None,
                    help="forge's log level, and uvicorn's for `serve` (its access log is at info) "
@@ -82,7 +90,8 @@ def engine_config(args):
         num_kv_blocks=args.num_kv_blocks, gpu_memory_utilization=args.gpu_memory_utilization,
         enable_prefix_caching=not args.no_prefix_caching, enforce_eager=args.enforce_eager,
         async_scheduling=args.async_scheduling, tensor_parallel_size=getattr(args, "tensor_parallel_size", 1),
-        max_logprobs=args.max_logprobs,
+        max_logprobs=args.max_logprobs, quantization=args.quantization, threads=args.threads,
+        kv_cache_memory=args.kv_cache_memory,
     )
 
 

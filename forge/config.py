@@ -12,6 +12,7 @@ DEVICE_PATTERN = re.compile(r"cpu|cuda(:[0-9]+)?")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DTYPE_ALIASES = {"half": "float16", "float": "float32"}  # vLLM's (and torch's) other names
 LOAD_FORMATS = ("auto", "dummy")
+QUANTIZATION_MODES = ("auto", "none", "int8", "int4")  # forge.quant
 
 
 @dataclass
@@ -128,6 +129,25 @@ class ModelConfig:
         return d
 
 
+_MEMORY_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+                 "kib": 2**10, "mib": 2**20, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+_MEMORY_SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?(?:e[0-9]+)?)\s*([a-z]*)\s*")
+
+
+def parse_memory_size(value, name: str) -> int:
+    """Bytes as an int, or a string such as "512MiB", "1.5GB", "2g" (k/m/g/t = powers of 1000, kib/mib/gib
+    = powers of 1024), as a positive int of bytes; one-line InvalidRequestError otherwise."""
+    if isinstance(value, str):
+        match = _MEMORY_SIZE.fullmatch(value.lower())
+        if match and match.group(2) in _MEMORY_UNITS:
+            size = float(match.group(1)) * _MEMORY_UNITS[match.group(2)]
+            if size >= 1:
+                return int(size)
+        raise InvalidRequestError(f"{name} must be a size in bytes such as 536870912, 512MiB or 2GB, got {value!r}",
+                                  param=name)
+    return check_int(value, f"{name} (bytes)", 1, param=name)
+
+
 @dataclass
 class EngineConfig:
     """How the engine runs a model: device, memory and batching limits."""
@@ -138,8 +158,10 @@ class EngineConfig:
     dtype: str = "auto"  # auto = float32 on CPU, bfloat16 on CUDA
     max_model_len: int | None = None  # defaults to min(model context, 8192)
     block_size: int = 16
-    num_kv_blocks: int | None = None  # None = sized from kv_cache_memory_gb / gpu_memory_utilization
-    cpu_kv_cache_gb: float = 1.0
+    num_kv_blocks: int | None = None  # None = sized from kv_cache_memory (CPU) / gpu_memory_utilization (CUDA)
+    # CPU KV cache: bytes or "512MiB"/"2GB"; None = max_model_len x min(max_num_seqs, 8) tokens, at most 1/4 of RAM
+    kv_cache_memory: int | str | None = None
+    threads: int | None = None  # CPU compute threads; None = physical cores - 1 (at least 1), see forge.engine.model_runner
     gpu_memory_utilization: float = 0.90
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
@@ -149,6 +171,8 @@ class EngineConfig:
     # work overlaps the GPU. None = on for a single CUDA device (it gains nothing on the CPU).
     async_scheduling: bool | None = None
     tensor_parallel_size: int = 1  # > 1: one process per device (forge.distributed), rank 0 schedules
+    # auto: GGUF blocks stay quantized on the CPU; none: dequantize (exact); int8/int4: quantize at load (forge.quant)
+    quantization: str = "auto"
     seed: int = 0
     max_logprobs: int = MAX_LOGPROBS  # most logprobs a request may ask for (-1: the whole vocabulary), as vLLM
     extra: dict = field(default_factory=dict)
@@ -182,7 +206,10 @@ class EngineConfig:
             raise InvalidRequestError(f"block_size must be a power of two, got {self.block_size}", param="block_size")
         if self.num_kv_blocks is not None:
             self.num_kv_blocks = check_int(self.num_kv_blocks, "num_kv_blocks", 1)
-        self.cpu_kv_cache_gb = check_float(self.cpu_kv_cache_gb, "cpu_kv_cache_gb", 0, lo_open=True)
+        if self.kv_cache_memory is not None:
+            self.kv_cache_memory = parse_memory_size(self.kv_cache_memory, "kv_cache_memory")
+        if self.threads is not None:
+            self.threads = check_int(self.threads, "threads", 1, 1024)
         self.gpu_memory_utilization = check_float(self.gpu_memory_utilization, "gpu_memory_utilization", 0, 1,
                                                   lo_open=True)
         # 0 would schedule nothing and spin forever
@@ -193,6 +220,12 @@ class EngineConfig:
         check_bool(self.async_scheduling, "async_scheduling", optional=True)
         self.tensor_parallel_size = check_int(self.tensor_parallel_size, "tensor_parallel_size", 1)
         self.seed = check_int(self.seed, "seed", INT64_MIN, INT64_MAX)
+        if self.quantization not in QUANTIZATION_MODES:
+            raise InvalidRequestError(f"quantization must be one of {', '.join(QUANTIZATION_MODES)}, got "
+                                      f"{self.quantization!r}", param="quantization")
+        if self.quantization in ("int8", "int4") and self.device.startswith("cuda"):
+            raise InvalidRequestError(f"quantization {self.quantization!r} runs on the CPU only (CUDA computes in "
+                                      f"bfloat16: use auto or none)", param="quantization")
         self.max_logprobs = check_int(self.max_logprobs, "max_logprobs (-1 = the whole vocabulary)", -1,
                                       param="max_logprobs")
         if not isinstance(self.extra, dict):

@@ -52,7 +52,8 @@ class LLM:
 
     Keyword arguments are EngineConfig fields (device, dtype, max_model_len, max_num_seqs,
     max_num_batched_tokens, num_kv_blocks, gpu_memory_utilization, enforce_eager, enable_prefix_caching,
-    tensor_parallel_size, max_logprobs, ...). vLLM's other common engine arguments are accepted too:
+    tensor_parallel_size, max_logprobs, quantization, threads, kv_cache_memory, ...). vLLM's other common
+    engine arguments are accepted too:
     `tokenizer` (it must be the model itself: forge uses the tokenizer stored with the model), `seed`
     (requests without their own seed draw reproducible ones from it), and those in _NOT_APPLICABLE,
     which warn once when set to anything but vLLM's default. `dtype` takes torch dtypes and vLLM's names

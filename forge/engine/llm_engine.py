@@ -16,6 +16,7 @@ from forge.engine.sampler import DeviceSampler, PendingSample, SampleResult, Sam
 from forge.engine.scheduler import Scheduler
 from forge.errors import InvalidRequestError, PromptTooLongError
 from forge.loader import load_model
+from forge.quant import keeps_gguf_quantized
 from forge.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput, VocabLogprobs
 from forge.sampling_params import SamplingParams
 from forge.sequence import PLACEHOLDER, Sequence
@@ -56,7 +57,8 @@ class LLMEngine:
             raise InvalidRequestError("--device cuda was asked for but torch sees no CUDA GPU", param="device")
         tp_size = config.tensor_parallel_size
         # Rank 0's slice only: each tensor is cut as it is read (the workers do the same for theirs).
-        loaded = load_model(config.model, config.load_format, shard=(0, tp_size) if tp_size > 1 else None)
+        loaded = load_model(config.model, config.load_format, shard=(0, tp_size) if tp_size > 1 else None,
+                            keep_quantized=keeps_gguf_quantized(config.quantization, config.device, tp_size > 1))
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
         self.model_path = loaded.path

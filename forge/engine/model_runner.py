@@ -1,6 +1,7 @@
 """Runs one scheduled step: builds the flat input tensors, runs the model, returns sampling logits."""
 
 import logging
+import os
 
 import numpy as np
 import torch
@@ -65,6 +66,22 @@ class HostStager:
         return out
 
 
+def default_cpu_threads() -> int:
+    """Physical cores of this process's CPUs, minus one (at least 1). One core is left to the
+    rest of the machine: on a busy 2-core machine, torch with 2 threads ran 4-10x slower than with 1
+    (each op's threads wait for a descheduled partner; benchmarks/cpu_generate.py measures both),
+    and vLLM's CPU backend likewise keeps a core for the serving process."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    cores = set()
+    for cpu in cpus:
+        try:
+            topology = f"/sys/devices/system/cpu/cpu{cpu}/topology/"
+            cores.add((open(topology + "physical_package_id").read().strip(), open(topology + "core_id").read().strip()))
+        except OSError:  # no sysfs topology: count logical CPUs
+            cores.add(cpu)
+    return max(1, len(cores) - 1)
+
+
 class ModelRunner:
     def __init__(self, model_config: ModelConfig, weights: dict, config: EngineConfig, max_model_len: int, tp=None,
                  weights_sharded: bool = False):
@@ -75,11 +92,13 @@ class ModelRunner:
         self.block_size = config.block_size
         self.max_model_len = max_model_len
         self.ops = get_ops(config.device)
+        if self.device.type == "cpu":
+            torch.set_num_threads(config.threads or default_cpu_threads())
         self.stager = HostStager(self.device)
         self.tp = tp  # forge.distributed.TPGroup (tensor parallelism) or None
         self.step_hook = None  # rank 0 of tensor parallelism: broadcasts each step to the workers
         self.model = LlamaModel(model_config, weights, self.ops, config.device, self.dtype, max_model_len, tp=tp,
-                                weights_sharded=weights_sharded)
+                                weights_sharded=weights_sharded, quantization=config.quantization)
         self.activation_peak_bytes = self._profile_activations() if self.device.type == "cuda" else 0
         self.num_kv_blocks = self._plan_kv_blocks()
         if tp is not None:  # every rank keeps the same number of blocks (the smallest plan)
@@ -97,6 +116,15 @@ class ModelRunner:
     def _allocate_kv_caches(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         c = self.model_config
         shape = (num_blocks, self.block_size, self.model.num_kv_heads, c.head_dim)  # this rank's KV heads
+        if self.device.type == "cpu":
+            # Left unwritten, a block's pages join the resident set only when a sequence first uses it.
+            # Only written slots are read, except padding, which reads block 0: zeroed (CpuOps._decode_slots).
+            caches = [(torch.empty(shape, dtype=self.dtype), torch.empty(shape, dtype=self.dtype))
+                      for _ in range(c.num_layers)]
+            for k, v in caches:
+                k[0].zero_()
+                v[0].zero_()
+            return caches
         return [
             (torch.zeros(shape, dtype=self.dtype, device=self.device), torch.zeros(shape, dtype=self.dtype, device=self.device))
             for _ in range(c.num_layers)
@@ -135,6 +163,14 @@ class ModelRunner:
         c = self.model_config
         return 2 * c.num_layers * self.block_size * self.model.num_kv_heads * c.head_dim * self.dtype.itemsize
 
+    def _default_cpu_kv_bytes(self) -> int:
+        """max_model_len tokens for each of min(max_num_seqs, 8) sequences (CPU batches past ~8-16 stop
+        paying), at most a quarter of the machine's memory; unwritten blocks cost no RSS."""
+        tokens = self.max_model_len * min(self.config.max_num_seqs, 8)
+        per_token = self.kv_block_bytes // self.block_size
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return min(tokens * per_token, ram // 4)
+
     def _plan_kv_blocks(self) -> int:
         if self.config.num_kv_blocks:
             return self.config.num_kv_blocks
@@ -144,7 +180,7 @@ class ModelRunner:
             free, total = torch.cuda.mem_get_info(self.device)
             budget = free - (1 - self.config.gpu_memory_utilization) * total - self.activation_peak_bytes * 1.1
         else:
-            budget = self.config.cpu_kv_cache_gb * 2**30
+            budget = self.config.kv_cache_memory or self._default_cpu_kv_bytes()
         # Never more than every sequence at full length could use.
         cap = self.config.max_num_seqs * -(-self.max_model_len // self.block_size)
         return max(1, min(int(budget // self.kv_block_bytes), cap))

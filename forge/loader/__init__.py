@@ -14,7 +14,7 @@ from forge.errors import ModelLoadError
 @dataclass
 class LoadedModel:
     config: ModelConfig
-    weights: dict[str, torch.Tensor]
+    weights: dict[str, torch.Tensor]  # matrices may be forge.quant.GroupQuantized (load_model(keep_quantized=True))
     tokenizer: "object"  # forge.tokenizer.Tokenizer
     path: Path
     shard: tuple[int, int] | None = None  # (rank, world size): weights hold only that tensor-parallel slice
@@ -34,11 +34,12 @@ def default_model_path() -> Path:
 
 
 def load_model(path: str | os.PathLike | None = None, load_format: str = "auto",
-               shard: tuple[int, int] | None = None) -> LoadedModel:
+               shard: tuple[int, int] | None = None, keep_quantized: bool = False) -> LoadedModel:
     """Load config, weights and tokenizer. load_format="dummy" skips the weights (weights == {}):
     the model is then initialised with random values of the right shape, like vLLM's dummy format.
     shard=(rank, world_size): keep only that tensor-parallel rank's slice of each weight, cut as
-    each tensor is read (peak host memory: the slice plus one full tensor, not the checkpoint)."""
+    each tensor is read (peak host memory: the slice plus one full tensor, not the checkpoint).
+    keep_quantized: a GGUF's block-quantized matrices come back as forge.quant.GroupQuantized."""
     if path is not None and not str(path).strip():  # Path("") would be ".", the current directory
         raise ModelLoadError("model path is empty: pass a .gguf file or an HF model directory")
     p = Path(path) if path is not None else default_model_path()
@@ -60,7 +61,7 @@ def load_model(path: str | os.PathLike | None = None, load_format: str = "auto",
     if p.suffix == ".gguf" or _has_gguf_magic(p):
         from forge.loader.gguf import load_gguf
 
-        return load_gguf(p, shard)
+        return load_gguf(p, shard, keep_quantized=keep_quantized)
     raise ModelLoadError(f"{p} is neither a .gguf file nor an HF model directory")
 
 

@@ -12,6 +12,8 @@ from gguf.quants import dequantize
 from forge.config import ModelConfig
 from forge.distributed.sharding import tensor_sharder
 from forge.errors import ModelLoadError, UnsupportedModelError
+from forge.quant.gguf import EXACT_TYPES, REQUANTIZED_TYPES, decode_blocks
+from forge.quant.layouts import GROUP, GroupQuantized
 
 SUPPORTED_TYPES = {
     Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K,
@@ -92,6 +94,9 @@ def config_from_metadata(meta: dict) -> ModelConfig:
 
 def unpermute_qk(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     """Undo llama.cpp's Q/K row permutation (interleaved RoPE pairs) back to HF's half-split layout."""
+    if isinstance(weight, GroupQuantized):  # a row permutation: the same for codes, scales and offsets
+        return GroupQuantized(unpermute_qk(weight.codes, num_heads), unpermute_qk(weight.scale, num_heads),
+                              unpermute_qk(weight.offset, num_heads), weight.bits)
     rows = weight.shape[0]
     return (
         weight.reshape(num_heads, rows // num_heads // 2, 2, *weight.shape[1:])
@@ -100,11 +105,21 @@ def unpermute_qk(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     )
 
 
+def _shape(tensor) -> tuple[int, ...]:
+    return tuple(int(d) for d in reversed(tensor.shape))  # ggml lists the fastest dim first
+
+
+def _has_block_layout(tensor) -> bool:
+    qtype = Q(tensor.tensor_type)
+    return (qtype in EXACT_TYPES or qtype in REQUANTIZED_TYPES) and len(tensor.shape) == 2 and \
+        _shape(tensor)[1] % GROUP == 0
+
+
 def dequantize_tensor(tensor) -> np.ndarray:
     qtype = Q(tensor.tensor_type)
     if qtype not in SUPPORTED_TYPES:
         raise UnsupportedModelError(f"tensor {tensor.name!r} uses unsupported GGUF quantization {qtype.name}")
-    shape = tuple(int(d) for d in reversed(tensor.shape))  # ggml lists the fastest dim first
+    shape = _shape(tensor)
     array = np.asarray(dequantize(tensor.data, qtype), dtype=np.float32).reshape(shape)
     # F32 tensors come back as read-only views of the memory-mapped file: copy them out.
     return array if array.flags.writeable else array.copy()
@@ -142,7 +157,9 @@ class _TableCheckedReader(GGUFReader):
         super()._build_tensors(start_offs, fields)
 
 
-def load_gguf(path: Path, shard: tuple[int, int] | None = None):
+def load_gguf(path: Path, shard: tuple[int, int] | None = None, keep_quantized: bool = False):
+    """keep_quantized: matrices in a block format with a CPU kernel layout (forge.quant.gguf) come
+    back as GroupQuantized codes instead of float32 (quantization="auto" on the CPU)."""
     from forge.loader import LoadedModel
     from forge.tokenizer import Tokenizer
 
@@ -163,12 +180,14 @@ def load_gguf(path: Path, shard: tuple[int, int] | None = None):
         if name is None:
             continue
         try:
-            array = dequantize_tensor(tensor)
+            if keep_quantized and _has_block_layout(tensor):
+                t = decode_blocks(Q(tensor.tensor_type), tensor.data, _shape(tensor))
+            else:
+                t = torch.from_numpy(dequantize_tensor(tensor))
         except UnsupportedModelError:
             raise
         except Exception as e:
             raise ModelLoadError(f"cannot read tensor {tensor.name!r} of {path}: {e}".split("\n")[0]) from None
-        t = torch.from_numpy(array)
         if name.endswith("q_proj.weight"):
             t = unpermute_qk(t, config.num_heads)
         elif name.endswith("k_proj.weight"):

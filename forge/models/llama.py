@@ -13,10 +13,14 @@ from forge.distributed.parallel_state import SINGLE
 from forge.distributed.sharding import gather_logits, plan_shard, shard_weights, vocab_parallel_embedding
 from forge.models.rope import build_cos_sin_cache
 from forge.ops.metadata import AttentionMetadata
+from forge.quant import runtime_weight, weight_nbytes
 
 
 @dataclass
 class LayerWeights:
+    """One decoder layer. Matrices are float tensors or, on the CPU, quantized layouts (forge.quant)
+    that `ops.linear` dispatches on."""
+
     input_norm: torch.Tensor  # [hidden]
     qkv_proj: torch.Tensor  # [q_size + 2 kv_size, hidden]
     o_proj: torch.Tensor  # [hidden, q_size]
@@ -54,7 +58,7 @@ def dummy_weights(config: ModelConfig, device: torch.device, dtype: torch.dtype,
 
 class LlamaModel:
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], ops, device: str, dtype: torch.dtype,
-                 max_positions: int, tp=None, weights_sharded: bool = False):
+                 max_positions: int, tp=None, weights_sharded: bool = False, quantization: str = "none"):
         self.config = config
         self.ops = ops
         self.device = torch.device(device)
@@ -74,25 +78,28 @@ class LlamaModel:
         def w(name: str) -> torch.Tensor:
             return weights[name].to(device=self.device, dtype=dtype)
 
-        self.embed_tokens = w("model.embed_tokens.weight")
+        def matrix(*names: str, embedding: bool = False):
+            """The named matrices stacked along the output dim: float, or a quantized layout (forge.quant)."""
+            return runtime_weight([weights[n] for n in names], quantization, self.device, dtype, embedding=embedding)
+
+        self.embed_tokens = matrix("model.embed_tokens.weight", embedding=True)
         self.layers: list[LayerWeights] = []
         for i in range(config.num_layers):
             p = f"model.layers.{i}."
             self.layers.append(
                 LayerWeights(
                     input_norm=w(p + "input_layernorm.weight"),
-                    qkv_proj=torch.cat(
-                        [w(p + "self_attn.q_proj.weight"), w(p + "self_attn.k_proj.weight"), w(p + "self_attn.v_proj.weight")]
-                    ),
-                    o_proj=w(p + "self_attn.o_proj.weight"),
+                    qkv_proj=matrix(p + "self_attn.q_proj.weight", p + "self_attn.k_proj.weight",
+                                    p + "self_attn.v_proj.weight"),
+                    o_proj=matrix(p + "self_attn.o_proj.weight"),
                     post_attention_norm=w(p + "post_attention_layernorm.weight"),
-                    gate_up_proj=torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")]),
-                    down_proj=w(p + "mlp.down_proj.weight"),
+                    gate_up_proj=matrix(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
+                    down_proj=matrix(p + "mlp.down_proj.weight"),
                 )
             )
         self.norm = w("model.norm.weight")
         if "lm_head.weight" in weights and not config.tie_word_embeddings:
-            self.lm_head = w("lm_head.weight")
+            self.lm_head = matrix("lm_head.weight", embedding=True)
         else:
             self.lm_head = self.embed_tokens
         freq_factors = weights.get("rope_freqs.weight")
@@ -102,7 +109,7 @@ class LlamaModel:
         tensors = [self.embed_tokens, self.norm] + [t for layer in self.layers for t in vars(layer).values()]
         if self.lm_head is not self.embed_tokens:
             tensors.append(self.lm_head)
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(weight_nbytes(t) for t in tensors)
 
     def forward(
         self,
@@ -138,7 +145,7 @@ class LlamaModel:
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[n, hidden] -> float32 logits [n, vocab]."""
-        logits = self.ops.linear(hidden, self.lm_head)
+        logits = self.ops.logits(hidden, self.lm_head)
         if self.tp.world_size > 1:  # vocab-parallel lm_head: gather every rank's slice of the vocabulary
             logits = gather_logits(logits, self.shard, self.tp)
         return logits.float()

@@ -6,30 +6,54 @@ import torch.nn.functional as F
 from forge.ops.metadata import AttentionMetadata
 
 
-def rotate_neox(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE on the two halves of the head dim (HF `rotate_half` layout). x: [T, H, D]; cos/sin: [T, D/2]."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half].float(), x[..., half:].float()
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    return out.to(x.dtype)
+LOGITS_REFINED = 32  # top logits per row recomputed in float32 after a quantized lm_head (CpuOps.logits)
 
 
 class CpuOps:
-    """Plain-PyTorch implementation of the ops interface (float32 or bfloat16)."""
+    """Plain-PyTorch implementation of the ops interface (float32 or bfloat16).
+
+    A decode step of a small model is bound by how many ops it dispatches, so values every layer
+    needs (the step's RoPE rows, the decode attention's context slots and mask) are computed once
+    per step: memoized on the step's own tensors (`positions`, `meta`), which are new objects every
+    step.
+    """
 
     name = "cpu"
 
-    def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, weight)
+    def __init__(self):
+        self._rope_key: tuple | None = None
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._decode_meta: AttentionMetadata | None = None
+        self._decode_plan: tuple | None = None
 
-    def embedding(self, token_ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return F.embedding(token_ids, weight)
+    def linear(self, x: torch.Tensor, weight) -> torch.Tensor:
+        """x @ weight.T; weight is a float tensor or a quantized layout (forge.quant), whose kernel
+        returns bfloat16 (the callers' float32 adds and norms promote it back)."""
+        if isinstance(weight, torch.Tensor):
+            return F.linear(x, weight)
+        return weight.matmul(x)
+
+    def logits(self, hidden: torch.Tensor, weight) -> torch.Tensor:
+        """The lm_head: hidden @ weight.T. From a quantized layout, the kernel's bfloat16 output
+        steps by 2^-8 of a logit (1/8 nat at logits of 16-32), so the top LOGITS_REFINED of each
+        row are recomputed in float32 from the layout's rows: the likely tokens' logprobs come out
+        float32-accurate (mean KL to the exact path over benchmarks/data/kl_text.txt: 8.2e-4 -> 4.4e-4;
+        refining every logit: 3.7e-4)."""
+        if isinstance(weight, torch.Tensor):
+            return self.linear(hidden, weight)
+        logits = weight.matmul(hidden)
+        top = logits.topk(min(LOGITS_REFINED, logits.shape[-1]), dim=-1).indices  # [n, k]
+        return logits.float().scatter_(-1, top, weight.row_dots(top, hidden))
+
+    def embedding(self, token_ids: torch.Tensor, weight) -> torch.Tensor:
+        if isinstance(weight, torch.Tensor):
+            return F.embedding(token_ids, weight)
+        return weight.rows(token_ids)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-        return (weight.float() * xf).to(x.dtype)
+        inv_rms = xf.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()
+        return (xf * inv_rms).mul_(weight).to(x.dtype)
 
     def add_rms_norm(
         self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
@@ -61,15 +85,25 @@ class CpuOps:
         k_cache/v_cache: [num_blocks, block_size, Hkv, D]. Returns q: [T, H, D].
         """
         t = qkv.shape[0]
-        q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], -1)
-        cos, sin = cos_sin_cache[positions].chunk(2, dim=-1)
-        q = rotate_neox(q.view(t, num_heads, head_dim), cos, sin)
-        k = rotate_neox(k.view(t, num_kv_heads, head_dim), cos, sin)
+        qk_size = (num_heads + num_kv_heads) * head_dim
+        cos, sin = self._rope_rows(positions, cos_sin_cache)
+        # q and k rotated together: x * cos + swap_halves(x) * (-sin, sin), in float32
+        qk = qkv[:, :qk_size].view(t, num_heads + num_kv_heads, head_dim)
+        rotated = torch.addcmul(qk * cos, qk.roll(head_dim // 2, -1), sin)
+        q, k = rotated[:, :num_heads], rotated[:, num_heads:]
         k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
         v_cache.view(-1, num_kv_heads, head_dim).index_copy_(
-            0, slot_mapping, v.reshape(t, num_kv_heads, head_dim).to(v_cache.dtype)
+            0, slot_mapping, qkv[:, qk_size:].view(t, num_kv_heads, head_dim).to(v_cache.dtype)
         )
-        return q
+        return q.to(k_cache.dtype)  # the model's dtype (a quantized matmul's bfloat16 qkv is rotated in float32)
+
+    def _rope_rows(self, positions: torch.Tensor, cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, cos) and (-sin, sin) of the step's positions, [T, 1, D]; once per step."""
+        if self._rope_key is None or self._rope_key[0] is not positions or self._rope_key[1] is not cos_sin_cache:
+            cos, sin = cos_sin_cache[positions].chunk(2, dim=-1)
+            self._rope = torch.cat([cos, cos], -1)[:, None], torch.cat([-sin, sin], -1)[:, None]
+            self._rope_key = (positions, cos_sin_cache)
+        return self._rope
 
     def attention(
         self,
@@ -99,41 +133,60 @@ class CpuOps:
             start += n
         return out
 
-    @staticmethod
-    def _decode_attention(q, k_cache, v_cache, meta: AttentionMetadata, group: int, scale: float) -> torch.Tensor:
-        """One query per sequence (its last position) over its whole context, all sequences in two
-        batched matmuls: contexts are gathered padded to the longest and the padding is masked.
-        The same math as `_causal_attention` (float32 softmax); one op sequence instead of a
-        Python loop over sequences, which dominated CPU decode steps at batch 16."""
+    def _decode_attention(self, q, k_cache, v_cache, meta: AttentionMetadata, group: int, scale: float) -> torch.Tensor:
+        """One query per sequence (its last position) over its whole context, all sequences in one
+        SDPA call: contexts are gathered padded to the longest and the padding is masked. The same
+        math as `_causal_attention` (float32 softmax); one op sequence instead of a Python loop over
+        sequences, which dominated CPU decode steps at batch 16."""
         b, num_heads, d = q.shape
-        block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-        max_ctx = meta.max_context_len
-        tables = meta.block_tables[:, : (max_ctx + block_size - 1) // block_size].long()
-        k = k_cache[tables].flatten(1, 2)[:, :max_ctx].float()  # [B, L, Hkv, D]; rows past a context are padding
-        v = v_cache[tables].flatten(1, 2)[:, :max_ctx].float()
-        qg = q.view(b, num_kv_heads, group, d).float()
-        scores = torch.einsum("bhgd,blhd->bhgl", qg, k) * scale  # [B, Hkv, group, L]
-        padding = torch.arange(max_ctx) >= meta.context_lens.to(torch.long)[:, None]  # [B, L]
-        scores.masked_fill_(padding[:, None, None, :], float("-inf"))
-        # Zeroing the padding again makes an empty context (all -inf: NaN) attend to nothing: 0.
-        probs = torch.softmax(scores, dim=-1).masked_fill_(padding[:, None, None, :], 0.0)
-        out = torch.einsum("bhgl,blhd->bhgd", probs, v)
-        return out.reshape(b, num_heads, d).to(q.dtype)
+        num_kv_heads = k_cache.shape[2]
+        slots, mask, empty = self._decode_slots(meta, k_cache.shape[1], q.device)
+        k = k_cache.view(-1, num_kv_heads, d).index_select(0, slots).view(b, -1, num_kv_heads, d).transpose(1, 2)
+        v = v_cache.view(-1, num_kv_heads, d).index_select(0, slots).view(b, -1, num_kv_heads, d).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q.float()[:, :, None], k.float(), v.float(), attn_mask=mask, scale=scale,
+                                             enable_gqa=group > 1)  # [B, H, 1, D]
+        if empty:  # a row with no context (every key masked) attends to nothing: 0, not NaN
+            out = out.nan_to_num_(0.0)
+        return out.view(b, num_heads, d).to(q.dtype)
+
+    def _decode_slots(self, meta: AttentionMetadata, block_size: int, device) -> tuple:
+        """Cache slots of every sequence's context, [B * L], the padding mask ([B, 1, 1, L], True =
+        attend), and whether a row is empty. L is the longest context rounded up to a multiple of 16,
+        and the mask is always applied: a row then gives bit-identical results alone or in any batch
+        (SDPA's sums over L then differ only by whole vectors of exact zeros; unpadded, ~1e-7 apart,
+        enough to flip near-tied greedy picks). Padding reads slot 0, which the model runner zeroes (a
+        never-written slot could hold NaN bits, and 0 * NaN poisons the weighted sum of values)."""
+        if self._decode_meta is not meta:
+            padded = -(-max(meta.max_context_len, 1) // 16) * 16
+            num_blocks = -(-padded // block_size)
+            tables = meta.block_tables[:, :num_blocks].long()
+            if tables.shape[1] < num_blocks:  # the table is narrower than the padding: pad it with block 0
+                tables = F.pad(tables, (0, num_blocks - tables.shape[1]))
+            offsets = torch.arange(block_size, device=device)
+            slots = (tables[:, :, None] * block_size + offsets).flatten(1)[:, :padded]
+            valid = torch.arange(padded, device=device) < meta.context_lens.to(torch.long)[:, None]
+            self._decode_plan = (slots.masked_fill(~valid, 0).flatten(), valid[:, None, None],
+                                 min(meta.context_lens_cpu) == 0)
+            self._decode_meta = meta
+        return self._decode_plan
 
     @staticmethod
     def _causal_attention(q, k, v, group: int, scale: float) -> torch.Tensor:
-        """q: [n, H, D] (the last n positions); k, v: [ctx, Hkv, D]. Float32 softmax.
-
-        The query heads of each KV head are stacked as rows of one matrix (no K/V repeat for GQA).
-        """
-        n, num_heads, d = q.shape
-        ctx, num_kv_heads = k.shape[0], k.shape[1]
-        # [Hkv, group * n, D], rows ordered (head in group, query index)
-        qg = q.view(n, num_kv_heads, group, d).permute(1, 2, 0, 3).reshape(num_kv_heads, group * n, d)
-        scores = torch.matmul(qg.float(), k.permute(1, 2, 0).float()) * scale  # [Hkv, group * n, ctx]
-        if n > 1:
-            query_pos = torch.arange(ctx - n, ctx).repeat(group)[:, None]
-            scores.masked_fill_(torch.arange(ctx)[None, :] > query_pos, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        out = torch.matmul(probs, v.permute(1, 0, 2).float())  # [Hkv, group * n, D]
-        return out.view(num_kv_heads, group, n, d).permute(2, 0, 1, 3).reshape(n, num_heads, d).to(q.dtype)
+        """q: [n, H, D] (the last n positions); k, v: [ctx, Hkv, D]. Float32 softmax (torch's SDPA:
+        flash attention on the CPU, GQA without repeating K/V)."""
+        n, ctx = q.shape[0], k.shape[0]
+        if n == 1:  # a decode row in a mixed step: exactly _decode_attention's padded, masked call, so its
+            # result does not depend on whether its step also held a prefill
+            padded = -(-ctx // 16) * 16
+            k, v = (F.pad(t, (0, 0, 0, 0, 0, padded - ctx)) for t in (k, v))
+            mask = (torch.arange(padded, device=q.device) < ctx)[None, None, None]
+            qh, kh, vh = (t.float().transpose(0, 1)[None] for t in (q, k, v))
+            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=group > 1)
+            return out[0].transpose(0, 1).to(q.dtype)
+        qh, kh, vh = (t.float().transpose(0, 1)[None] for t in (q, k, v))  # [1, heads, len, D]
+        if n == ctx:  # no cached prefix: the usual top-left causal mask
+            out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=n > 1, scale=scale, enable_gqa=group > 1)
+        else:  # query i sits at position ctx - n + i
+            mask = torch.arange(ctx, device=q.device) <= torch.arange(ctx - n, ctx, device=q.device)[:, None]
+            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=group > 1)
+        return out[0].transpose(0, 1).to(q.dtype)

@@ -321,6 +321,8 @@ def serve(engine_config: EngineConfig, host: str = "127.0.0.1", port: int = 8000
     from forge.engine.llm_engine import LLMEngine
     from forge.server.uvicorn_server import make_server, raise_open_file_limit
 
+    logger.info("loading %s; http://%s:%d/ is open, requests wait until the model is loaded",
+                engine_config.model or "the default model", host, sock.getsockname()[1])
     try:
         engine = LLMEngine(engine_config)
     except BaseException:
