@@ -292,14 +292,17 @@ def test_failing_request_does_not_hurt_others(server, http, slow_steps):
         thread.join(timeout=60)
     finally:
         del engine._append_token
-    assert bad.status_code == 500 and "injected failure" in bad.json()["error"]["message"]
-    assert events[-1] == "data: [DONE]" and "injected failure" in json.loads(events[-2][6:])["error"]["message"]
+    # Found by bisection (the exception names no request); a one-line 500 without the internal text.
+    for err in (bad.json()["error"], json.loads(events[-2][6:])["error"]):
+        assert err["type"] == "server_error" and "RuntimeError" in err["message"]
+        assert "injected failure" not in err["message"] and "\n" not in err["message"]
+    assert bad.status_code == 500 and events[-1] == "data: [DONE]"
     assert results["good"]["choices"][0]["text"] == expected  # untouched, even though it shared steps with them
     assert httpx.get(server.url + "/health", timeout=10).status_code == 200
     assert http.post(CMPL, json=good).json()["choices"][0]["text"] == expected
 
 
-def test_unattributable_step_failure_fails_the_batch_and_recovers(server, http):
+def test_step_failure_with_one_request_fails_it_and_recovers(server, http):
     engine = server.engine
     real_execute = engine.runner.execute
     calls = {"n": 0}
@@ -315,7 +318,7 @@ def test_unattributable_step_failure_fails_the_batch_and_recovers(server, http):
         r = http.post(CMPL, json=completion(max_tokens=4))
     finally:
         del engine.runner.execute
-    assert r.status_code == 500 and "injected device error" in r.json()["error"]["message"]
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"  # it failed a step on its own
     r = http.post(CMPL, json=completion(max_tokens=4))
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
     assert server.wait_for_metric("forge_kv_cache_usage_perc", 0.0) == 0.0

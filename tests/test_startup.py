@@ -11,7 +11,7 @@ class Terminal(io.StringIO):
         return True
 
 
-@pytest.mark.parametrize("model", ["tiny"])
+@pytest.mark.parametrize("model", ["tiny", "default_model_path"])
 def test_a_load_shows_progress_on_a_terminal_only(model, request, monkeypatch):
     from forge.loader import load_model
 

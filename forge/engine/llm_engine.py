@@ -3,6 +3,7 @@
 import dataclasses
 import itertools
 import logging
+import threading
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -11,10 +12,11 @@ import torch
 
 from forge.config import EngineConfig
 from forge.engine.block_manager import BlockManager
+from forge.engine.failures import FailureIsolation, PerRequestSampler
 from forge.engine.model_runner import ModelRunner
 from forge.engine.sampler import DeviceSampler, PendingSample, SampleResult, Sampler
 from forge.engine.scheduler import Scheduler
-from forge.errors import InvalidRequestError, PromptTooLongError
+from forge.errors import InvalidRequestError, PromptTooLongError, RequestFailure
 from forge.loader import load_model
 from forge.quant import keeps_gguf_quantized
 from forge.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput, VocabLogprobs
@@ -97,7 +99,11 @@ class LLMEngine:
         self.context_limit = _context_limit(config, context, self.max_model_len, num_blocks)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.sampler = DeviceSampler() if config.device.startswith("cuda") else Sampler()
+        # PerRequestSampler: a failing batch names the request(s) whose rows fail (forge.engine.failures).
+        self.sampler = PerRequestSampler(DeviceSampler() if config.device.startswith("cuda") else Sampler())
+        self.isolation = FailureIsolation(self)  # a failing step fails only its culprits (forge.engine.failures)
+        self._structured_backend = None  # forge.structured.StructuredBackend, built on first use
+        self._structured_lock = threading.Lock()
         self.async_scheduling = config.async_scheduling
         if self.async_scheduling is None:
             self.async_scheduling = config.device.startswith("cuda") and self.tp is None
@@ -112,9 +118,8 @@ class LLMEngine:
     def shutdown(self) -> None:
         """Stop the tensor-parallel workers and the structured-output thread, if any (idempotent;
         the workers also stop when the engine is collected)."""
-        backend = self.__dict__.get("_structured_backend")
-        if backend is not None:
-            backend.shutdown()
+        if self._structured_backend is not None:
+            self._structured_backend.shutdown()
         if self.tp is not None:
             self.tp.shutdown()
 
@@ -145,8 +150,12 @@ class LLMEngine:
                                   f"'prompt_token_ids', got {type(prompt).__name__}", param="prompt")
 
     def add_request(
-        self, prompt: str | dict | list[int], params: SamplingParams | None = None, request_id: str | None = None
+        self, prompt: str | dict | list[int], params: SamplingParams | None = None, request_id: str | None = None,
+        grammar=None,
     ) -> str:
+        """Queue a request; returns its id. `grammar`: params.structured_outputs already compiled (the
+        server compiles it off the engine thread, StructuredBackend.compile_in_background); without it
+        the spec is compiled here."""
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError(f"sampling params must be a SamplingParams, got {type(params).__name__}",
@@ -166,7 +175,7 @@ class LLMEngine:
             detok = IncrementalDetokenizer(self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens)
             seq = Sequence(request_id, ids, params, index=i, detokenizer=detok, seed=seed)
             if params.structured_outputs is not None:
-                seq.structured = self.make_structured_matcher(params.structured_outputs)
+                seq.structured = self.make_structured_matcher(params.structured_outputs, grammar)
             req.seqs.append(seq)
         for seq in req.seqs:
             self.scheduler.add(seq)
@@ -215,10 +224,23 @@ class LLMEngine:
                 resolved[name] = wanted
         return dataclasses.replace(params, **resolved) if resolved else params
 
-    def make_structured_matcher(self, spec):
-        from forge.structured import make_matcher
+    def make_structured_matcher(self, spec, compiled=None):
+        return self.structured_backend.matcher(spec, compiled)
 
-        return make_matcher(self, spec)
+    @property
+    def structured_backend(self):
+        """The forge.structured.StructuredBackend of this engine's vocabulary, built on first use
+        (~0.1 s; from whichever thread asks first: the server's handlers or the engine thread)."""
+        if self._structured_backend is None:
+            with self._structured_lock:
+                if self._structured_backend is None:
+                    from forge.structured import StructuredBackend
+
+                    stops = set(self.tokenizer.stop_token_ids) | self.eos_token_ids
+                    self._structured_backend = StructuredBackend(self.tokenizer, self.model_config.vocab_size, stops,
+                                                                 device=self.config.device)
+        return self._structured_backend
+
 
     def abort_request(self, request_id: str) -> None:
         """Cancel a request at any point; its KV blocks are freed at once."""
@@ -229,6 +251,19 @@ class LLMEngine:
             if not seq.is_finished:
                 seq.finish_reason = "abort"
                 self.scheduler.finish(seq)
+
+    def fail_request(self, request_id: str, cause: BaseException) -> RequestOutput | None:
+        """End a request because of `cause` (forge.engine.failures); its output, finished, with `error` set."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        for seq in req.seqs:
+            if not seq.is_finished:
+                seq.finish_reason = "error"
+                self.scheduler.finish(seq)
+        out = self._make_output(req)
+        out.error = cause
+        return out
 
     def recover_after_failed_step(self) -> list[RequestOutput]:
         """After step() raised halfway (tokens appended to some sequences, counts advanced): make
@@ -246,7 +281,7 @@ class LLMEngine:
         return [self._make_output(req) for req in done]
 
     def has_unfinished_requests(self) -> bool:
-        if self.scheduler.has_unfinished():
+        if self.scheduler.has_unfinished() or self.isolation.has_held():
             return True
         # async scheduling: tokens still in flight for sequences that have not finished (aborted ones do not count)
         return self.in_flight is not None and any(s.num_inflight and not s.is_finished for s in self.in_flight.seqs)
@@ -259,8 +294,14 @@ class LLMEngine:
     def step(self, emit: str = "all") -> list[RequestOutput]:
         """Run one engine step. Returns outputs of the requests that got a token this step
         (emit="all", for streaming) or only of those that finished (emit="finished": skips building
-        per-step output objects, which costs O(output length) per request per step)."""
-        if self.async_scheduling:
+        per-step output objects, which costs O(output length) per request per step).
+
+        A step that raises fails only the request(s) that caused it, found by name or by bisection
+        (forge.engine.failures); they come back finished, with `error` set, and the others go on."""
+        return self.isolation.step(self._step, emit)
+
+    def _step(self, emit: str) -> list[RequestOutput]:
+        if self.async_scheduling and not self.isolation.isolating:
             return self._step_async(emit)
         sched = self.scheduler.schedule()
         if not sched:
@@ -391,13 +432,21 @@ class LLMEngine:
         return entries
 
     def _structured_masks(self, seqs: list[Sequence]):
-        if "_structured_backend" not in self.__dict__:  # no request ever asked for structured outputs
+        if self._structured_backend is None:  # no request ever asked for structured outputs
             return None
         from forge.structured import begin_masks
 
         return begin_masks(seqs)
 
     def _append_token(self, seq: Sequence, result: SampleResult, now: float) -> None:
+        """Add a sampled token and run the sequence's checks (stop conditions, its grammar, logprob
+        text); anything failing in them fails this request alone (a RequestFailure naming it)."""
+        try:
+            self._add_token(seq, result, now)
+        except Exception as exc:
+            raise RequestFailure({seq.request_id: exc}) from exc
+
+    def _add_token(self, seq: Sequence, result: SampleResult, now: float) -> None:
         token = result.token_id
         p = seq.params
         seq.token_ids.append(token)
@@ -490,7 +539,7 @@ class LLMEngine:
         return len(self.scheduler.running)
 
     def num_waiting(self) -> int:
-        return len(self.scheduler.waiting)
+        return len(self.scheduler.waiting) + len(self.isolation.held)  # held: out of a failure's trial steps
 
 
 

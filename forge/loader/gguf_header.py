@@ -67,7 +67,8 @@ class GGUFHeader:
             raise ModelLoadError(f"{self.path} is not a GGUF file (no GGUF magic)")
         (version,) = self._unpack("<I")
         if version not in (2, 3):
-            raise UnsupportedModelError(f"{self.path}: GGUF version {version} is not supported (2 and 3 are)")
+            raise UnsupportedModelError(f"cannot read GGUF file {self.path}: GGUF version {version} is not supported "
+                                        f"(forge reads versions 2 and 3)")
         n_tensors, n_kv = self._unpack("<QQ")
         if n_tensors > len(self._buf) // 24 or n_kv > len(self._buf) // 12:  # each entry takes at least that
             raise _Truncated

@@ -7,6 +7,11 @@ The step loop and the event loop never wait on each other:
     with one `call_soon_threadsafe` per loop, and goes straight on to the next step.
 Outputs are cumulative (each RequestOutput holds the whole text so far), so a request's stream keeps
 only the newest one: a slow client costs one object of memory, never a growing queue.
+
+A request's grammar (structured outputs) is compiled before the request reaches the engine thread, in
+the structured backend's compile workers, so a large or slow grammar never stalls the other streams.
+A step that fails fails only the request(s) that caused it (forge.engine.failures): their streams
+raise InvalidRequestError when their own input was at fault, else EngineRequestError.
 """
 
 from __future__ import annotations
@@ -20,14 +25,11 @@ import traceback
 from dataclasses import dataclass
 
 from forge.engine.llm_engine import LLMEngine
+from forge.errors import InvalidRequestError
 from forge.outputs import RequestOutput
 from forge.sampling_params import SamplingParams
-from forge.sequence import Sequence
 
 logger = logging.getLogger("forge.server")
-
-# After this many failed steps in a row, blaming a single request clearly is not working: fail them all.
-_MAX_BLAMED_FAILURES = 2
 
 
 class EngineRequestError(RuntimeError):
@@ -99,7 +101,6 @@ class AsyncEngine:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._streams: dict[str, RequestStream] = {}  # engine thread only
-        self._failures_in_a_row = 0
         self._stats_seen = {"prompt_tokens": 0, "generation_tokens": 0}
         # Requests submitted that have not produced a token yet: the server's waiting queue. Counted
         # from the handlers' side so a client that saw its request accepted also sees it counted.
@@ -134,12 +135,17 @@ class AsyncEngine:
         """Submit a request and wait until the engine has accepted it (between two steps).
 
         Raises the engine's validation error (InvalidRequestError, ...) if it refused the request.
+        A grammar is compiled first, off the engine thread (InvalidRequestError if it is too large,
+        invalid, matches no text or runs past the compile time limit).
         """
         if not self.is_alive:
             raise EngineRequestError("the engine is not running")
+        grammar = None
+        if params.structured_outputs is not None:
+            grammar = await self._compile(params.structured_outputs)
         stream = RequestStream(request_id, asyncio.get_running_loop())
         self._change_waiting(+1)
-        self._commands.append(("add", stream, prompt, params))
+        self._commands.append(("add", stream, prompt, params, grammar))
         self._wakeup.set()
         try:
             error = await asyncio.shield(stream.accepted)
@@ -149,6 +155,12 @@ class AsyncEngine:
         if error is not None:
             raise error
         return stream
+
+    async def _compile(self, spec):
+        backend = self.engine._structured_backend
+        if backend is None:  # built once (~0.1 s): not on the event loop
+            backend = await asyncio.to_thread(lambda: self.engine.structured_backend)
+        return await asyncio.wrap_future(backend.compile_in_background(spec))
 
     def abort(self, request_id: str) -> None:
         """Cancel a request (client gone); its KV blocks are freed before the next step."""
@@ -185,16 +197,18 @@ class AsyncEngine:
             deliveries: list[tuple[RequestStream, RequestOutput | BaseException]] = []
             self._process_commands(deliveries)
             if engine.has_unfinished_requests():
-                try:
-                    outputs = engine.step()
-                    self._failures_in_a_row = 0
-                except Exception as exc:  # one bad request must not take the server down
-                    logger.error("engine step failed:\n%s", traceback.format_exc())
-                    outputs = self._recover_from_failed_step(exc, deliveries)
+                # A failing step fails only its culprits (their outputs carry `error`); an exception
+                # out of step() would be a bug in that isolation, which _run reports.
+                outputs = engine.step()
                 now = time.monotonic()
                 for out in outputs:
                     stream = self._streams.get(out.request_id)
                     if stream is None:
+                        continue
+                    if out.error is not None:
+                        del self._streams[out.request_id]
+                        self._mark_started(stream)
+                        deliveries.append((stream, _client_error(out.error)))
                         continue
                     self._observe_timing(stream, out, now)
                     if out.finished:
@@ -210,9 +224,9 @@ class AsyncEngine:
         while self._commands:
             cmd = self._commands.popleft()
             if cmd[0] == "add":
-                _, stream, prompt, params = cmd
+                _, stream, prompt, params, grammar = cmd
                 try:
-                    self.engine.add_request(prompt, params, request_id=stream.request_id)
+                    self.engine.add_request(prompt, params, request_id=stream.request_id, grammar=grammar)
                 except Exception as exc:  # validation errors travel back to the handler that submitted it
                     if not isinstance(exc, ValueError):
                         logger.error("add_request failed:\n%s", traceback.format_exc())
@@ -278,46 +292,14 @@ class AsyncEngine:
                     self.metrics.add_tokens(key, delta)
                     self._stats_seen[key] = e.stats[key]
 
-    # -- failure isolation -------------------------------------------------------------------------
-    def _recover_from_failed_step(self, exc: Exception, deliveries: list) -> list[RequestOutput]:
-        """Fail the request that broke the step, put the engine back in a consistent state, go on.
 
-        A step can fail halfway (tokens appended to some sequences, computed-token counts advanced),
-        so every sequence that was running is preempted: its blocks are freed and it recomputes from
-        its tokens, exactly as after a KV-cache preemption. Only the culprit is failed when it can be
-        named; otherwise (or when blaming did not help) every request that was in the step fails.
-        """
-        engine, scheduler = self.engine, self.engine.scheduler
-        self._failures_in_a_row += 1
-        in_step = {seq.request_id for seq in scheduler.running}
-        culprit = _blame(exc)
-        if culprit in engine.requests and self._failures_in_a_row <= _MAX_BLAMED_FAILURES:
-            to_fail = {culprit}
-        else:
-            to_fail = in_step or set(engine.requests)  # nothing was running: the waiting ones broke it
-        message = f"the engine failed this request: {type(exc).__name__}: {exc}"
-        for request_id in to_fail:
-            engine.abort_request(request_id)
-            stream = self._streams.pop(request_id, None)
-            if stream is not None:
-                self._mark_started(stream)
-                deliveries.append((stream, EngineRequestError(message)))
-        return engine.recover_after_failed_step()
-
-
-def _blame(exc: BaseException) -> str | None:
-    """The request an exception came from: its `request_id` attribute if it has one, else the
-    innermost traceback frame that was handling a Sequence in a local called `seq`."""
-    request_id = getattr(exc, "request_id", None)
-    if request_id is not None:
-        return request_id
-    tb, found = exc.__traceback__, None
-    while tb is not None:
-        seq = tb.tb_frame.f_locals.get("seq")
-        if isinstance(seq, Sequence):
-            found = seq.request_id
-        tb = tb.tb_next
-    return found
+def _client_error(cause: BaseException) -> BaseException:
+    """What a failed request's reader sees: the request's own InvalidRequestError (a client error), or
+    a one-line internal error that names no internals (the server log has the traceback)."""
+    if isinstance(cause, InvalidRequestError):
+        return cause
+    return EngineRequestError(f"the engine failed while generating this request ({type(cause).__name__}); "
+                              f"the server log has the details")
 
 
 def _deliver_on_loop(items: list) -> None:

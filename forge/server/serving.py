@@ -280,13 +280,15 @@ class OpenAIServing:
                     yield _sse(self._chunk(job, [delta]))
             if job.include_usage:
                 yield _sse(self._chunk(job, [], usage=self._usage(job, [finals[i] for i in sorted(finals)])))
-        except EngineRequestError as e:
+        except (EngineRequestError, InvalidRequestError) as e:
             yield _sse(self._engine_error(e).body())
         finally:
             self._abort(job)
         yield "data: [DONE]\n\n"
 
     def _engine_error(self, e: BaseException) -> APIError:
+        if isinstance(e, InvalidRequestError):  # the engine failed the request for its own input
+            return APIError.from_invalid_request(e)
         # Once the server aborts what still runs at shutdown, every engine error is that abort.
         return _shutting_down() if self.aborting else APIError(str(e), status=500, type="server_error")
 

@@ -7,9 +7,16 @@ then the logits of every token a grammar forbids are set to -inf in those rows (
 device); unconstrained rows are left alone. The grammar's end ends the request: the only tokens
 allowed there are the model's stop tokens, and accepting one terminates the matcher.
 
-The engine calls:
+Limits (forge/structured/backend.py): a spec's canonical text at most 64 KiB; on the server, a
+compile at most 10 s, run off the engine thread; compiled grammars cached up to 256 MiB.
 
-    seq.structured = make_matcher(engine, params.structured_outputs)   # at add_request
+The server compiles a request's spec before handing it to the engine thread:
+
+    compiled = await asyncio.wrap_future(engine.structured_backend.compile_in_background(spec))
+
+and the engine calls:
+
+    seq.structured = make_matcher(engine, params.structured_outputs, compiled)   # at add_request
     masks = begin_masks(seqs)             # the step's sampled sequences, once their last tokens are pushed
     logits = masks.apply(logits)          # after the forward pass is launched, before sampling
     seq.structured.push(token)            # after sampling
@@ -22,27 +29,31 @@ from __future__ import annotations
 import torch
 
 from forge.sampling_params import StructuredOutputsParams
-from forge.structured.backend import Matcher, StepMasks, StructuredBackend, build_tokenizer_info, spec_key
+from forge.structured.backend import (
+    CACHE_BYTES,
+    COMPILE_TIMEOUT_S,
+    MAX_SPEC_BYTES,
+    Matcher,
+    StepMasks,
+    StructuredBackend,
+    build_tokenizer_info,
+    spec_key,
+)
 
 __all__ = ["make_matcher", "begin_masks", "apply_masks", "get_backend", "Matcher", "StepMasks",
-           "StructuredBackend", "build_tokenizer_info", "spec_key"]
+           "StructuredBackend", "build_tokenizer_info", "spec_key", "MAX_SPEC_BYTES", "COMPILE_TIMEOUT_S",
+           "CACHE_BYTES"]
 
 
 def get_backend(engine) -> StructuredBackend:
-    """The engine's StructuredBackend, built on first use (tokenizer info ~0.1 s)."""
-    backend = engine.__dict__.get("_structured_backend")
-    if backend is None:
-        stops = set(engine.tokenizer.stop_token_ids) | set(getattr(engine, "eos_token_ids", ()))
-        backend = StructuredBackend(engine.tokenizer, engine.model_config.vocab_size, stops,
-                                    device=str(getattr(engine.config, "device", "cpu")))
-        engine.__dict__["_structured_backend"] = backend
-    return backend
+    """The engine's StructuredBackend (LLMEngine.structured_backend, built on first use)."""
+    return engine.structured_backend
 
 
-def make_matcher(engine, spec: StructuredOutputsParams) -> Matcher:
-    """A fresh matcher for one sequence; raises forge.errors.InvalidRequestError (param
-    "response_format") if the spec cannot be compiled."""
-    return get_backend(engine).matcher(spec)
+def make_matcher(engine, spec: StructuredOutputsParams, compiled=None) -> Matcher:
+    """A fresh matcher for one sequence, from `compiled` if the spec was compiled already; raises
+    forge.errors.InvalidRequestError (param "response_format") if the spec cannot be compiled."""
+    return engine.structured_backend.matcher(spec, compiled)
 
 
 def begin_masks(seqs) -> StepMasks | None:

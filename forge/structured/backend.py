@@ -2,8 +2,15 @@
 
 How a step uses it:
 
-* `add_request` compiles the request's spec once (`StructuredBackend.compile`, cached by the spec's
-  canonical text) and gives each sequence its own `Matcher` (an `xgrammar.GrammarMatcher`).
+* A spec is compiled once (cached by its canonical text) before its request is scheduled: the
+  server compiles it off the engine thread (`compile_in_background`: a worker thread, after a helper
+  process has shown that it compiles within the time limit, forge/structured/compile_check.py), the
+  offline API at `add_request` (`compile`). Either way a spec that is too large, invalid, or matches no
+  text at all (`root ::= root "a"`) is an InvalidRequestError. Each sequence gets its own `Matcher`
+  (an `xgrammar.GrammarMatcher`).
+* Limits (constructor arguments, defaults below): the spec's canonical text at most MAX_SPEC_BYTES;
+  a compile at most COMPILE_TIMEOUT_S (server path); compiled grammars kept in the cache at most
+  CACHE_BYTES in all, by xgrammar's own `memory_size_bytes` (least recently used dropped first).
 * `begin_step` (before the forward pass) picks the constrained rows of the step. On the CPU with a
   spare core it hands their mask fill to a worker thread, which runs while the forward pass does.
 * `StepMasks.apply` (after the forward pass is launched, before sampling) fills the masks in the
@@ -14,6 +21,9 @@ How a step uses it:
   Unconstrained rows are not touched.
 * After sampling the engine hands each constrained sequence its token (`Matcher.push`); the
   grammar advances past it in the next step's fill, after that step's forward pass is launched.
+* A fill that fails for a sequence (its grammar cannot take its token, or leaves no token allowed: a
+  rule that can never end) raises forge.errors.RequestFailure naming that sequence's request, which
+  the engine fails alone.
 
 FORGE_STRUCTURED_OVERLAP=0/1 (or `backend.overlap`) picks the worker thread or the in-thread fill;
 the default follows the measurements in benchmarks/results/structured_*.json (`_overlap_default`).
@@ -28,20 +38,28 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
 import xgrammar as xgr
 
-from forge.errors import InvalidRequestError
+from forge.errors import InvalidRequestError, RequestFailure
 from forge.kernels.token_bitmask import apply_token_bitmask
 from forge.sampling_params import StructuredOutputsParams
 
 logger = logging.getLogger("forge")
 
 PARAM = "response_format"  # the request field that errors name (the offline API's is structured_outputs)
-_CACHE_ENTRIES = 256  # compiled grammars kept per engine (least recently used dropped first)
+# Limits (StructuredBackend's defaults). A spec's canonical text (regex, grammar, schema JSON, choices
+# JSON) may be 64 KiB: far above real schemas, and compiled, at most tens of MiB (a 64 KiB literal
+# regex: 17 MiB; 7,000 `[a-z0-9]` classes: 43 MiB).
+MAX_SPEC_BYTES = 64 * 1024
+COMPILE_TIMEOUT_S = 10.0  # per compile, on the server's path
+CACHE_BYTES = 256 * 2**20  # compiled grammars kept for reuse, by xgrammar's memory_size_bytes
+COMPILE_WORKERS = 2  # the server's compile threads (and helper processes); more specs wait
+_WHAT = {"json": "JSON schema", "json_object": "JSON object grammar", "regex": "regex", "choice": "choice list",
+         "grammar": "grammar"}
 # Mask fills run on one thread while they are cheap (most grammar states cost microseconds a row:
 # waking a thread pool costs more than it saves, and its spinning threads slow the engine's own
 # Python, measured on the H200 host). When a one-thread fill takes longer than _SLOW_FILL_S
@@ -180,6 +198,53 @@ def _check_schema(schema) -> None:
         ) from None
 
 
+def check_spec_size(key: tuple[str, str], max_bytes: int) -> None:
+    """Reject a spec whose canonical text is over `max_bytes` (before anything compiles it)."""
+    kind, text = key
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > max_bytes:
+        raise InvalidRequestError(f"the {_WHAT[kind]} is {size:,} bytes; the limit is {max_bytes:,} bytes",
+                                  param=PARAM)
+
+
+def compile_spec(compiler: xgr.GrammarCompiler, kind: str, text: str) -> xgr.CompiledGrammar:
+    """Compile a spec (a spec_key) and check that it can produce output; InvalidRequestError if not."""
+    what = _WHAT[kind]
+    try:
+        if kind == "json":
+            _check_schema(json.loads(text))
+            compiled = compiler.compile_json_schema(text, any_whitespace=False, strict_mode=True)
+        elif kind == "json_object":
+            compiled = compiler.compile_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False)
+        elif kind == "regex":
+            compiled = compiler.compile_regex(text)
+        elif kind == "choice":
+            compiled = compiler.compile_grammar(_choice_grammar(json.loads(text)))
+        else:
+            compiled = compiler.compile_grammar(text)
+    except InvalidRequestError:
+        raise
+    except Exception as e:  # xgrammar raises RuntimeError (or its own types) naming the problem
+        raise InvalidRequestError(f"invalid {what}: {_clean_error(e)}", param=PARAM) from None
+    # xgrammar compiles grammars that match no text at all (`root ::= root "a"`, rules that only
+    # refer to each other); their first mask allows nothing, which would leave the sampler no token.
+    first = xgr.allocate_token_bitmask(1, compiled.tokenizer_info.vocab_size)
+    xgr.GrammarMatcher(compiled).fill_next_token_bitmask(first)
+    if not _rows_allowing_something(first, compiled.tokenizer_info.vocab_size).all():
+        raise InvalidRequestError(f"invalid {what}: it matches no text (a rule never ends, as in root ::= root \"a\")",
+                                  param=PARAM)
+    return compiled
+
+
+def _rows_allowing_something(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Per row of an xgrammar bitmask: does it allow any token below vocab_size?"""
+    words, rest = divmod(vocab_size, 32)
+    allowed = (bitmask[:, :words] != 0).any(dim=1)
+    if rest:
+        allowed |= (bitmask[:, words] & ((1 << rest) - 1)) != 0
+    return allowed
+
+
 def _overlap_default(device: str) -> bool:
     """Fill a step's masks on the worker thread (while the engine launches the forward pass) or in
     the engine's thread at sampling time? On a GPU the forward pass runs asynchronously, so the
@@ -199,17 +264,29 @@ def _overlap_default(device: str) -> bool:
 
 
 class StructuredBackend:
-    """Everything structured decoding keeps per engine: tokenizer info, compiler, grammar cache,
-    the worker thread and the (pinned, on a GPU) host buffer the step's masks are filled into."""
+    """Everything structured decoding keeps per engine: tokenizer info, compiler, grammar cache, the
+    compile workers, the mask-fill thread and the (pinned, on a GPU) host buffer the step's masks are
+    filled into. The limits default to the module's constants."""
 
-    def __init__(self, tokenizer, vocab_size: int, stop_token_ids, device: str = "cpu"):
+    def __init__(self, tokenizer, vocab_size: int, stop_token_ids, device: str = "cpu", *,
+                 max_spec_bytes: int = MAX_SPEC_BYTES, cache_bytes: int = CACHE_BYTES,
+                 compile_timeout_s: float = COMPILE_TIMEOUT_S, compile_workers: int = COMPILE_WORKERS):
         self.vocab_size = vocab_size
         self.tokenizer_info = build_tokenizer_info(tokenizer, vocab_size, stop_token_ids)
         self.stop_token_ids = frozenset(self.tokenizer_info.stop_token_ids)  # the tokens that end a grammar
-        threads = max(1, min(8, os.cpu_count() or 1))
-        # Our own LRU cache below is keyed by the whole spec; xgrammar's would be unbounded.
-        self.compiler = xgr.GrammarCompiler(self.tokenizer_info, max_threads=threads, cache_enabled=False)
+        self.compile_threads = max(1, min(8, os.cpu_count() or 1))
+        # Our own cache below (xgrammar's is off): keyed by the canonical spec, bounded in bytes, and seen
+        # by compile_in_background, where a hit skips the workers and the time-limit check.
+        self.compiler = xgr.GrammarCompiler(self.tokenizer_info, max_threads=self.compile_threads, cache_enabled=False)
+        self.max_spec_bytes = max_spec_bytes
+        self.cache_bytes = cache_bytes
+        self.compile_timeout_s = compile_timeout_s
+        self.compile_workers = compile_workers
         self._cache: OrderedDict[tuple[str, str], xgr.CompiledGrammar] = OrderedDict()
+        self.cached_bytes = 0  # memory_size_bytes of the cached grammars, in all
+        self._compiling: dict[tuple[str, str], Future] = {}  # key -> the background compile under way
+        self._compile_pool: ThreadPoolExecutor | None = None
+        self._checker = None  # forge.structured.compile_check.CompileChecker, made on first use
         self._lock = threading.Lock()
         self.overlap = _overlap_default(device)
         self._worker: ThreadPoolExecutor | None = None
@@ -223,51 +300,117 @@ class StructuredBackend:
         self._cuda = device.startswith("cuda") and torch.cuda.is_available()
         self._copy_done = None  # CUDA event: the last host->device copy out of the pinned buffer ended
         # Counters for benchmarks: grammars compiled, seconds spent compiling / filling / in apply.
-        self.stats = {"compiled": 0, "cache_hits": 0, "compile_s": 0.0, "accept_s": 0.0, "fill_s": 0.0, "parallel_fills": 0, "apply_s": 0.0,
-                      "wait_s": 0.0, "masked_rows": 0}
+        self.stats = {"compiled": 0, "cache_hits": 0, "compile_s": 0.0, "checked": 0, "check_s": 0.0, "accept_s": 0.0,
+                      "fill_s": 0.0, "parallel_fills": 0, "apply_s": 0.0, "wait_s": 0.0, "masked_rows": 0}
 
     # -- compiling ------------------------------------------------------------------------------
-    def compile(self, spec: StructuredOutputsParams) -> xgr.CompiledGrammar:
+    def key(self, spec: StructuredOutputsParams) -> tuple[str, str]:
+        """The spec's cache key (kind, canonical text); InvalidRequestError if it is malformed or too large."""
         key = spec_key(spec)
+        check_spec_size(key, self.max_spec_bytes)
+        return key
+
+    def compile(self, spec: StructuredOutputsParams) -> xgr.CompiledGrammar:
+        """Compile (or find in the cache) in the calling thread, without a time limit: the offline API's path."""
+        key = self.key(spec)
+        hit = self._cached(key)
+        if hit is not None:
+            return hit
+        return self._compile(key)
+
+    def compile_in_background(self, spec: StructuredOutputsParams) -> Future:
+        """Compile (or find in the cache) in a compile worker, within the time limit: the server's path.
+        The future's exception is an InvalidRequestError when the spec is too large, invalid, matches no
+        text or did not compile within compile_timeout_s."""
+        done = Future()
+        try:  # a cache hit (or a malformed spec) is answered at once, never queued behind slow compiles
+            key = self.key(spec)
+            hit = self._cached(key)
+        except InvalidRequestError as e:
+            done.set_exception(e)
+            return done
+        if hit is not None:
+            done.set_result(hit)
+            return done
         with self._lock:
-            hit = self._cache.get(key)
+            if self._compile_pool is None:
+                self._compile_pool = ThreadPoolExecutor(self.compile_workers, thread_name_prefix="forge-grammar")
+        return self._compile_pool.submit(self._compile_bounded, key)
+
+    def _compile_bounded(self, key: tuple[str, str]) -> xgr.CompiledGrammar:
+        with self._lock:
+            hit = self._cached(key, locked=True)
             if hit is not None:
-                self._cache.move_to_end(key)
-                self.stats["cache_hits"] += 1
                 return hit
+            running = self._compiling.get(key)  # the same new spec from several requests compiles once
+            if running is None:
+                mine = self._compiling[key] = Future()
+        if running is not None:
+            return running.result()
+        try:
+            self._check(key)
+            compiled = self._compile(key)
+            mine.set_result(compiled)
+            return compiled
+        except BaseException as e:
+            mine.set_exception(e)
+            raise
+        finally:
+            with self._lock:
+                del self._compiling[key]
+
+    def _check(self, key: tuple[str, str]) -> None:
+        """Compile the spec in a helper process that is killed at the time limit (compile_check.py)."""
+        from forge.structured.compile_check import CheckerUnavailable, CompileChecker
+
+        with self._lock:
+            if self._checker is None:
+                self._checker = CompileChecker(self.tokenizer_info, self.compile_timeout_s, self.compile_workers,
+                                               self.compile_threads)
         start = time.perf_counter()
-        compiled = self._compile(*key)
+        try:
+            self._checker.check(*key, what=_WHAT[key[0]])
+        except CheckerUnavailable as e:
+            logger.warning("grammar compiles run without their time limit: %s", e)
+            return
+        with self._lock:
+            self.stats["checked"] += 1
+            self.stats["check_s"] += time.perf_counter() - start
+
+    def _compile(self, key: tuple[str, str]) -> xgr.CompiledGrammar:
+        start = time.perf_counter()
+        compiled = compile_spec(self.compiler, *key)
         with self._lock:
             self.stats["compiled"] += 1
             self.stats["compile_s"] += time.perf_counter() - start
-            self._cache[key] = compiled
-            while len(self._cache) > _CACHE_ENTRIES:
-                self._cache.popitem(last=False)
+            self._store(key, compiled)
         return compiled
 
-    def _compile(self, kind: str, text: str) -> xgr.CompiledGrammar:
-        what = {"json": "JSON schema", "json_object": "JSON object grammar", "regex": "regex",
-                "choice": "choice list", "grammar": "grammar"}[kind]
-        try:
-            if kind == "json":
-                schema = json.loads(text)
-                _check_schema(schema)
-                return self.compiler.compile_json_schema(text, any_whitespace=False, strict_mode=True)
-            if kind == "json_object":
-                return self.compiler.compile_json_schema('{"type": "object"}', any_whitespace=False,
-                                                         strict_mode=False)
-            if kind == "regex":
-                return self.compiler.compile_regex(text)
-            if kind == "choice":
-                return self.compiler.compile_grammar(_choice_grammar(json.loads(text)))
-            return self.compiler.compile_grammar(text)
-        except InvalidRequestError:
-            raise
-        except Exception as e:  # xgrammar raises RuntimeError (or its own types) naming the problem
-            raise InvalidRequestError(f"invalid {what}: {_clean_error(e)}", param=PARAM) from None
+    def _cached(self, key: tuple[str, str], locked: bool = False) -> xgr.CompiledGrammar | None:
+        if not locked:
+            with self._lock:
+                return self._cached(key, locked=True)
+        hit = self._cache.get(key)
+        if hit is not None:
+            self._cache.move_to_end(key)
+            self.stats["cache_hits"] += 1
+        return hit
 
-    def matcher(self, spec: StructuredOutputsParams) -> "Matcher":
-        return Matcher(self, self.compile(spec))
+    def _store(self, key: tuple[str, str], compiled: xgr.CompiledGrammar) -> None:
+        """Cache a compiled grammar, dropping the least recently used ones beyond cache_bytes (one
+        larger than the whole budget is used by its request, never kept). Call with the lock held."""
+        size = compiled.memory_size_bytes
+        if key in self._cache or size > self.cache_bytes:
+            return
+        self._cache[key] = compiled
+        self.cached_bytes += size
+        while self.cached_bytes > self.cache_bytes:
+            _, dropped = self._cache.popitem(last=False)
+            self.cached_bytes -= dropped.memory_size_bytes
+
+    def matcher(self, spec: StructuredOutputsParams, compiled: xgr.CompiledGrammar | None = None) -> "Matcher":
+        """A fresh matcher for one sequence, from `compiled` when the caller compiled the spec already."""
+        return Matcher(self, compiled if compiled is not None else self.compile(spec))
 
     # -- one step's masks ---------------------------------------------------------------------------
     def begin_step(self, seqs) -> "StepMasks | None":
@@ -278,11 +421,12 @@ class StructuredBackend:
         if not rows:
             return None
         self._finish_in_flight()
-        step = StepMasks(self, [seqs[i].structured for i in rows], rows, self._bitmask(len(rows)))
+        step = StepMasks(self, [seqs[i].structured for i in rows], rows, self._bitmask(len(rows)),
+                         [getattr(seqs[i], "request_id", None) for i in rows])
         if self.overlap:
             if self._worker is None:
                 self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forge-structured")
-            step.future = self._worker.submit(self._fill, step.matchers, step.host)
+            step.future = self._worker.submit(self._fill, step)
             self._in_flight = step
         return step
 
@@ -295,13 +439,21 @@ class StructuredBackend:
             except Exception:  # it failed with its step; nothing is left to clean up
                 pass
 
-    def _fill(self, matchers: list["Matcher"], host: torch.Tensor) -> None:
+    def _fill(self, step: "StepMasks") -> None:
         """Advance each matcher past its pushed tokens, then host[j] = the next-token mask of
         matchers[j], all at once (xgrammar's batched filler, which releases the GIL, so the engine's
-        Python runs on meanwhile when this is the worker thread)."""
+        Python runs on meanwhile when this is the worker thread). Raises RequestFailure naming the
+        requests whose grammar failed or leaves no token allowed."""
+        matchers, host = step.matchers, step.host
         t0 = time.perf_counter()
-        for m in matchers:
-            m._catch_up()
+        failed = {}
+        for m, request_id in zip(matchers, step.request_ids):
+            try:
+                m._catch_up()
+            except Exception as e:  # xgrammar refused the matcher's state: only this request is affected
+                failed[request_id] = e
+        if failed:
+            raise RequestFailure(failed)
         t1 = time.perf_counter()
         self.stats["accept_s"] += t1 - t0
         parallel = self._parallel_fills_left > 0 and len(matchers) > 1
@@ -311,11 +463,30 @@ class StructuredBackend:
             if self._parallel_filler is None:
                 self._parallel_filler = xgr.BatchGrammarMatcher(_FILL_THREADS)
         filler = self._parallel_filler if parallel else self._serial_filler
-        filler.batch_fill_next_token_bitmask([m.xgr_matcher for m in matchers], host)
+        try:
+            filler.batch_fill_next_token_bitmask([m.xgr_matcher for m in matchers], host)
+        except Exception:  # find the matcher(s) it failed on
+            self._fill_one_by_one(step)
         elapsed = time.perf_counter() - t1
         if not parallel and elapsed > _SLOW_FILL_S and len(matchers) > 1:
             self._parallel_fills_left = _PARALLEL_FILLS
         self.stats["fill_s"] += elapsed
+        dead_ends = (~_rows_allowing_something(host, self.vocab_size)).nonzero().flatten().tolist()
+        if dead_ends:
+            raise RequestFailure({step.request_ids[j]: InvalidRequestError(
+                f"the grammar allows no next token after {matchers[j].num_accepted} generated tokens "
+                f"(it has a rule that can never end)", param=PARAM) for j in dead_ends})
+
+    @staticmethod
+    def _fill_one_by_one(step: "StepMasks") -> None:
+        failed = {}
+        for j, (m, request_id) in enumerate(zip(step.matchers, step.request_ids)):
+            try:
+                m.xgr_matcher.fill_next_token_bitmask(step.host, j)
+            except Exception as e:
+                failed[request_id] = e
+        if failed:
+            raise RequestFailure(failed)
 
     def _bitmask(self, rows: int) -> torch.Tensor:
         """The first `rows` rows of the host buffer, free to overwrite (the last copy out of it ended)."""
@@ -332,7 +503,7 @@ class StructuredBackend:
     def _apply(self, logits: torch.Tensor, step: "StepMasks") -> torch.Tensor:
         start = time.perf_counter()
         if step.future is None:  # not overlapped: fill now (on a GPU the forward pass is still running)
-            self._fill(step.matchers, step.host)
+            self._fill(step)
         else:
             t0 = time.perf_counter()
             step.future.result()  # a fill error surfaces here, failing the step
@@ -355,21 +526,27 @@ class StructuredBackend:
         return logits
 
     def shutdown(self) -> None:
-        """Stop the worker thread (after the fill in flight, if any)."""
+        """Stop the worker thread (after the fill in flight, if any), the compile workers and helpers."""
         if self._worker is not None:
             self._worker.shutdown(wait=True)
             self._worker = None
+        if self._compile_pool is not None:
+            self._compile_pool.shutdown(wait=False, cancel_futures=True)
+        if self._checker is not None:
+            self._checker.shutdown()
 
 
 class StepMasks:
     """The masks of one step's constrained rows: `rows` index the step's sampled sequences,
-    `host[j]` receives the mask of `matchers[j]`."""
+    `host[j]` receives the mask of `matchers[j]`, which belongs to request `request_ids[j]`."""
 
-    def __init__(self, backend: StructuredBackend, matchers: list["Matcher"], rows: list[int], host: torch.Tensor):
+    def __init__(self, backend: StructuredBackend, matchers: list["Matcher"], rows: list[int], host: torch.Tensor,
+                 request_ids: list[str | None]):
         self.backend = backend
         self.matchers = matchers
         self.rows = rows
         self.host = host
+        self.request_ids = request_ids
         self.future = None  # the worker's fill, when overlapped
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
