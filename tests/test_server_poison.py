@@ -179,8 +179,10 @@ def test_a_failure_with_one_request_fails_it_and_the_engine_goes_on(engine, monk
 
 @pytest.fixture(scope="module", params=[False, True], ids=["sync", "async"])
 def server(tiny_model_dir, request):
-    with LiveServer(make_engine(tiny_model_dir, request.param)) as srv:
+    engine = make_engine(tiny_model_dir, request.param)
+    with LiveServer(engine) as srv:
         yield srv
+    engine.shutdown()  # its grammar compile helper process too
 
 
 def body(prompt, params: SamplingParams, **kw) -> dict:

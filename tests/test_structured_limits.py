@@ -168,6 +168,7 @@ def server(tiny_model_dir):
     engine.step = step
     with LiveServer(engine) as srv:
         yield srv
+    engine.shutdown()  # its grammar compile helper process too
 
 
 CMPL = "/v1/completions"
