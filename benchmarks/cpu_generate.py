@@ -1,73 +1,409 @@
-"""CPU generation speed of the default model: forge vs HF transformers, same weights, same run.
+"""CPU generation of the default model (SmolLM2-135M Q4_1 GGUF): forge vs llama.cpp, same file, same run.
 
-Batch 1 and batch 16, 32-token prompts, 64 generated tokens (ignore_eos), float32, greedy.
-Writes benchmarks/results/cpu_generate.json.
+Engines, each in its own process (so each has its own resident set): forge `auto` (the quantized
+default), forge `none` (the exact float32 path) and llama.cpp through llama-cpp-python (the optional
+`bench` extra: pip install -e ".[bench]"). Measured, alternating the engines (A/B, the order flipped
+every round) because the machine may be busy:
+- decode: 32-token random prompts, 64 generated tokens (ignore EOS), greedy; batch 1 for every
+  engine, batch 16 for forge (llama-cpp-python generates one sequence at a time); tok/s = tokens / s
+  end to end (prompt included, as a user of either API sees it);
+- prefill: one 512-token prompt (forge: prefix caching off; llama.cpp: a fresh context);
+- faithfulness: mean KL divergence of the next-token distribution of forge `auto` and of llama.cpp
+  from forge `none` over benchmarks/data/kl_text.txt (2,123 tokens, windows of 512 tokens);
+- memory: RSS after load (auto vs none) and each process's peak RSS over the speed runs;
+- profile: CPU ms per forge decode step at batch 1 and the share of it in the matmul kernels.
+Writes benchmarks/results/cpu_generate.json and cpu_generate.png.
 
-    python benchmarks/cpu_generate.py [--batch-sizes 1 16] [--output-len 64] [--threads 2]
+    python benchmarks/cpu_generate.py [--threads 1 2] [--rounds 3] [--output-len 64] [--no-llama]
 """
 
 import argparse
+import json
+import os
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import write_results  # noqa: E402
+
+TEXT = Path(__file__).resolve().parent / "data" / "kl_text.txt"
+WINDOW = 512  # KL: the text in independent windows of this many tokens, the same for every engine
+VOCAB_LOW, VOCAB_HIGH = 100, 40000  # random prompt token ids
+
+
+def prompts(batch: int, length: int, seed: int) -> list[list[int]]:
+    import random
+
+    rng = random.Random(seed)
+    return [[rng.randrange(VOCAB_LOW, VOCAB_HIGH) for _ in range(length)] for _ in range(batch)]
+
+
+def memory_mb() -> dict:
+    """VmRSS (resident now) and VmHWM (peak resident) of this process, MB."""
+    fields = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            fields[key] = round(int(value.split()[0]) / 1024, 1)
+    return {"rss_mb": fields.get("VmRSS"), "peak_rss_mb": fields.get("VmHWM")}
+
+
+# -- workers: one engine each, commands as JSON lines on stdin, replies on stdout -----------------
+
+class ForgeWorker:
+    def __init__(self, quantization: str, threads: int):
+        from forge import LLM
+
+        start = time.perf_counter()
+        self.llm = LLM(max_model_len=1024, quantization=quantization, threads=threads, enable_prefix_caching=False)
+        self.load_seconds = time.perf_counter() - start
+
+    def decode(self, batch: int, prompt_len: int, output_len: int, seed: int) -> dict:
+        from forge import SamplingParams
+
+        params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+        batch_prompts = [{"prompt_token_ids": p} for p in prompts(batch, prompt_len, seed)]
+        start = time.perf_counter()
+        outs = self.llm.generate(batch_prompts, params, use_tqdm=False)
+        seconds = time.perf_counter() - start
+        assert all(len(o.outputs[0].token_ids) == output_len for o in outs)
+        return {"seconds": seconds, "tokens": batch * output_len}
+
+    def prefill(self, length: int, seed: int) -> dict:
+        from forge import SamplingParams
+
+        (prompt,) = prompts(1, length, seed)
+        start = time.perf_counter()
+        self.llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
+        return {"seconds": time.perf_counter() - start, "tokens": length}
+
+    def window_logprobs(self):
+        """Log-softmax of every position of every window of the text, float64 [n, vocab] per window."""
+        import torch
+
+        from forge.ops.metadata import AttentionMetadata
+
+        runner = self.llm.llm_engine.runner
+        ids = self.llm.get_tokenizer().encode(TEXT.read_text())
+        for start in range(0, len(ids), WINDOW):
+            window = ids[start : start + WINDOW]
+            n, blocks = len(window), -(-len(window) // runner.block_size)
+            meta = AttentionMetadata(
+                positions=torch.arange(n), slot_mapping=torch.arange(n),
+                query_start_loc=torch.tensor([0, n], dtype=torch.int32),
+                context_lens=torch.tensor([n], dtype=torch.int32),
+                block_tables=torch.arange(blocks, dtype=torch.int32)[None], max_query_len=n, max_context_len=n,
+                query_lens_cpu=[n], context_lens_cpu=[n])
+            with torch.inference_mode():
+                hidden = runner.model.forward(torch.tensor(window), meta, runner.kv_caches)
+                yield window, torch.log_softmax(runner.model.compute_logits(hidden).double(), -1)
+
+    def profile(self, steps: int) -> dict:
+        """CPU time per batch-1 decode step (no profiler), then op counts and the matmul kernels'
+        share of op time under torch.profiler."""
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+
+        from forge import SamplingParams
+
+        engine = self.llm.llm_engine
+        engine.add_request({"prompt_token_ids": prompts(1, 32, 0)[0]},
+                           SamplingParams(temperature=0, max_tokens=3 * steps + 20, ignore_eos=True))
+        for _ in range(10):
+            engine.step()
+        start = time.process_time()
+        for _ in range(steps):
+            engine.step()
+        ms_per_step = (time.process_time() - start) / steps * 1e3
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                engine.step()
+        events = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in events)
+        matmul = sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS)
+        while engine.has_unfinished_requests():
+            engine.step()
+        return {"cpu_ms_per_step": round(ms_per_step, 2), "matmul_share": round(matmul / total, 3),
+                "ops_per_step": round(sum(e.count for e in events) / steps), "threads": torch.get_num_threads()}
+
+
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::_weight_int4pack_mm_for_cpu", "aten::_weight_int8pack_mm"}
+
+
+class LlamaCppWorker:
+    def __init__(self, threads: int):
+        from llama_cpp import Llama
+
+        from forge.loader import default_model_path
+
+        self.path, self.threads = str(default_model_path()), threads
+        start = time.perf_counter()
+        self.llm = Llama(model_path=self.path, n_ctx=1024, n_batch=512, n_threads=threads, n_threads_batch=threads,
+                         verbose=False)
+        self.load_seconds = time.perf_counter() - start
+
+    def decode(self, batch: int, prompt_len: int, output_len: int, seed: int) -> dict:
+        assert batch == 1, "llama-cpp-python generates one sequence at a time"
+        (prompt,) = prompts(1, prompt_len, seed)
+        start = time.perf_counter()
+        self.llm.reset()
+        n = 0
+        for _ in self.llm.generate(prompt, temp=0.0, reset=True):  # greedy; generate() never stops at EOS itself
+            n += 1
+            if n == output_len:
+                break
+        return {"seconds": time.perf_counter() - start, "tokens": output_len}
+
+    def prefill(self, length: int, seed: int) -> dict:
+        (prompt,) = prompts(1, length, seed)
+        self.llm.reset()
+        start = time.perf_counter()
+        self.llm.eval(prompt)
+        return {"seconds": time.perf_counter() - start, "tokens": length}
+
+    def window_logprobs(self):
+        import numpy as np
+        import torch
+        from gguf import GGUFReader
+        from llama_cpp import Llama
+
+        from forge.loader.gguf import read_metadata
+        from forge.tokenizer import Tokenizer
+
+        # forge's tokenization of the text, so that both engines score the very same token ids
+        ids = Tokenizer.from_gguf_metadata(read_metadata(GGUFReader(self.path))).encode(TEXT.read_text())
+        scorer = Llama(model_path=self.path, n_ctx=WINDOW, n_batch=WINDOW, n_threads=self.threads,
+                       n_threads_batch=self.threads, logits_all=True, verbose=False)
+        for start in range(0, len(ids), WINDOW):
+            window = ids[start : start + WINDOW]
+            scorer.reset()
+            scorer.eval(window)
+            yield window, torch.log_softmax(torch.from_numpy(np.array(scorer.scores[: len(window)])).double(), -1)
+        del scorer
+
+
+def kl_command(worker, ref_dir: str, write: bool) -> dict:
+    """The reference worker (forge none) writes its windows' logprobs; the others compare with them."""
+    import torch
+
+    kls, top1, tokens = [], [], 0
+    for i, (window, logprobs) in enumerate(worker.window_logprobs()):
+        path = Path(ref_dir) / f"window{i}.pt"
+        tokens += len(window)
+        if write:
+            torch.save({"ids": window, "logprobs": logprobs.float()}, path)
+            continue
+        ref = torch.load(path)
+        assert ref["ids"] == window, "both engines must score the same tokens"
+        p = ref["logprobs"].double()
+        kls.append((p.exp() * (p - logprobs)).sum(-1))
+        top1.append(p.argmax(-1) == logprobs.argmax(-1))
+    if write:
+        return {"tokens": tokens}
+    kl = torch.cat(kls)
+    return {"tokens": tokens, "mean": kl.mean().item(), "p99": kl.quantile(0.99).item(), "max": kl.max().item(),
+            "top1_agreement": torch.cat(top1).double().mean().item()}
+
+
+def worker_main(kind: str, threads: int) -> None:
+    out = sys.stdout
+    sys.stdout = sys.stderr  # everything but the replies goes to stderr
+    worker = LlamaCppWorker(threads) if kind == "llama.cpp" else ForgeWorker(kind.split("-", 1)[1], threads)
+    reply = {"load_seconds": round(worker.load_seconds, 2), **memory_mb()}
+    out.write(json.dumps(reply) + "\n")
+    out.flush()
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        name = cmd.pop("cmd")
+        if name == "quit":
+            break
+        if name == "kl":
+            reply = kl_command(worker, **cmd)
+        elif name == "memory":
+            reply = memory_mb()
+        else:
+            reply = getattr(worker, name)(**cmd)
+        out.write(json.dumps(reply) + "\n")
+        out.flush()
+
+
+class Worker:
+    """The main process's handle on one worker process."""
+
+    def __init__(self, kind: str, threads: int):
+        self.kind = kind
+        self.proc = subprocess.Popen([sys.executable, __file__, "--worker", kind, "--threads", str(threads)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.loaded = self._read()
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the {self.kind} worker exited (exit status {self.proc.wait()})")
+        return json.loads(line)
+
+    def __call__(self, cmd: str, **kwargs) -> dict:
+        self.proc.stdin.write(json.dumps({"cmd": cmd, **kwargs}) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
+            self.proc.stdin.close()
+            self.proc.wait()
+
+
+# -- the run ----------------------------------------------------------------------------------------
+
+def tok_s(r: dict) -> float:
+    return r["tokens"] / r["seconds"]
+
+
+def run_pairs(workers: dict, names: list[str], rounds: int, **kw) -> dict:
+    """Each round runs the named engines back to back, in an order that flips every round."""
+    rates = {n: [] for n in names}
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            if kw["cmd"] == "decode":
+                res = workers[name]("decode", batch=kw["batch"], prompt_len=kw["prompt_len"],
+                                    output_len=kw["output_len"], seed=1000 * r + kw["batch"])
+            else:
+                res = workers[name]("prefill", length=kw["length"], seed=1000 * r + 7)
+            rates[name].append(tok_s(res))
+    return rates
+
+
+def summarize(rates: dict, peer: str | None) -> dict:
+    row = {n: {"tok_s": round(statistics.median(v), 1), "runs": [round(x, 1) for x in v]} for n, v in rates.items()}
+    if peer in rates and "forge-auto" in rates:
+        # the ratio of each A/B pair (same round), then the median: the machine's load changes between pairs
+        ratios = [a / b for a, b in zip(rates["forge-auto"], rates[peer])]
+        row["ratio_vs_llama.cpp"] = round(statistics.median(ratios), 2)
+    return row
 
 
 def main():
+    from forge.engine.model_runner import default_cpu_threads
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--threads", type=int, nargs="+", default=[default_cpu_threads()],
+                    help="thread counts to measure, each for every engine (default: forge's default)")
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--output-len", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--prefill-len", type=int, default=512)
+    ap.add_argument("--no-llama", action="store_true", help="forge only (llama-cpp-python not installed)")
+    ap.add_argument("--no-none", action="store_true", help="skip the exact path's decode speeds (its KL reference stays)")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.worker:
+        return worker_main(args.worker, args.threads[0])
 
-    from forge import LLM, SamplingParams
-    from forge.loader.safetensors import save_hf_dir
+    load = os.getloadavg()
+    results = {"machine": {"cpus": os.cpu_count(), "loadavg_at_start": [round(x, 2) for x in load]},
+               "prompt_len": args.prompt_len, "output_len": args.output_len, "prefill_len": args.prefill_len,
+               "rounds": args.rounds, "by_threads": {}}
+    kinds = ["forge-auto", "forge-none"] + ([] if args.no_llama else ["llama.cpp"])
+    peer = None if args.no_llama else "llama.cpp"
+    for threads in args.threads:
+        workers = {k: Worker(k, threads) for k in kinds}
+        try:
+            res = {"load": {k: w.loaded for k, w in workers.items()}}
+            decoders = [k for k in kinds if not (args.no_none and k == "forge-none")]
+            common = dict(prompt_len=args.prompt_len, output_len=args.output_len)
+            res["decode_batch1"] = summarize(run_pairs(workers, decoders, args.rounds, cmd="decode", batch=1, **common), peer)
+            forge_kinds = [k for k in decoders if k.startswith("forge")]
+            b16 = summarize(run_pairs(workers, forge_kinds, args.rounds, cmd="decode", batch=16, **common), None)
+            if peer:
+                llama_b1 = res["decode_batch1"]["llama.cpp"]["tok_s"]
+                b16["ratio_vs_llama.cpp_batch1"] = round(b16["forge-auto"]["tok_s"] / llama_b1, 2)
+            res["decode_batch16"] = b16
+            res["prefill"] = summarize(run_pairs(workers, ["forge-auto"] + ([peer] if peer else []), args.rounds,
+                                                 cmd="prefill", length=args.prefill_len), peer)
+            # memory before the KL pass (which holds whole windows of float64 logprobs): the serving peak
+            res["memory"] = {k: {"after_load": w.loaded["rss_mb"], **w("memory")} for k, w in workers.items()}
+            res["memory"]["auto_over_none_after_load"] = round(
+                workers["forge-auto"].loaded["rss_mb"] / workers["forge-none"].loaded["rss_mb"], 3)
+            with tempfile.TemporaryDirectory(prefix="forge-kl-") as ref_dir:
+                workers["forge-none"]("kl", ref_dir=ref_dir, write=True)
+                res["kl_vs_exact"] = {k: workers[k]("kl", ref_dir=ref_dir, write=False)
+                                      for k in kinds if k != "forge-none"}
+            res["profile_batch1"] = {k: workers[k]("profile", steps=30) for k in forge_kinds}
+        finally:
+            for w in workers.values():
+                w.close()
+        results["by_threads"][str(threads)] = res
+        report(threads, res)
+    results["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    from benchmarks.common import write_results
 
-    llm = LLM(max_model_len=1024, num_kv_blocks=2048)
-    loaded_dir = Path(tempfile.mkdtemp(prefix="forge-hf-"))
-    # HF transformers gets the very same dequantized weights.
-    from forge.loader import load_model
+    write_results("cpu_generate", results)
+    plot(results)
 
-    loaded = load_model(None)
-    save_hf_dir(loaded_dir, loaded.config, loaded.weights, loaded.tokenizer)
-    del loaded
 
-    from transformers import AutoModelForCausalLM
+def report(threads: int, res: dict) -> None:
+    print(f"\n== {threads} thread(s) ==")
+    for key in ("decode_batch1", "decode_batch16", "prefill"):
+        row = res[key]
+        cells = "  ".join(f"{k} {v['tok_s']} tok/s" for k, v in row.items() if isinstance(v, dict))
+        ratios = "  ".join(f"{k} {v}" for k, v in row.items() if k.startswith("ratio"))
+        print(f"{key:15s} {cells}  {ratios}")
+    for k, v in res["kl_vs_exact"].items():
+        print(f"KL vs exact     {k}: mean {v['mean']:.2e}  p99 {v['p99']:.2e}  top-1 agreement {v['top1_agreement']:.4f}")
+    for k, v in res["profile_batch1"].items():
+        print(f"decode step     {k}: {v['cpu_ms_per_step']} ms CPU, {v['matmul_share']:.0%} in matmul, "
+              f"{v['ops_per_step']} ops")
+    mem = res["memory"]
+    print("RSS after load  " + "  ".join(f"{k} {v['after_load']} MB (peak while serving {v['peak_rss_mb']})"
+                                         for k, v in mem.items() if isinstance(v, dict)),
+          f" auto/none {mem['auto_over_none_after_load']:.0%}")
 
-    hf = AutoModelForCausalLM.from_pretrained(loaded_dir, torch_dtype=torch.float32).eval()
-    g = torch.Generator().manual_seed(0)
-    rows = []
-    for bs in args.batch_sizes:
-        prompts = torch.randint(100, 40000, (bs, args.prompt_len), generator=g)
-        params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
-        timings = {}
-        for name in ("forge", "hf"):
-            best = float("inf")
-            for _ in range(2):  # best of two: the first may pay warm-up
-                start = time.perf_counter()
-                if name == "forge":
-                    llm.generate([{"prompt_token_ids": p.tolist()} for p in prompts], params, use_tqdm=False)
-                else:
-                    with torch.inference_mode():
-                        hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=args.output_len,
-                                    min_new_tokens=args.output_len, do_sample=False, pad_token_id=0)
-                best = min(best, time.perf_counter() - start)
-            timings[name] = bs * args.output_len / best
-        rows.append({"batch": bs, "forge_tok_s": round(timings["forge"], 1), "hf_tok_s": round(timings["hf"], 1),
-                     "ratio": round(timings["forge"] / timings["hf"], 2)})
-    write_results("cpu_generate", {"threads": args.threads, "prompt_len": args.prompt_len,
-                                   "output_len": args.output_len, "rows": rows})
-    print(f"CPU generation, default model fp32, {args.threads} threads, prompt {args.prompt_len}, output {args.output_len}")
-    print(f"{'batch':>6}{'forge tok/s':>13}{'HF tok/s':>10}{'ratio':>7}")
-    for r in rows:
-        print(f"{r['batch']:>6}{r['forge_tok_s']:>13}{r['hf_tok_s']:>10}{r['ratio']:>7}")
+
+def plot(results: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from benchmarks.common import RESULTS
+
+    runs = results["by_threads"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    colors = {"forge-auto": "#2b7bba", "forge-none": "#9ecae1", "llama.cpp": "#e6550d"}
+    groups = [("decode_batch1", "decode b1"), ("decode_batch16", "decode b16"), ("prefill", "prefill 512")]
+    labels, values, bar_colors = [], [], []
+    for threads, res in runs.items():
+        for key, label in groups:
+            for engine, v in res[key].items():
+                if isinstance(v, dict):
+                    labels.append(f"{label}\n{engine}\n{threads}t")
+                    values.append(v["tok_s"])
+                    bar_colors.append(colors.get(engine, "gray"))
+    axes[0].bar(range(len(values)), values, color=bar_colors)
+    axes[0].set_xticks(range(len(values)), labels, fontsize=6)
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("tokens / s (log)")
+    axes[0].set_title("speed (higher is better)")
+    first = next(iter(runs.values()))
+    kl = first["kl_vs_exact"]
+    axes[1].bar(list(kl), [v["mean"] for v in kl.values()], color=[colors.get(k, "gray") for k in kl])
+    axes[1].set_title("mean KL to the exact path (lower is better)")
+    mem = {k: v for k, v in first["memory"].items() if isinstance(v, dict)}
+    x = range(len(mem))
+    axes[2].bar([i - 0.2 for i in x], [v["after_load"] for v in mem.values()], width=0.4, label="after load")
+    axes[2].bar([i + 0.2 for i in x], [v["peak_rss_mb"] for v in mem.values()], width=0.4, label="peak")
+    axes[2].set_xticks(list(x), list(mem))
+    axes[2].set_ylabel("RSS, MB")
+    axes[2].set_title("memory")
+    axes[2].legend()
+    load = results["machine"]
+    fig.suptitle(f"SmolLM2-135M Q4_1 on {load['cpus']} CPUs (load average {load['loadavg_at_start'][0]} at start)")
+    fig.tight_layout()
+    fig.savefig(RESULTS / "cpu_generate.png", dpi=110)
 
 
 if __name__ == "__main__":

@@ -119,26 +119,29 @@ def fast_llm():
     return LLM(max_model_len=1024, num_kv_blocks=256)  # quantization="auto" is the default
 
 
-def test_default_model_stays_quantized(fast_llm, default_model_path):
+@pytest.fixture(scope="module")
+def gguf_tensors(default_model_path) -> dict:
     from gguf import GGUFReader
 
+    return {t.name: t for t in GGUFReader(default_model_path).tensors}
+
+
+def test_default_model_stays_quantized(fast_llm, gguf_tensors):
     model = fast_llm.llm_engine.runner.model
     layer = model.layers[0]
     assert all(isinstance(w, Int4Weight) and w.planes == 1
                for w in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj))  # Q4_1
     assert isinstance(model.embed_tokens, Int4Weight) and model.embed_tokens.planes == 2  # Q8_0, tied lm_head
     assert model.lm_head is model.embed_tokens
-    float_bytes = sum(int(t.n_elements) * 4 for t in GGUFReader(default_model_path).tensors)
+    float_bytes = sum(int(t.n_elements) * 4 for t in gguf_tensors.values())
     assert model.weight_bytes() < 0.2 * float_bytes  # 102 MB vs 538 MB
 
 
-def test_quantized_embedding_gather_is_the_q8_0_rows(fast_llm, default_model_path):
-    from gguf import GGUFReader
-
+def test_quantized_embedding_gather_is_the_q8_0_rows(fast_llm, gguf_tensors):
     model = fast_llm.llm_engine.runner.model
     ids = torch.tensor([0, 1, 63, 64, 4096, 49151, 1])
     rows = model.ops.embedding(ids, model.embed_tokens)
-    table = next(t for t in GGUFReader(default_model_path).tensors if t.name == "token_embd.weight")
+    table = gguf_tensors["token_embd.weight"]
     exact = torch.from_numpy(dequantize(table.data[ids.numpy()], Q.Q8_0).reshape(len(ids), -1))
     assert (rows - exact).abs().max() <= 2**-8 * exact.abs().max()  # bfloat16 scales only
 
@@ -200,3 +203,66 @@ def test_decode_attention_row_is_bit_identical_alone_and_in_a_batch():
         blocks = tables[i, : -(-n // bs)].long()
         k, v = k_cache[blocks].flatten(0, 1)[:n], v_cache[blocks].flatten(0, 1)[:n]
         assert torch.equal(CpuOps._causal_attention(q[i : i + 1], k, v, heads // kv_heads, 0.125), together[i : i + 1])
+
+
+# -- float checkpoints quantized at load, KV-cache size, threads, CLI --------------------------------
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_float_checkpoint_quantized_at_load(tiny_model_dir, mode):
+    """An HF float32 directory with --quantization int8/int4: the matrices get a quantized layout
+    (int4: the decoder's; the embedding / lm_head int8) and the logits stay near the float model's."""
+    from tests.util import forward_logits
+
+    ids = list(range(100, 140))
+    ref = forward_logits(LLM(str(tiny_model_dir), num_kv_blocks=16).llm_engine.runner, ids)
+    llm = LLM(str(tiny_model_dir), num_kv_blocks=16, quantization=mode)
+    model = llm.llm_engine.runner.model
+    layout = Int8Weight if mode == "int8" else Int4Weight
+    assert isinstance(model.layers[0].gate_up_proj, layout) and isinstance(model.layers[1].qkv_proj, layout)
+    assert isinstance(model.embed_tokens, Int8Weight) and isinstance(model.lm_head, Int8Weight)
+    got = forward_logits(llm.llm_engine.runner, ids)
+    # int8: a step of max|row| / 127; int4: (max - min) / 15 per 32 inputs (measured: 0.9% / 4% of the logits' spread)
+    tolerance = {"int8": 0.03, "int4": 0.12}[mode] * (ref.max() - ref.min())
+    assert (got - ref).abs().max() < tolerance
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+
+
+def test_kv_cache_memory_sizes_the_cpu_cache(tiny_model_dir):
+    runner = LLM(str(tiny_model_dir), kv_cache_memory="1MiB").llm_engine.runner
+    assert runner.num_kv_blocks == 2**20 // runner.kv_block_bytes
+    runner = LLM(str(tiny_model_dir), max_model_len=256, max_num_seqs=4).llm_engine.runner  # the default
+    assert runner.num_kv_blocks == 256 * 4 // runner.block_size  # max_model_len x min(max_num_seqs, 8) tokens
+
+
+def test_cpu_kv_cache_pages_are_resident_only_once_used(tiny_model_dir):
+    """2 GiB of KV cache costs no resident memory until sequences write into it."""
+    def rss_mb() -> float:
+        line = next(x for x in open("/proc/self/status") if x.startswith("VmRSS"))
+        return int(line.split()[1]) / 1024
+
+    before = rss_mb()
+    llm = LLM(str(tiny_model_dir), kv_cache_memory="2GiB", max_model_len=2048, max_num_seqs=4096)
+    assert llm.llm_engine.runner.num_kv_blocks * llm.llm_engine.runner.kv_block_bytes > 2**30
+    assert rss_mb() - before < 300  # the tiny model is 13 MB; the cache would be 2048 MB
+    out = llm.generate([{"prompt_token_ids": list(range(100, 130))}] * 3, SamplingParams(max_tokens=8, temperature=0),
+                       use_tqdm=False)
+    assert all(len(o.outputs[0].token_ids) == 8 for o in out)
+
+
+def test_threads_option_sets_torch_threads(tiny_model_dir):
+    before = torch.get_num_threads()
+    try:
+        LLM(str(tiny_model_dir), num_kv_blocks=16, threads=1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_cli_quantization_threads_and_kv_cache_memory_flags():
+    from forge.cli import build_parser, engine_config
+
+    args = build_parser().parse_args(["generate", "hi", "--quantization", "none", "--threads", "1",
+                                      "--kv-cache-memory", "512MiB"])
+    config = engine_config(args)
+    assert (config.quantization, config.threads, config.kv_cache_memory) == ("none", 1, 512 * 2**20)
+    assert engine_config(build_parser().parse_args(["generate", "hi"])).quantization == "auto"

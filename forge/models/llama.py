@@ -75,12 +75,14 @@ class LlamaModel:
         elif self.tp.world_size > 1 and not weights_sharded:  # (the loaders can cut them as they read)
             weights = shard_weights(weights, config, self.shard)
 
+        # Each weight is taken out of `weights` (the caller's dict ends up empty) as it is converted, so
+        # the loader's copy (float32, or a quantized layout's unpacked codes) is freed as the model is built.
         def w(name: str) -> torch.Tensor:
-            return weights[name].to(device=self.device, dtype=dtype)
+            return weights.pop(name).to(device=self.device, dtype=dtype)
 
         def matrix(*names: str, embedding: bool = False):
             """The named matrices stacked along the output dim: float, or a quantized layout (forge.quant)."""
-            return runtime_weight([weights[n] for n in names], quantization, self.device, dtype, embedding=embedding)
+            return runtime_weight([weights.pop(n) for n in names], quantization, self.device, dtype, embedding=embedding)
 
         self.embed_tokens = matrix("model.embed_tokens.weight", embedding=True)
         self.layers: list[LayerWeights] = []

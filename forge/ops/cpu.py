@@ -6,6 +6,31 @@ import torch.nn.functional as F
 from forge.ops.metadata import AttentionMetadata
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in `dtype`; skips the dispatch of a no-op .to(), ~1 us each, hundreds per decode step."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _additive_mask(valid: torch.Tensor) -> torch.Tensor:
+    """[B, L] bool (True = attend) -> [B, 1, 1, L] float32 0 / -inf, built once per step (SDPA would
+    convert a bool mask in every layer)."""
+    return torch.zeros(valid.shape, device=valid.device).masked_fill_(~valid, float("-inf"))[:, None, None]
+
+
+def _decode_sdpa(q, k, v, mask, scale: float, group: int) -> torch.Tensor:
+    """SDPA of one query per row, on one thread: with more, torch splits a small batch's keys over
+    threads, and a row's sums then depend on the batch it ran in (a decode's attention is a small
+    part of its step)."""
+    threads = torch.get_num_threads()
+    if threads > 1:
+        torch.set_num_threads(1)
+    try:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=group > 1)
+    finally:
+        if threads > 1:
+            torch.set_num_threads(threads)
+
+
 LOGITS_REFINED = 32  # top logits per row recomputed in float32 after a quantized lm_head (CpuOps.logits)
 
 
@@ -25,6 +50,8 @@ class CpuOps:
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
         self._decode_meta: AttentionMetadata | None = None
         self._decode_plan: tuple | None = None
+        self._fresh_key: torch.Tensor | None = None
+        self._fresh: torch.Tensor | None = None
 
     def linear(self, x: torch.Tensor, weight) -> torch.Tensor:
         """x @ weight.T; weight is a float tensor or a quantized layout (forge.quant), whose kernel
@@ -51,9 +78,9 @@ class CpuOps:
         return weight.rows(token_ids)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        xf = x.float()
+        xf = _as(x, torch.float32)
         inv_rms = xf.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()
-        return (xf * inv_rms).mul_(weight).to(x.dtype)
+        return _as((xf * inv_rms).mul_(weight), x.dtype)
 
     def add_rms_norm(
         self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
@@ -91,11 +118,26 @@ class CpuOps:
         qk = qkv[:, :qk_size].view(t, num_heads + num_kv_heads, head_dim)
         rotated = torch.addcmul(qk * cos, qk.roll(head_dim // 2, -1), sin)
         q, k = rotated[:, :num_heads], rotated[:, num_heads:]
-        k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+        fresh = self._fresh_blocks(slot_mapping, k_cache.shape[1])
+        if fresh is not None:  # a block's first write zeroes it: the decode attention reads whole blocks
+            k_cache.index_fill_(0, fresh, 0.0)
+            v_cache.index_fill_(0, fresh, 0.0)
+        k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, _as(k, k_cache.dtype))
         v_cache.view(-1, num_kv_heads, head_dim).index_copy_(
             0, slot_mapping, qkv[:, qk_size:].view(t, num_kv_heads, head_dim).to(v_cache.dtype)
         )
-        return q.to(k_cache.dtype)  # the model's dtype (a quantized matmul's bfloat16 qkv is rotated in float32)
+        return _as(q, k_cache.dtype)  # the model's dtype (a quantized matmul's bfloat16 qkv is rotated in float32)
+
+    def _fresh_blocks(self, slot_mapping: torch.Tensor, block_size: int) -> torch.Tensor | None:
+        """Blocks whose first slot this step writes (a sequence's tokens fill a block from its slot 0),
+        or None; once per step. The model runner leaves the CPU cache unwritten (no resident pages
+        until used), so a block's unwritten slots could hold NaN bits; zeroed, the masked padding of
+        the decode attention multiplies a zero weight by a finite value."""
+        if self._fresh_key is not slot_mapping:
+            starts = slot_mapping[slot_mapping % block_size == 0]
+            self._fresh = starts // block_size if starts.numel() else None
+            self._fresh_key = slot_mapping
+        return self._fresh
 
     def _rope_rows(self, positions: torch.Tensor, cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, cos) and (-sin, sin) of the step's positions, [T, 1, D]; once per step."""
@@ -140,33 +182,44 @@ class CpuOps:
         sequences, which dominated CPU decode steps at batch 16."""
         b, num_heads, d = q.shape
         num_kv_heads = k_cache.shape[2]
-        slots, mask, empty = self._decode_slots(meta, k_cache.shape[1], q.device)
-        k = k_cache.view(-1, num_kv_heads, d).index_select(0, slots).view(b, -1, num_kv_heads, d).transpose(1, 2)
-        v = v_cache.view(-1, num_kv_heads, d).index_select(0, slots).view(b, -1, num_kv_heads, d).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q.float()[:, :, None], k.float(), v.float(), attn_mask=mask, scale=scale,
-                                             enable_gqa=group > 1)  # [B, H, 1, D]
+        index, mask, empty = self._decode_slots(meta, k_cache.shape[1], q.device)
+        rows = k_cache if index.numel() * k_cache.shape[1] == mask.shape[0] * mask.shape[-1] else None
+        if rows is not None:  # whole blocks (block_size a multiple of 16): a few long copies
+            k, v = k_cache.index_select(0, index), v_cache.index_select(0, index)
+        else:
+            k = k_cache.view(-1, num_kv_heads, d).index_select(0, index)
+            v = v_cache.view(-1, num_kv_heads, d).index_select(0, index)
+        k, v = (t.view(b, -1, num_kv_heads, d).transpose(1, 2) for t in (k, v))  # [B, Hkv, L, D]
+        f32 = torch.float32
+        out = _decode_sdpa(_as(q, f32)[:, :, None], _as(k, f32), _as(v, f32), mask, scale, group)  # [B, H, 1, D]
         if empty:  # a row with no context (every key masked) attends to nothing: 0, not NaN
             out = out.nan_to_num_(0.0)
-        return out.view(b, num_heads, d).to(q.dtype)
+        return _as(out.view(b, num_heads, d), q.dtype)
 
     def _decode_slots(self, meta: AttentionMetadata, block_size: int, device) -> tuple:
-        """Cache slots of every sequence's context, [B * L], the padding mask ([B, 1, 1, L], True =
-        attend), and whether a row is empty. L is the longest context rounded up to a multiple of 16,
-        and the mask is always applied: a row then gives bit-identical results alone or in any batch
-        (SDPA's sums over L then differ only by whole vectors of exact zeros; unpadded, ~1e-7 apart,
-        enough to flip near-tied greedy picks). Padding reads slot 0, which the model runner zeroes (a
-        never-written slot could hold NaN bits, and 0 * NaN poisons the weighted sum of values)."""
+        """What every layer's decode attention gathers, once per step: the context's cache blocks
+        [B * L / block_size] when block_size is a multiple of 16 (else its slots, [B * L]), the
+        padding mask [B, 1, 1, L] (0 / -inf) and whether a row is empty. L is the longest
+        context rounded up to a multiple of 16, and the mask is always applied: a row then gives
+        bit-identical results alone or in any batch (SDPA's sums over L differ only by whole vectors
+        of exact zeros; unpadded, rows came out ~1e-7 apart, enough to flip near-tied greedy picks).
+        Padding reads the row's own zeroed block tail (CpuOps._fresh_blocks) or block 0, which the
+        model runner zeroes."""
         if self._decode_meta is not meta:
             padded = -(-max(meta.max_context_len, 1) // 16) * 16
             num_blocks = -(-padded // block_size)
             tables = meta.block_tables[:, :num_blocks].long()
             if tables.shape[1] < num_blocks:  # the table is narrower than the padding: pad it with block 0
                 tables = F.pad(tables, (0, num_blocks - tables.shape[1]))
-            offsets = torch.arange(block_size, device=device)
-            slots = (tables[:, :, None] * block_size + offsets).flatten(1)[:, :padded]
-            valid = torch.arange(padded, device=device) < meta.context_lens.to(torch.long)[:, None]
-            self._decode_plan = (slots.masked_fill(~valid, 0).flatten(), valid[:, None, None],
-                                 min(meta.context_lens_cpu) == 0)
+            if block_size % 16 == 0:
+                index, length = tables.flatten(), num_blocks * block_size
+            else:
+                offsets = torch.arange(block_size, device=device)
+                index, length = (tables[:, :, None] * block_size + offsets).flatten(1)[:, :padded], padded
+            valid = torch.arange(length, device=device) < meta.context_lens.to(torch.long)[:, None]
+            if block_size % 16:
+                index = index.masked_fill(~valid, 0).flatten()
+            self._decode_plan = (index, _additive_mask(valid), min(meta.context_lens_cpu) == 0)
             self._decode_meta = meta
         return self._decode_plan
 
@@ -179,10 +232,9 @@ class CpuOps:
             # result does not depend on whether its step also held a prefill
             padded = -(-ctx // 16) * 16
             k, v = (F.pad(t, (0, 0, 0, 0, 0, padded - ctx)) for t in (k, v))
-            mask = (torch.arange(padded, device=q.device) < ctx)[None, None, None]
+            mask = _additive_mask((torch.arange(padded, device=q.device) < ctx)[None])
             qh, kh, vh = (t.float().transpose(0, 1)[None] for t in (q, k, v))
-            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=group > 1)
-            return out[0].transpose(0, 1).to(q.dtype)
+            return _decode_sdpa(qh, kh, vh, mask, scale, group)[0].transpose(0, 1).to(q.dtype)
         qh, kh, vh = (t.float().transpose(0, 1)[None] for t in (q, k, v))  # [1, heads, len, D]
         if n == ctx:  # no cached prefix: the usual top-left causal mask
             out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=n > 1, scale=scale, enable_gqa=group > 1)

@@ -111,7 +111,9 @@ class Int4Weight:
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] -> [..., N] bfloat16 (the kernel accumulates in float32)."""
         lead, (n, k) = x.shape[:-1], self.shape
-        x = x.reshape(-1, k).to(torch.bfloat16)
+        x = x.reshape(-1, k)
+        if x.dtype != torch.bfloat16:
+            x = x.to(torch.bfloat16)
         if self.planes == 2:
             x = torch.cat([x, x], 1)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, GROUP, self.scales_zeros)
@@ -188,6 +190,11 @@ class Int8Weight:
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         return self.codes[ids].float() * self.scales[ids].float()[:, None]
+
+    def row_dots(self, ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """x[i] . row ids[i, j] in float32, [n, k] (see Int4Weight.row_dots)."""
+        dots = torch.matmul(self.codes[ids].float(), x.float()[:, :, None])[..., 0]
+        return dots * self.scales[ids].float()
 
     def dequantize(self) -> torch.Tensor:
         return self.codes.float() * self.scales.float()[:, None]
