@@ -259,13 +259,13 @@ def _step_logits(llm, prompts):
         engine.add_request(p, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     sched = engine.scheduler.schedule()
     assert len(sched.scheduled) == len(prompts)
-    prefill = engine.runner.execute(sched).clone()
+    prefill = engine.runner.execute(sched.plan).clone()
     engine.scheduler.postprocess(sched)
     for i, item in enumerate(sched.scheduled):
         item.seq.token_ids.append(1000 + i)
     sched = engine.scheduler.schedule()
     assert [item.num_new_tokens for item in sched.scheduled] == [1] * len(prompts)
-    decode = engine.runner.execute(sched).clone()
+    decode = engine.runner.execute(sched.plan).clone()
     for rid in list(engine.requests):
         engine.abort_request(rid)
     return prefill, decode

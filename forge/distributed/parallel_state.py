@@ -21,7 +21,7 @@ import socket
 import torch
 import torch.distributed as dist
 
-BROADCAST_BYTES = 1 << 16  # one step's description (ids, positions, block tables) fits in one broadcast
+BROADCAST_BYTES = 1 << 16  # one step plan (token ids, positions, block tables) fits in one broadcast
 
 # NVLink multicast must stay off (a program that uses it can take a shared host's GPUs down).
 MULTICAST_OFF_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
@@ -90,8 +90,8 @@ class TPGroup:
     def broadcast_object(self, obj=None):
         """Rank 0 sends `obj` (picklable); every rank returns it.
 
-        One gloo broadcast of a fixed-size buffer (length header + pickle) carries a step's
-        description; only a larger object needs a second one. (broadcast_object_list always costs two.)
+        One gloo broadcast of a fixed-size buffer (length header + pickle) carries a step's plan;
+        only a larger object needs a second one. (broadcast_object_list always costs two.)
         """
         if self.world_size == 1:
             return obj

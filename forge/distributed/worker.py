@@ -2,13 +2,13 @@
 
 `TensorParallelExecutor` lives in the engine's process (rank 0). It starts N - 1 worker processes
 (torch.multiprocessing, spawn context), joins the process group with them, and, before each of
-rank 0's forwards, broadcasts the step (the scheduled sequences' new token ids, positions and
-block tables) over the host-side group. Each worker (`worker_main`) loads the model, keeps its
-own shard and its own KV cache (the same number of blocks on every rank), and runs the very same
-`ModelRunner.execute` on the step it receives: the same eager/graph decision, the same collectives
-in the same order. Workers discard their logits; only rank 0 samples.
+rank 0's forwards, broadcasts the step's plan (forge.engine.plan.StepPlan: plain data) over the
+host-side group. Each worker (`worker_main`) loads the model, keeps its own shard and its own KV
+cache (the same number of blocks on every rank), and runs the very same `ModelRunner.execute` on
+the same plan: the same eager/graph decision, the same collectives in the same order. Workers
+discard their logits; only rank 0 samples.
 
-Commands broadcast to workers: ("execute", items) and ("shutdown", None).
+Commands broadcast to workers: ("execute", StepPlan) and ("shutdown", None).
 """
 
 from __future__ import annotations
@@ -29,88 +29,6 @@ logger = logging.getLogger("forge")
 
 READY_KEY = "forge_tp_workers_ready"
 TEARDOWN_S = 2.0  # how long to wait for destroy_process_group before going on without it
-
-
-# -- the step as workers see it -------------------------------------------------------------------
-class _TokenWindow:
-    """The tokens a worker needs, seq.token_ids[start : start + n], indexed like the whole list."""
-
-    __slots__ = ("start", "ids")
-
-    def __init__(self, start: int, ids: list[int]):
-        self.start, self.ids = start, ids
-
-    def __getitem__(self, key):
-        if isinstance(key, slice):
-            lo = self.start if key.start is None else key.start
-            hi = self.start + len(self.ids) if key.stop is None else key.stop
-            return self.ids[lo - self.start : hi - self.start : key.step]
-        return self.ids[key - self.start]
-
-    def __len__(self) -> int:
-        return self.start + len(self.ids)
-
-
-class _Seq:
-    __slots__ = ("token_ids", "num_computed_tokens", "block_table", "num_tokens")
-
-    def __init__(self, start: int, ids: list[int], block_table: list[int]):
-        self.token_ids = _TokenWindow(start, ids)
-        self.num_computed_tokens = start
-        self.block_table = block_table
-        self.num_tokens = start + len(ids)
-
-
-class _Item:
-    """A ScheduledSeq: its sequence's window and the values of all its properties (samples, ...)."""
-
-    def __init__(self, seq: _Seq, num_new_tokens: int, props: dict):
-        self.__dict__.update(props)
-        self.seq, self.num_new_tokens = seq, num_new_tokens
-
-
-class _Step:
-    """Duck-types forge.engine.scheduler.SchedulerOutput for ModelRunner.execute."""
-
-    def __init__(self, payload: tuple):
-        names, items = payload
-        self.scheduled = [_Item(_Seq(start, ids, table), len(ids), dict(zip(names, props)))
-                          for start, ids, table, props in items]
-        self.preempted = []
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.scheduled)
-
-    def __bool__(self) -> bool:
-        return bool(self.scheduled)
-
-
-_PROPERTIES: dict[type, tuple[str, ...]] = {}
-
-
-def _properties(cls: type) -> tuple[str, ...]:
-    """Names of the (derived) properties of a ScheduledSeq class: evaluated on rank 0 and sent, so
-    that ModelRunner.prepare_inputs reads the same values on every rank."""
-    if cls not in _PROPERTIES:
-        _PROPERTIES[cls] = tuple(sorted(name for klass in cls.__mro__ for name, v in vars(klass).items()
-                                        if isinstance(v, property) and not name.startswith("_")))
-    return _PROPERTIES[cls]
-
-
-def encode_step(sched) -> tuple:
-    """What a worker needs of a step: per scheduled sequence its new tokens, position, block table
-    and the ScheduledSeq's property values (`samples`, ...)."""
-    if not sched.scheduled:
-        return (), []
-    names = _properties(type(sched.scheduled[0]))
-    items = []
-    for item in sched.scheduled:
-        seq, n = item.seq, item.num_new_tokens
-        start = seq.num_computed_tokens
-        items.append((start, list(seq.token_ids[start : start + n]), list(seq.block_table),
-                      tuple(getattr(item, name) for name in names)))
-    return names, items
 
 
 # -- worker process ---------------------------------------------------------------------------
@@ -146,7 +64,7 @@ def worker_main(rank: int, world_size: int, port: int, config, max_model_len: in
         while True:
             cmd, payload = group.broadcast_object()
             if cmd == "execute":  # (the runner's HostStager fences its own pinned-buffer reuse)
-                runner.execute(_Step(payload))
+                runner.execute(payload)
             elif cmd == "shutdown":
                 break
             else:
@@ -238,10 +156,10 @@ class TensorParallelExecutor:
             if not p.is_alive():
                 raise RuntimeError(f"tensor-parallel worker {rank} (pid {p.pid}) exited with code {p.exitcode}")
 
-    def broadcast_step(self, sched) -> None:
-        """Called by rank 0's ModelRunner.execute before its own forward."""
+    def broadcast_step(self, plan) -> None:
+        """Called by rank 0's ModelRunner.execute with the step's plan, before its own forward."""
         self.check_workers()
-        self.group.broadcast_object(("execute", encode_step(sched)))
+        self.group.broadcast_object(("execute", plan))
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the workers and leave the process group. Idempotent; also run at garbage collection/exit."""

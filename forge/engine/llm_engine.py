@@ -308,7 +308,7 @@ class LLMEngine:
             return []
         seqs = [item.seq for item in sched.scheduled if item.samples]
         masks = self._structured_masks(seqs)  # grammar masks: filled while the forward pass runs
-        logits = self.runner.execute(sched)
+        logits = self.runner.execute(sched.plan)
         if any(item.wants_prompt_logprobs for item in sched.scheduled):
             logits = self._take_prompt_logprobs(sched, logits)
         if masks is not None:
@@ -346,8 +346,8 @@ class LLMEngine:
         seqs = [item.seq for item in sched.scheduled if item.samples]
         logits = None
         if sched:
-            source = (prev.row_of, prev.pending.token_ids) if prev is not None else None
-            logits = self.runner.execute(sched, token_source=source)
+            prev_sampled = prev.pending.token_ids if prev is not None else None
+            logits = self.runner.execute(sched.plan, prev_sampled=prev_sampled)
         touched = self._resolve(prev) if prev is not None else {}
         self.in_flight = None
         if sched:

@@ -1,18 +1,19 @@
-"""Runs one scheduled step: builds the flat input tensors, runs the model, returns sampling logits."""
+"""Runs one step plan (forge.engine.plan): builds the named input tensors, runs the model, returns its logits."""
 
 import ctypes
+import itertools
 import logging
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from forge.config import EngineConfig, ModelConfig
-from forge.engine.scheduler import SchedulerOutput
+from forge.engine.plan import StepPlan
 from forge.models.llama import LlamaModel
 from forge.ops import get_ops
 from forge.ops.metadata import AttentionMetadata
-from forge.sequence import PLACEHOLDER
 
 logger = logging.getLogger("forge")
 
@@ -27,44 +28,94 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
+class InputLayout:
+    """Named inputs laid out one after another in a flat staging buffer: each input's view (of its
+    shape) in each host buffer (numpy: the host writes through these) and on the device."""
+
+    def __init__(self, shapes: tuple[tuple[str, tuple[int, ...]], ...], host: list[torch.Tensor], dev: list[torch.Tensor]):
+        self.slices: dict[str, tuple[slice, tuple[int, ...]]] = {}
+        start = 0
+        for name, shape in shapes:
+            n = int(np.prod(shape))
+            self.slices[name] = (slice(start, start + n), shape)
+            start += n
+        self.numel = start
+        self.host = [self.carve(buf.numpy()) for buf in host]
+        self.dev = [self.carve(buf) for buf in dev]
+
+    def carve(self, flat) -> dict:
+        return {name: flat[sl].reshape(shape) for name, (sl, shape) in self.slices.items()}
+
+
 class HostStager:
-    """Copies a step's integer inputs to the device through persistent pinned buffers per dtype.
+    """Moves one dtype's step inputs to the device through persistent buffers, in one copy: the
+    host writes a step's values straight into named views of a staging buffer (`host`), then
+    `upload` copies the buffer and gives the same views on the device.
 
     Allocating pinned memory every step costs more than the copy itself, so buffers are reused,
-    two per dtype in turn: with async scheduling the host prepares step t+1 while step t's copy
-    may not have run yet. Each buffer's copy is fenced by an event, waited on before reuse (it
-    has normally long finished). Each dtype is staged once per step.
+    two host buffers in turn: with async scheduling the host prepares step t+1 while step t's copy
+    may not have run yet. On a GPU each buffer's copy is fenced by an event, waited on before the
+    buffer is written again (it has normally long finished); one device buffer, as copies into it
+    follow the earlier steps' reads in stream order. On the CPU the host buffer is the input.
+    Layouts (and their views) are kept per set of shapes: a decode step's usually repeat.
     """
 
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.host: dict[torch.dtype, list[torch.Tensor]] = {}
-        self.dev: dict[torch.dtype, torch.Tensor] = {}
-        self.done: dict[torch.dtype, list] = {}
-        self.turn: dict[torch.dtype, int] = {}
+    MAX_LAYOUTS = 256
 
-    def stage(self, dtype: torch.dtype, values: np.ndarray) -> torch.Tensor:
-        src = torch.from_numpy(values)
-        if self.device.type != "cuda":
-            return src
-        n = src.numel()
-        if dtype not in self.host or self.host[dtype][0].numel() < n:
-            if dtype in self.done:  # copies out of the old buffers must end before they are freed
-                for event in self.done[dtype]:
-                    event.synchronize()
-            size = max(n, 2 * self.host[dtype][0].numel() if dtype in self.host else 4096)
-            self.host[dtype] = [torch.empty(size, dtype=dtype, pin_memory=True) for _ in range(2)]
-            self.dev[dtype] = torch.empty(size, dtype=dtype, device=self.device)
-            self.done[dtype] = [torch.cuda.Event(), torch.cuda.Event()]
-            self.turn[dtype] = 0
-        k = self.turn[dtype] = 1 - self.turn[dtype]
-        host, done = self.host[dtype][k], self.done[dtype][k]
-        done.synchronize()  # this buffer's previous copy (two steps ago) has ended
-        host[:n].copy_(src)
-        out = self.dev[dtype][:n]  # one device buffer: copies into it follow the earlier steps' reads in stream order
-        out.copy_(host[:n], non_blocking=True)
-        done.record()
-        return out
+    def __init__(self, dtype: torch.dtype, device: torch.device):
+        self.dtype = dtype
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.buffers: list[torch.Tensor] = []  # the host buffers, used in turn
+        self.fences: list = []  # per host buffer: its last copy to the device
+        self.dev: torch.Tensor | None = None
+        self.layouts: dict[tuple, InputLayout] = {}
+        self.layout: InputLayout | None = None  # this step's
+        self.turn = 0
+
+    def host(self, **shapes: tuple[int, ...]) -> dict[str, np.ndarray]:
+        """This step's inputs of these shapes, as named views of the next host buffer, free to be
+        written (in this order in the buffer)."""
+        key = tuple(shapes.items())
+        layout = self.layouts.get(key)
+        if layout is None:
+            numel = sum(int(np.prod(shape)) for shape in shapes.values())
+            if not self.buffers or self.buffers[0].numel() < numel:
+                self._grow(numel)
+            if len(self.layouts) >= self.MAX_LAYOUTS:
+                self.layouts.clear()
+            dev = [self.dev] * 2 if self.cuda else self.buffers
+            layout = self.layouts[key] = InputLayout(key, self.buffers, dev)
+        self.layout = layout
+        self.turn = 1 - self.turn
+        if self.cuda:
+            self.fences[self.turn].synchronize()  # its previous copy (two steps ago) has ended
+        return layout.host[self.turn]
+
+    def upload(self) -> dict[str, torch.Tensor]:
+        """The inputs last given by `host`, on the device (views of the device buffer)."""
+        layout = self.layout
+        if self.cuda:
+            self.dev[: layout.numel].copy_(self.buffers[self.turn][: layout.numel], non_blocking=True)
+            self.fences[self.turn].record()
+        return layout.dev[self.turn]
+
+    def _grow(self, numel: int) -> None:
+        for fence in self.fences:  # copies out of the old buffers must end before they are freed
+            fence.synchronize()
+        size = max(numel, 2 * self.buffers[0].numel() if self.buffers else 4096)
+        self.buffers = [torch.empty(size, dtype=self.dtype, pin_memory=self.cuda) for _ in range(2)]
+        if self.cuda:
+            self.dev = torch.empty(size, dtype=self.dtype, device=self.device)
+            self.fences = [torch.cuda.Event(), torch.cuda.Event()]
+        self.layouts.clear()  # (their views are of the old buffers)
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor  # [T] int64
+    meta: AttentionMetadata
+    logits_rows: torch.Tensor | None  # [R] int64: the positions whose logits are returned; None: all
 
 
 def release_freed_memory() -> None:
@@ -104,7 +155,8 @@ class ModelRunner:
         self.ops = get_ops(config.device)
         if self.device.type == "cpu":
             torch.set_num_threads(config.threads or default_cpu_threads())
-        self.stager = HostStager(self.device)
+        self.long_stager = HostStager(torch.long, self.device)  # input ids, positions, slots, rows
+        self.int_stager = HostStager(torch.int32, self.device)  # query starts, context lengths, block tables
         self.tp = tp  # forge.distributed.TPGroup (tensor parallelism) or None
         self.step_hook = None  # rank 0 of tensor parallelism: broadcasts each step to the workers
         self.model = LlamaModel(model_config, weights, self.ops, config.device, self.dtype, max_model_len, tp=tp,
@@ -198,83 +250,73 @@ class ModelRunner:
         cap = self.config.max_num_seqs * -(-self.max_model_len // self.block_size)
         return max(1, min(int(budget // self.kv_block_bytes), cap))
 
-    def prepare_inputs(self, sched: SchedulerOutput, token_source=None) -> tuple[torch.Tensor, AttentionMetadata, torch.Tensor]:
-        """Flatten the scheduled sequences into one token batch; returns (ids, metadata, logits rows).
+    def prepare_inputs(self, plan: StepPlan, prev_sampled: torch.Tensor | None = None) -> StepInputs:
+        """The plan's inputs as named views of two staging buffers (int64, int32): two host->device
+        copies per step.
 
-        token_source: (row of each seq_id, device token ids) of the previous step, whose sampled
-        tokens are still PLACEHOLDERs on the host (async scheduling): they are copied into the
-        input ids on the device."""
-        bs = self.block_size
-        input_ids, positions, slots = [], [], []
-        fill_dst, fill_src = [], []  # input positions whose token is on the device only, and its row there
-        query_lens, context_lens, logits_rows = [], [], []
-        num_seqs = len(sched.scheduled)
-        max_blocks = max(len(s.seq.block_table) for s in sched.scheduled)
-        block_tables = np.zeros((num_seqs, max_blocks), dtype=np.int32)
-        for i, item in enumerate(sched.scheduled):
-            seq, n = item.seq, item.num_new_tokens
-            start = seq.num_computed_tokens
-            table = seq.block_table
-            block_tables[i, : len(table)] = table
-            if n == 1:  # decode: the common case, without ranges
-                token = seq.token_ids[start]
-                if token == PLACEHOLDER:
-                    fill_dst.append(len(input_ids))
-                    fill_src.append(token_source[0][seq.seq_id])
-                input_ids.append(token)
-                positions.append(start)
-                slots.append(table[start // bs] * bs + start % bs)
-            else:
-                input_ids.extend(seq.token_ids[start : start + n])
-                pos = range(start, start + n)
-                positions.extend(pos)
-                slots.extend(table[p // bs] * bs + p % bs for p in pos)
-            query_lens.append(n)
-            context_lens.append(start + n)
-            if item.wants_prompt_logprobs:  # every row: prompt logprobs, then (maybe) the sample
-                logits_rows.extend(range(len(input_ids) - n, len(input_ids)))
-            elif item.samples:
-                logits_rows.append(len(input_ids) - 1)
-        query_start = [0]
-        for n in query_lens:
-            query_start.append(query_start[-1] + n)
-        num_tokens = len(input_ids)
-        # Two host->device copies per step (int64 and int32 fields), through persistent pinned buffers.
-        longs = self.stager.stage(
-            torch.long, np.array(input_ids + positions + slots + logits_rows + fill_dst + fill_src, dtype=np.int64)
-        )
-        ints = self.stager.stage(
-            torch.int32, np.concatenate([np.array(query_start + context_lens, dtype=np.int32), block_tables.ravel()])
-        )
-        t = num_tokens
+        prev_sampled: the previous step's sampled token ids, on the device (async scheduling); the
+        plan's `from_prev_step` tokens are copied from there into the input ids on the device."""
+        num_rows, num_tokens = plan.num_rows, plan.num_tokens
+        width = max(map(len, plan.block_tables))
+        logits_rows = plan.logits_rows()
+        fills = plan.from_prev_step
+        longs = self.long_stager.host(input_ids=(num_tokens,), positions=(num_tokens,), slot_mapping=(num_tokens,),
+                                      logits_rows=(len(logits_rows or ()),), fill_dst=(len(fills),),
+                                      fill_src=(len(fills),))
+        ints = self.int_stager.host(query_start_loc=(num_rows + 1,), context_lens=(num_rows,),
+                                    block_tables=(num_rows, width))
+        longs["input_ids"][:] = plan.token_ids
+        query_start, context_lens, tables = ints["query_start_loc"], ints["context_lens"], ints["block_tables"]
+        query_start[:] = list(itertools.accumulate(plan.query_lens, initial=0))
+        context_lens_cpu = [start + n for start, n in zip(plan.starts, plan.query_lens)]
+        context_lens[:] = context_lens_cpu
+        if all(len(t) == width for t in plan.block_tables):
+            tables[:] = plan.block_tables
+        else:  # padded with block 0 (never read: attention stops at the context length)
+            tables[:] = [t + [0] * (width - len(t)) for t in plan.block_tables]
+        positions, bs = longs["positions"], self.block_size
+        if num_tokens == num_rows:  # one token a row (decode): no ranges
+            positions[:] = plan.starts
+            longs["slot_mapping"][:] = [t[p // bs] * bs + p % bs for t, p in zip(plan.block_tables, plan.starts)]
+        else:
+            row = np.repeat(np.arange(num_rows), plan.query_lens)
+            np.subtract(np.arange(num_tokens), (query_start[:-1] - plan.starts)[row], out=positions)
+            longs["slot_mapping"][:] = tables[row, positions // bs] * bs + positions % bs
+        if logits_rows is not None:
+            longs["logits_rows"][:] = logits_rows
+        if fills:
+            longs["fill_dst"][:] = [dst for dst, _ in fills]
+            longs["fill_src"][:] = [src for _, src in fills]
+
+        longs, ints = self.long_stager.upload(), self.int_stager.upload()
         meta = AttentionMetadata(
-            positions=longs[t : 2 * t],
-            slot_mapping=longs[2 * t : 3 * t],
-            query_start_loc=ints[: num_seqs + 1],
-            context_lens=ints[num_seqs + 1 : 2 * num_seqs + 1],
-            block_tables=ints[2 * num_seqs + 1 :].view(num_seqs, max_blocks),
-            max_query_len=max(query_lens),
-            max_context_len=max(context_lens),
-            query_lens_cpu=query_lens,
-            context_lens_cpu=context_lens,
+            positions=longs["positions"],
+            slot_mapping=longs["slot_mapping"],
+            query_start_loc=ints["query_start_loc"],
+            context_lens=ints["context_lens"],
+            block_tables=ints["block_tables"],
+            max_query_len=max(plan.query_lens),
+            max_context_len=max(context_lens_cpu),
+            query_lens_cpu=plan.query_lens,
+            context_lens_cpu=context_lens_cpu,
         )
-        ids = longs[:t]
-        rows_end = 3 * t + len(logits_rows)
-        if fill_dst:
-            k = len(fill_dst)
-            ids.index_copy_(0, longs[rows_end : rows_end + k], token_source[1].index_select(0, longs[rows_end + k :]))
-        return ids, meta, longs[3 * t : rows_end]
+        input_ids = longs["input_ids"]
+        if fills:
+            if prev_sampled is None:
+                raise RuntimeError("the step plan reads tokens sampled by the previous step, but none were given")
+            input_ids.index_copy_(0, longs["fill_dst"], prev_sampled.index_select(0, longs["fill_src"]))
+        return StepInputs(input_ids, meta, longs["logits_rows"] if logits_rows is not None else None)
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput, token_source=None) -> torch.Tensor:
-        """Run the step; returns float32 logits of the rows the engine reads, in scheduled order: one
-        row per sampling sequence, or every row of a chunk whose prompt logprobs were asked for."""
+    def execute(self, plan: StepPlan, prev_sampled: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the step; returns float32 logits of the plan's logits rows (each row's last
+        `num_logits` positions), in row order."""
         if self.step_hook is not None:
-            self.step_hook(sched)
-        input_ids, meta, logits_rows = self.prepare_inputs(sched, token_source)
-        all_rows = logits_rows.shape[0] == input_ids.shape[0]  # pure decode: every row samples
-        if self.graphs is not None and self.graphs.can_run(len(sched.scheduled), meta):
-            logits = self.graphs.run(input_ids, meta)
-            return logits if all_rows else logits[logits_rows]
-        hidden = self.model.forward(input_ids, meta, self.kv_caches)
-        return self.model.compute_logits(hidden if all_rows else hidden[logits_rows])
+            self.step_hook(plan)
+        inputs = self.prepare_inputs(plan, prev_sampled)
+        rows = inputs.logits_rows
+        if self.graphs is not None and self.graphs.can_run(plan.num_rows, inputs.meta):
+            logits = self.graphs.run(inputs.input_ids, inputs.meta)
+            return logits if rows is None else logits[rows]
+        hidden = self.model.forward(inputs.input_ids, inputs.meta, self.kv_caches)
+        return self.model.compute_logits(hidden if rows is None else hidden[rows])

@@ -5,6 +5,9 @@ running sequences first (decodes take 1 token, an unfinished prefill takes its n
 waiting ones in arrival order. When the KV pool runs dry, the most recently started running
 sequence is preempted: its blocks are freed and it recomputes from the start when resumed (the
 prefix cache usually gives most of them back).
+
+`schedule()` returns the engine's view of the step (the scheduled `Sequence`s) and the step's
+`StepPlan` (forge.engine.plan), the plain data the model runner consumes.
 """
 
 import time
@@ -12,6 +15,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from forge.engine.block_manager import BlockManager
+from forge.engine.plan import StepPlan
 from forge.sequence import Sequence, SequenceStatus
 
 
@@ -35,10 +39,12 @@ class ScheduledSeq:
 
 @dataclass
 class SchedulerOutput:
-    """What to run this step: a plain object handed from the scheduler to the model runner."""
+    """What runs this step: the engine's view (`scheduled`, the live sequences) and `plan`, the
+    plain data the model runner computes it from (built last, by `Scheduler.schedule`)."""
 
     scheduled: list[ScheduledSeq] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    plan: StepPlan = field(default_factory=StepPlan)
 
     @property
     def num_tokens(self) -> int:
@@ -63,6 +69,9 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        # seq_id -> index of its token among the last plan's sampled tokens (async scheduling: the
+        # next plan reads a token still on the device from there)
+        self.sampled_index: dict[int, int] = {}
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -116,7 +125,36 @@ class Scheduler:
             self.running.append(seq)
             out.scheduled.append(ScheduledSeq(seq, n))
             budget -= n
+        out.plan = self.make_plan(out.scheduled)
         return out
+
+    def make_plan(self, scheduled: list[ScheduledSeq]) -> StepPlan:
+        """The step as plain data for the model runner (forge.engine.plan)."""
+        plan = StepPlan()
+        token_ids, num_sampled, sampled_index = plan.token_ids, plan.num_sampled, {}
+        for item in scheduled:
+            seq, n = item.seq, item.num_new_tokens
+            start, tokens = seq.num_computed_tokens, seq.token_ids
+            if n == 1:
+                token_ids.append(tokens[start])
+            else:
+                token_ids.extend(tokens[start : start + n])
+            if start + n == len(tokens):  # it completes its known tokens: it samples the next one
+                if seq.num_inflight:  # its last token is still on the device
+                    plan.from_prev_step.append((len(token_ids) - 1, self.sampled_index[seq.seq_id]))
+                sampled_index[seq.seq_id] = len(sampled_index)
+                num_sampled.append(1)
+            else:
+                num_sampled.append(0)
+            wants_prompt_logprobs = seq.prompt_logprobs is not None and item.wants_prompt_logprobs
+            plan.num_logits.append(n if wants_prompt_logprobs else num_sampled[-1])
+            plan.seq_ids.append(seq.seq_id)
+            plan.request_ids.append(seq.request_id)
+            plan.starts.append(start)
+            plan.query_lens.append(n)
+            plan.block_tables.append(list(seq.block_table))
+        self.sampled_index = sampled_index
+        return plan
 
     def preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

@@ -88,9 +88,9 @@ def test_graph_replay_logits_match_eager_bf16(model_dir, tokenizer):
     sched = engine.scheduler.schedule()  # the next decode step (allocates its slots)
     assert all(item.num_new_tokens == 1 for item in sched.scheduled)
     runner = engine.runner
-    graph_logits = runner.execute(sched).clone()
+    graph_logits = runner.execute(sched.plan).clone()
     graphs, runner.graphs = runner.graphs, None
-    eager_logits = runner.execute(sched)
+    eager_logits = runner.execute(sched.plan)
     runner.graphs = graphs
     assert rel_err(graph_logits, eager_logits) < 1e-2
     assert torch.equal(graph_logits.argmax(-1), eager_logits.argmax(-1))
