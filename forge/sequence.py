@@ -2,11 +2,9 @@
 
 import enum
 import itertools
-import secrets
 import time
 
-import torch
-
+from forge.kernels.sampling import stream_key
 from forge.outputs import Logprob
 from forge.sampling_params import SamplingParams
 
@@ -52,14 +50,10 @@ class Sequence:
         # sequence is not scheduled again before it is read back and finishes.
         self.num_inflight = 0
         self.awaiting_final = False
-        # Sampling: a private generator so this stream's draws don't depend on the batch.
-        self.seed = seed
-        # The GPU sampler hashes (sampling_seed, output position); the CPU one draws from `generator`.
-        self.sampling_seed = seed if seed is not None else secrets.randbits(62)
-        self.generator: torch.Generator | None = None
-        if not params.greedy:
-            self.generator = torch.Generator()
-            self.generator.manual_seed(self.sampling_seed)
+        # The sampler's draws are a function of (sampling_key, output position): they depend
+        # neither on the batch nor on the device. `seed` is the request's; each of its n
+        # completions (`index`) gets its own stream from it.
+        self.sampling_key = stream_key(seed, index)
         self.structured = None  # a forge.structured matcher when the request is constrained
         # Output state.
         self.detokenizer = detokenizer

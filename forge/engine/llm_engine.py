@@ -14,7 +14,7 @@ from forge.config import EngineConfig
 from forge.engine.block_manager import BlockManager
 from forge.engine.failures import FailureIsolation, PerRequestSampler
 from forge.engine.model_runner import ModelRunner
-from forge.engine.sampler import DeviceSampler, PendingSample, SampleResult, Sampler
+from forge.engine.sampler import PendingSample, SampleResult, Sampler
 from forge.engine.scheduler import Scheduler
 from forge.errors import InvalidRequestError, PromptTooLongError, RequestFailure
 from forge.loader import load_model
@@ -100,7 +100,7 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         # PerRequestSampler: a failing batch names the request(s) whose rows fail (forge.engine.failures).
-        self.sampler = PerRequestSampler(DeviceSampler() if config.device.startswith("cuda") else Sampler())
+        self.sampler = PerRequestSampler(Sampler(config.device))
         self.isolation = FailureIsolation(self)  # a failing step fails only its culprits (forge.engine.failures)
         self._structured_backend = None  # forge.structured.StructuredBackend, built on first use
         self._structured_lock = threading.Lock()
@@ -171,9 +171,8 @@ class LLMEngine:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
         req = Request(request_id, text, ids, params)
         for i in range(params.n):
-            seed = None if params.seed is None else params.seed + i
             detok = IncrementalDetokenizer(self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens)
-            seq = Sequence(request_id, ids, params, index=i, detokenizer=detok, seed=seed)
+            seq = Sequence(request_id, ids, params, index=i, detokenizer=detok, seed=params.seed)
             if params.structured_outputs is not None:
                 seq.structured = self.make_structured_matcher(params.structured_outputs, grammar)
             req.seqs.append(seq)

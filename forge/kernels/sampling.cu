@@ -8,6 +8,8 @@
 // exact draw from softmax(x) restricted to the kept tokens, and u depends only on
 // (seed, step, i): a request's draw does not depend on the rest of the batch.
 // Greedy rows (T <= 0) take argmax_i logits[r, i] (first index on ties, like torch.argmax).
+// sampling.py's gumbel_argmax_torch computes the same float32 scores on the CPU (tests: the
+// kernel's winning token and score equal the CPU's, tests/cuda/test_sampling.py).
 //
 // Layout: grid = (B, chunks), block = 256 threads; block (r, c) scans elements
 // [c * chunk_len, (c + 1) * chunk_len) of row r (coalesced 4-byte loads), keeps the best

@@ -1,9 +1,17 @@
-"""GPU sampling kernel (forge.kernels.sampling) tests."""
+"""GPU sampling kernel (forge.kernels.sampling) tests, and the CPU/GPU equality of the sampler: the
+same draws and tokens for equal logits (the CPU side: tests/test_sampler.py)."""
+
+import random
 
 import pytest
 import torch
 
+from forge import SamplingParams
+from forge.engine.sampler import Sampler
+from forge.kernels import sampling as S
 from forge.kernels.sampling import sample, top_k_candidates
+from forge.sequence import Sequence
+from tests import sampling_reference as ref
 
 pytestmark = [
     pytest.mark.cuda,
@@ -126,15 +134,71 @@ def test_mixed_rows_and_logprobs():
     assert top_ids.shape == (b, 0) and top_lps.shape == (b, 0)
 
 
-def test_cuda_draw_matches_torch_fallback():
-    """The kernel's hash and the CPU/torch fallback's hash are the same function."""
-    b, vocab = 64, 3000
-    logits = torch.randn(b, vocab) * 2
-    p = params(b, temperature=0.8, top_p=0.95)
-    ids_gpu, *_ = sample(logits.to(DEV), **p)
-    ids_cpu, *_ = sample(logits, **{k: v.cpu() for k, v in p.items()})
-    agree = (ids_gpu.cpu() == ids_cpu).float().mean().item()
-    assert agree > 0.95, agree
+def table_inputs(vocab: int, scale: float, seed: int):
+    """Scaled logits (row max 0) for every (key, position) of the reference table, on the CPU."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(len(ref.TABLE), vocab, generator=g) * scale
+    x = x - x.amax(-1, keepdim=True)
+    keys = torch.tensor([k for k, _ in ref.TABLE], dtype=torch.int64)
+    positions = torch.tensor([p for _, p in ref.TABLE], dtype=torch.int64)
+    return x, keys, positions
+
+
+def both_draws(x, mode, threshold, keys, positions):
+    gpu = S.gumbel_argmax_cuda(x.to(DEV), mode.to(DEV), threshold.to(DEV), keys.to(DEV), positions.to(DEV),
+                               with_scores=True)
+    cpu = S.gumbel_argmax_torch(x, mode, threshold, keys, positions, with_scores=True)
+    return [t.cpu() for t in gpu], cpu
+
+
+@pytest.mark.skipif(not S.compiler.available(), reason="needs the CUDA kernels (cuda.core)")
+@pytest.mark.parametrize("vocab, scale", [(4096, 0.0), (4096, 2.0), (49152, 1.0), (49152, 6.0)])
+def test_cuda_draws_equal_cpu_draws(vocab, scale):
+    """The kernel's winning token and score for every (key, position) of the table equal the CPU's.
+    scale 0 (all logits equal): the winner is the token with the largest u, i.e. the hash alone."""
+    x, keys, positions = table_inputs(vocab, scale, seed=vocab + int(scale))
+    b = x.shape[0]
+    mode = torch.ones(b)
+    mode[::5] = 0.0  # some greedy rows
+    threshold = torch.full((b,), float("-inf"))
+    threshold[1::3] = -1.5  # some filtered rows
+    (ids_gpu, scores_gpu), (ids_cpu, scores_cpu) = both_draws(x, mode, threshold, keys, positions)
+    assert torch.equal(ids_gpu, ids_cpu)
+    # the same float32 score x - c, up to logf's last bit in c (|c| <= |x| + |score|)
+    winner_x = x.gather(1, ids_cpu[:, None]).squeeze(1)
+    assert ((scores_gpu - scores_cpu).abs() <= 4e-7 * (winner_x.abs() + scores_cpu.abs() + 1.0)).all()
+    if scale == 0.0:  # the hash alone: the pure-Python reference agrees on the first rows
+        for r in range(8):
+            if mode[r] > 0:
+                token, score = ref.draw([0.0] * vocab, int(keys[r]), int(positions[r]), 1.0)
+                assert int(ids_gpu[r]) == token and abs(float(scores_gpu[r]) - score) <= 4e-7 * (abs(score) + 1.0)
+
+
+def test_engine_sampler_gives_the_same_tokens_on_cpu_and_gpu():
+    """Sampler('cpu') and Sampler('cuda') on equal logits: the same token for every row, with every
+    kind of parameter (greedy, temperature, top-k, top-p, min-p, penalties, logprobs)."""
+    rng = random.Random(0)
+    vocab, b = 32000, 48
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(b, vocab, generator=g) * torch.tensor([rng.choice([0.5, 2.0, 5.0]) for _ in range(b)])[:, None]
+    kinds = [dict(temperature=0), dict(temperature=1.0), dict(temperature=0.7, top_k=40), dict(temperature=0.9, top_p=0.9),
+             dict(temperature=1.2, min_p=0.05), dict(temperature=0.8, top_k=100, top_p=0.8, min_p=0.02),
+             dict(temperature=1.0, repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.4),
+             dict(temperature=1.0, logprobs=3)]
+    seqs = []
+    for i in range(b):
+        p = SamplingParams(seed=i, **kinds[i % len(kinds)])
+        seq = Sequence("r", [rng.randrange(vocab) for _ in range(8)], p, index=i % 3, seed=rng.randrange(2**63))
+        seq.token_ids += [rng.randrange(vocab) for _ in range(i % 7)]  # outputs: penalties and the position
+        seqs.append(seq)
+    cpu = Sampler("cpu")(logits.clone(), seqs)
+    gpu = Sampler(DEV)(logits.to(DEV), seqs)
+    assert [r.token_id for r in gpu] == [r.token_id for r in cpu]
+    for rc, rg in zip(cpu, gpu):
+        assert (rc.logprob is None) == (rg.logprob is None)
+        if rc.logprob is not None:
+            assert abs(rc.logprob - rg.logprob) < 1e-4
+            assert [t for t, _ in rc.top_logprobs] == [t for t, _ in rg.top_logprobs]
 
 
 def test_top_k_candidates():
@@ -161,3 +225,38 @@ def test_sample_graph_capturable_with_hints():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(ids_graph, ids_eager)
+
+
+# -- every accepted SamplingParams value at its edges (the same table as tests/test_validation.py) ------------
+def test_sample_function_survives_raw_edge_values():
+    from tests.util import check_sample_function_edges
+
+    check_sample_function_edges(DEV, vocab=1024)
+
+
+def test_device_sampler_survives_every_accepted_edge_value():
+    """The GPU sampler (penalties, greedy rule, kernel draw, logprob floor) on masked, huge, NaN/+inf and
+    fully masked rows: every token valid, every logprob finite. Each edge value alone, then random mixes."""
+    import random
+
+    from forge import SamplingParams
+    from tests.util import (LOGIT_KINDS, SAMPLING_EDGES, assert_valid_samples, edge_sequence, random_edge_logits,
+                            random_edge_params)
+
+    rng, vocab, sampler = random.Random(0), 1024, Sampler(DEV)
+
+    def check(params_list, kinds):
+        rows = torch.stack([random_edge_logits(rng, kind, vocab) for kind in kinds])
+        seqs = [edge_sequence(rng, p, row) for p, row in zip(params_list, rows)]
+        results = sampler(rows.to(DEV), seqs)
+        assert_valid_samples(rows, [r.token_id for r in results], results)  # (NaN: never, greedy or not)
+
+    for name, options in SAMPLING_EDGES.items():
+        for value in options:
+            kw = {"temperature": 1.0, "logprobs": 5} | {name: value}
+            check([SamplingParams(**kw, seed=rng.randrange(2**63)) for _ in LOGIT_KINDS], list(LOGIT_KINDS))
+    for _ in range(40):
+        kinds = [rng.choice(LOGIT_KINDS) for _ in range(8)]
+        check([random_edge_params(rng) for _ in kinds], kinds)
+    # the all-greedy fast path too
+    check([SamplingParams(temperature=t) for t in (0.0, 1e-38, 5e-324, 9.99e-6, 0.0, 0.0)], list(LOGIT_KINDS))
