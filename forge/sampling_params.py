@@ -23,6 +23,9 @@ class StructuredOutputsParams:
     regex: str | None = None
     choice: list[str] | None = None
     grammar: str | None = None  # EBNF (GBNF-style, as xgrammar reads it)
+    # Reasoning models: the constraint starts once this text (the reasoning's end, "</think>") has been
+    # generated; the reasoning before it is free. None: from the first token.
+    reasoning_end: str | None = None
 
     def __post_init__(self):
         given = [k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None]
@@ -42,6 +45,9 @@ class StructuredOutputsParams:
             raise InvalidRequestError(f"json must be a JSON schema (dict or string), got {type(self.json).__name__}",
                                       param="json")
         check_bool(self.json_object, "json_object")
+        if self.reasoning_end is not None and (not isinstance(self.reasoning_end, str) or not self.reasoning_end):
+            raise InvalidRequestError(f"reasoning_end must be a non-empty string or None, got {self.reasoning_end!r}",
+                                      param="reasoning_end")
 
 
 @dataclass
@@ -67,6 +73,10 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     structured_outputs: StructuredOutputsParams | None = None
+    # {token id: bias}, OpenAI's logit_bias: added to the token's logit before sampling (and before a
+    # grammar's mask); -100 all but bans a token, +100 all but forces it. Ids are checked against the
+    # vocabulary when the request is added.
+    logit_bias: dict[int, float] | None = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -113,6 +123,8 @@ class SamplingParams:
         if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
             raise InvalidRequestError(f"structured_outputs must be a StructuredOutputsParams, got "
                                       f"{type(self.structured_outputs).__name__}", param="structured_outputs")
+        if self.logit_bias is not None:
+            self.logit_bias = _check_logit_bias(self.logit_bias)
         if not isinstance(self.extra, dict):
             raise InvalidRequestError(f"extra must be a dict, got {type(self.extra).__name__}", param="extra")
 
@@ -123,3 +135,16 @@ class SamplingParams:
     @property
     def has_penalties(self) -> bool:
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+
+def _check_logit_bias(bias) -> dict[int, float]:
+    """{token id: bias in [-100, 100]}; ids may be given as decimal strings, as JSON object keys are."""
+    if not isinstance(bias, dict):
+        raise InvalidRequestError(f"logit_bias must be a dict of token id -> bias, got {type(bias).__name__}",
+                                  param="logit_bias")
+    checked = {}
+    for key, value in bias.items():
+        token = int(key) if isinstance(key, str) and key.isascii() and key.isdigit() else key
+        token = check_int(token, "a logit_bias key (a token id)", 0, param="logit_bias")
+        checked[token] = check_float(value, f"logit_bias[{token}]", -100, 100, param="logit_bias")
+    return checked

@@ -55,6 +55,7 @@ class Sequence:
         # completions (`index`) gets its own stream from it.
         self.sampling_key = stream_key(seed, index)
         self.structured = None  # a forge.structured matcher when the request is constrained
+        self.reasoning_gate = None  # forge.structured.reasoning_gate: the matcher, until the reasoning ends
         # Output state.
         self.detokenizer = detokenizer
         self.output_logprobs: list[dict[int, Logprob]] = []

@@ -13,6 +13,7 @@ import torch
 from forge.config import EngineConfig
 from forge.engine.block_manager import BlockManager
 from forge.engine.failures import FailureIsolation, PerRequestSampler
+from forge.engine.logit_bias import apply_logit_bias, check_logit_bias
 from forge.engine.model_runner import ModelRunner
 from forge.engine.sampler import PendingSample, SampleResult, Sampler
 from forge.engine.scheduler import Scheduler
@@ -165,6 +166,7 @@ class LLMEngine:
                                       param="request_id")
         text, ids = self.tokenize_prompt(prompt)
         self.validate_prompt(ids, params)
+        check_logit_bias(params, self.model_config.vocab_size)
         params = self._resolve_logprobs(params)
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.requests:
@@ -174,7 +176,13 @@ class LLMEngine:
             detok = IncrementalDetokenizer(self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens)
             seq = Sequence(request_id, ids, params, index=i, detokenizer=detok, seed=params.seed)
             if params.structured_outputs is not None:
-                seq.structured = self.make_structured_matcher(params.structured_outputs, grammar)
+                matcher = self.make_structured_matcher(params.structured_outputs, grammar)
+                if params.structured_outputs.reasoning_end:  # free until the reasoning ends
+                    from forge.structured.reasoning_gate import ReasoningGate
+
+                    seq.reasoning_gate = ReasoningGate(matcher, params.structured_outputs.reasoning_end)
+                else:
+                    seq.structured = matcher
             req.seqs.append(seq)
         for seq in req.seqs:
             self.scheduler.add(seq)
@@ -310,6 +318,7 @@ class LLMEngine:
         logits = self.runner.execute(sched.plan)
         if any(item.wants_prompt_logprobs for item in sched.scheduled):
             logits = self._take_prompt_logprobs(sched, logits)
+        logits = apply_logit_bias(logits, seqs)
         if masks is not None:
             logits = masks.apply(logits)
         results = self.sampler.sample_async(logits, seqs).results() if seqs else []
@@ -356,6 +365,7 @@ class LLMEngine:
             self.stats["steps"] += 1
             if seqs:
                 masks = self._structured_masks(seqs)  # needs step t's tokens, accepted in _resolve
+                logits = apply_logit_bias(logits, seqs)
                 if masks is not None:
                     logits = masks.apply(logits)
                 pending = self.sampler.sample_async(logits, seqs)
@@ -469,6 +479,8 @@ class LLMEngine:
                 seq.output_logprobs.append(entry)
         if seq.structured is not None:
             seq.structured.push(token)  # the grammar advances during the next step's forward pass
+        elif seq.reasoning_gate is not None and seq.reasoning_gate.opens(seq.sync_text()):
+            seq.structured, seq.reasoning_gate = seq.reasoning_gate.matcher, None  # constrains the next token
         enough = seq.num_output_tokens >= p.min_tokens
         if enough and token in p.stop_token_ids:
             return self._finish(seq, "stop", token)
