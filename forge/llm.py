@@ -132,21 +132,51 @@ class LLM:
         continue_final_message: bool = False,
         tools: list[dict] | None = None,
         chat_template_kwargs: dict | None = None,
+        tool_choice: str | dict | None = None,
+        parallel_tool_calls: bool = True,
+        tool_parser: str | None = "auto",
     ) -> list[RequestOutput]:
         """Generate replies to one conversation or a list of them, rendered with the model's chat template
         (or `chat_template`: a template's text, or the name of one the model carries). Each output's
         `prompt` is the rendered text. continue_final_message=True (with add_generation_prompt=False)
         continues the last message instead of starting a new turn; chat_template_kwargs are more
-        template variables (e.g. enable_thinking)."""
+        template variables (e.g. enable_thinking).
+
+        tools (OpenAI's shape) reach the template. tool_choice (forge's addition, OpenAI's values):
+        "required" or {"type": "function", "function": {"name": ...}} constrain the output with a
+        grammar, so it is always a valid call (parallel_tool_calls=False: exactly one); "auto" (the
+        default with tools) leaves the model free; "none" reads no calls. Each CompletionOutput's
+        `tool_calls` then holds the calls read from its `text` (forge.tools.ToolCall: id, name,
+        arguments JSON text; .to_openai()), with "auto" only when `tool_parser` ("auto": detected
+        from the template; or hermes / llama3_json / mistral) knows the format. `text` stays the raw
+        output, as in vLLM."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         tok = self.llm_engine.tokenizer
+        tool_use = None
+        if tools or tool_choice is not None:
+            from forge.tools.chat import ToolUse, template_tool_parser
+
+            parser = template_tool_parser(tok, chat_template) if tool_parser == "auto" else tool_parser
+            tool_use = ToolUse.resolve(tools, tool_choice, parallel_tool_calls, parser, require_parser=False)
         prompts = []
         for conversation in conversations:
             text = tok.apply_chat_template(conversation, tools=tools, add_generation_prompt=add_generation_prompt,
                                            continue_final_message=continue_final_message, chat_template=chat_template,
                                            **(chat_template_kwargs or {}))
             prompts.append({"prompt_token_ids": tok.encode(text), "prompt": text})
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)
+        if tool_use is None:
+            return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)
+        from forge.tools.chat import ChatOutputParser, chat_params
+
+        params = sampling_params if sampling_params is not None else SamplingParams()
+        params = [chat_params(p, tool_use, None, "") for p in params] if isinstance(params, Seq) \
+            else chat_params(params, tool_use, None, "")
+        outputs = self.generate(prompts, params, use_tqdm=use_tqdm, lora_request=lora_request)
+        for out in outputs:
+            for c in out.outputs:
+                parser = ChatOutputParser.for_request(tool_use, None, out.prompt)
+                c.tool_calls = parser.extract(c.text).tool_calls if parser.tools is not None else None
+        return outputs
 
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         engine = self.llm_engine

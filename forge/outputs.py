@@ -66,6 +66,8 @@ class CompletionOutput:
     logprobs: list[dict[int, Logprob]] | None = None
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: int | str | None = None  # the stop string or token id that ended it
+    # LLM.chat(tools=...): the calls read from `text` (a list of forge.tools.ToolCall); None otherwise
+    tool_calls: list | None = None
 
     def finished(self) -> bool:
         return self.finish_reason is not None

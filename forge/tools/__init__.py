@@ -7,6 +7,9 @@ that forces them.
   named functions, and reads the constrained output back into `tool_calls`.
 * `reasoning`: splits `<think>...</think>` output into reasoning_content and content.
 * `json_scan`: the incremental JSON checker the parsers stream arguments with.
+* `chat`: a chat request's tools resolved once (`ToolUse`: template tools, grammar, parser), and
+  one output read as an assistant message, reasoning first, then tool calls (`ChatOutputParser`);
+  the server and `LLM.chat` both use it.
 
 Nothing here touches the engine or the server: these are pure functions and per-output state
 machines over text, so the server and the offline API share them.
