@@ -141,13 +141,16 @@ def test_qkv_rope_cache(dtype, t, shape):
     q = cuda_ops().qkv_rope_cache(qkv.cuda(), positions.cuda(), cache.cuda(), kc, vc, slot_mapping.cuda(), h, hkv, d)
     assert q.shape == (t, h, d) and q.dtype == dtype
     assert rel_err(q, q_ref) < TOL[dtype]
-    assert rel_err(kc, k_ref) < TOL[dtype]
-    assert rel_err(vc, v_ref) < TOL[dtype]
-    # untouched slots are bit-identical; v is copied exactly
+    # Compare the written slots: the CPU op also zeroes a block when it writes its slot 0 (its
+    # cache pages start unwritten), which the CUDA cache (allocated zeroed) does not need.
     written = torch.zeros(num_blocks * bs, dtype=torch.bool)
     written[slot_mapping[keep]] = True
+    rows = lambda c: c.cpu().view(-1, hkv, d)[written]  # noqa: E731
+    assert rel_err(rows(kc), rows(k_ref)) < TOL[dtype]
+    assert torch.equal(rows(vc), rows(v_ref))  # v is copied exactly
+    # untouched slots are bit-identical
     assert torch.equal(kc.cpu().view(-1, hkv, d)[~written], k_cache.view(-1, hkv, d)[~written])
-    assert torch.equal(vc.cpu().view(-1, hkv, d), v_ref.view(-1, hkv, d))
+    assert torch.equal(vc.cpu().view(-1, hkv, d)[~written], v_cache.view(-1, hkv, d)[~written])
 
 
 def test_qkv_rope_cache_strided_qkv():
