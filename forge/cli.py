@@ -264,6 +264,9 @@ def cmd_serve(args) -> None:
                           timeout_request_body=args.timeout_request_body, shutdown_timeout=args.shutdown_timeout)
     allowed_hosts = [h for arg in args.allowed_hosts or [] for h in arg.split(",")]
     check_float(args.log_stats_interval, "log_stats_interval", 0)
+    from forge.server.chat import ChatSettings, load_chat_template
+
+    chat_settings = ChatSettings(load_chat_template(args.chat_template), args.tool_call_parser, args.reasoning_parser)
     from forge.server.listen import bind_socket
 
     sock = bind_socket(args.host, args.port)  # a port in use fails now, before torch and the model load
@@ -271,7 +274,7 @@ def cmd_serve(args) -> None:
 
     serve(config, host=args.host, port=args.port, api_key=args.api_key, limits=limits,
           allowed_hosts=allowed_hosts, served_model_name=args.served_model_name, ui=not args.no_ui,
-          log_level=args.log_level, log_stats_interval=args.log_stats_interval, sock=sock)
+          log_level=args.log_level, log_stats_interval=args.log_stats_interval, sock=sock, chat_settings=chat_settings)
 
 
 def cmd_bench(args) -> None:
@@ -364,6 +367,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-stats-interval", type=float, default=10.0, metavar="SECONDS",
                    help="log a throughput line (running/waiting requests, prompt and generation tok/s, KV-cache "
                         "use) every SECONDS while there is traffic, at info level; 0 = never (default: 10)")
+    g = p.add_argument_group("chat: templates, tools and reasoning")
+    g.add_argument("--chat-template", default=None, metavar="FILE_OR_TEMPLATE",
+                   help="a Jinja chat template (a file, or the template text) used instead of the model's")
+    g.add_argument("--tool-call-parser", default="auto", choices=["auto", "none", "hermes", "llama3_json", "mistral"],
+                   help='how tool calls are read from outputs with tool_choice "auto": hermes (<tool_call>, Qwen), '
+                        "llama3_json, mistral ([TOOL_CALLS]); auto = detected from the chat template; none = "
+                        'refuse "auto" ("required" and named functions always work) (default: auto)')
+    g.add_argument("--reasoning-parser", default=None, choices=["deepseek_r1", "qwen3"],
+                   help="split <think>...</think> into reasoning_content (DeepSeek-R1, Qwen3, QwQ); grammars "
+                        "then start after the reasoning (default: off)")
     add_model_args(p)
     p.set_defaults(func=cmd_serve)
 

@@ -113,7 +113,7 @@ CORPUS = [
     ("stream_options_without_stream", CMPL, completion(stream_options={"include_usage": True}), 400,
      "stream_options", None),
     ("suffix_unsupported", CMPL, completion(suffix="!"), 400, "suffix", None),
-    ("logit_bias_unsupported", CMPL, completion(logit_bias={"50": 10}), 400, "logit_bias", None),
+    ("logit_bias_out_of_range", CMPL, completion(logit_bias={"50": 101}), 400, "logit_bias", None),
     ("echo_as_string", CMPL, completion(echo="yes"), 400, "echo", None),
     ("unknown_model", CMPL, completion() | {"model": "gpt-5"}, 404, "model", "model_not_found"),
     ("model_wrong_type", CMPL, completion() | {"model": 123}, 400, "model", None),
@@ -137,7 +137,9 @@ CORPUS = [
     ("chat_empty_guided_choice", CHAT, chat(guided_choice=[]), 400, "choice", None),
     ("chat_response_format_and_guided", CHAT, chat(response_format={"type": "json_object"}, guided_regex="a"), 400,
      "response_format", None),
-    ("chat_tools_unsupported", CHAT, chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools", None),
+    # the default model's template has no tool-call format: tool_choice "auto" cannot be read
+    ("chat_tools_auto_without_parser", CHAT, chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400,
+     "tool_choice", None),
     ("chat_invalid_regex", CHAT, chat(guided_regex="(("), 400, None, None),
     ("chat_schema_not_json", CHAT, chat(guided_json="{not json"), 400, None, None),
     ("chat_grammar_undefined_rule", CHAT, chat(structured_outputs={"grammar": "root ::= foo"}), 400, None, None),
@@ -199,7 +201,7 @@ def test_server_still_answers_correctly_after_the_corpus(server, http, tiny_mode
             expected = out.outputs[0].text if out.finished else expected
     r = http.post(CMPL, json=completion("Hello there", max_tokens=8, temperature=0))
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == expected
-    assert server.wait_for_metric("forge_kv_cache_usage_perc", 0.0) == 0.0
+    assert server.wait_for_metric("forge:kv_cache_usage_perc", 0.0) == 0.0
     assert server.engine.num_unfinished_requests == 0
 
 
@@ -224,7 +226,7 @@ def test_100_streams_disconnected_midway_free_the_kv_cache(server, slow_steps):
     import asyncio
 
     max_tokens = CONTEXT - 16
-    generated_before = server.metric("forge_generation_tokens_total")
+    generated_before = server.metric("forge:generation_tokens_total")
 
     async def open_and_leave(client, i):
         body = completion(f"Story number {i}:", max_tokens=max_tokens, ignore_eos=True, stream=True)
@@ -242,21 +244,21 @@ def test_100_streams_disconnected_midway_free_the_kv_cache(server, slow_steps):
             await asyncio.wait_for(asyncio.gather(*(open_and_leave(client, i) for i in range(100))), timeout=60)
 
     asyncio.run(main())
-    assert server.wait_for_metric("forge_kv_cache_usage_perc", 0.0) == 0.0
-    assert server.wait_for_metric("forge_num_requests_running", 0.0) == 0.0
+    assert server.wait_for_metric("forge:kv_cache_usage_perc", 0.0) == 0.0
+    assert server.wait_for_metric("forge:num_requests_running", 0.0) == 0.0
     assert server.engine.num_unfinished_requests == 0
     # They were aborted, not run to the end.
-    assert server.metric("forge_generation_tokens_total") - generated_before < 100 * max_tokens / 4
+    assert server.metric("forge:generation_tokens_total") - generated_before < 100 * max_tokens / 4
 
 
 def test_non_streaming_disconnect_aborts(server, slow_steps):
-    generated_before = server.metric("forge_generation_tokens_total")
+    generated_before = server.metric("forge:generation_tokens_total")
     body = completion(max_tokens=CONTEXT - 16, ignore_eos=True)
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.url + CMPL, json=body, headers=AUTH, timeout=httpx.Timeout(30, read=0.5))
-    assert server.wait_for_metric("forge_num_requests_running", 0.0, timeout=10) == 0.0
-    assert server.metric("forge_kv_cache_usage_perc") == 0.0
-    assert server.metric("forge_generation_tokens_total") - generated_before < CONTEXT - 16
+    assert server.wait_for_metric("forge:num_requests_running", 0.0, timeout=10) == 0.0
+    assert server.metric("forge:kv_cache_usage_perc") == 0.0
+    assert server.metric("forge:generation_tokens_total") - generated_before < CONTEXT - 16
 
 
 # -- engine failures ----------------------------------------------------------------------------------
@@ -321,7 +323,7 @@ def test_step_failure_with_one_request_fails_it_and_recovers(server, http):
     assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"  # it failed a step on its own
     r = http.post(CMPL, json=completion(max_tokens=4))
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
-    assert server.wait_for_metric("forge_kv_cache_usage_perc", 0.0) == 0.0
+    assert server.wait_for_metric("forge:kv_cache_usage_perc", 0.0) == 0.0
 
 
 # -- back-pressure --------------------------------------------------------------------------------------
@@ -340,5 +342,5 @@ def test_full_waiting_queue_gets_503_with_retry_after(tiny_model_dir):
                 r = client.post(CMPL, json=completion())
                 assert r.status_code == 503 and int(r.headers["Retry-After"]) >= 1
                 assert r.json()["error"]["code"] == "server_busy"
-        assert srv.wait_for_metric("forge_kv_cache_usage_perc", 0.0) == 0.0
+        assert srv.wait_for_metric("forge:kv_cache_usage_perc", 0.0) == 0.0
         assert client.post(CMPL, json=completion()).status_code == 200

@@ -65,7 +65,7 @@ def requests_counted(srv: LiveServer, endpoint: str, status: str) -> float:
     text = httpx.get(srv.url + "/metrics", timeout=10).text
     for family in text_string_to_metric_families(text):
         for s in family.samples:
-            if s.name == "forge_requests_total" and s.labels == {"endpoint": endpoint, "status": status}:
+            if s.name == "forge:http_requests_total" and s.labels == {"endpoint": endpoint, "status": status}:
                 return s.value
     return 0.0
 
@@ -129,7 +129,7 @@ def test_burst_beyond_max_waiting_gets_exactly_the_excess_as_503_at_once(paused_
         assert len(refused) == burst - limit and max(refused) < 5.0
         assert len(pending) == limit and [r.status_code for r in admitted] == [200] * limit
         # Every place was given back: the next burst of `limit` is admitted whole.
-        srv.wait_for_metric("forge_num_requests_waiting", 0.0)
+        srv.wait_for_metric("forge:num_requests_waiting", 0.0)
 
         async def again():
             async with httpx.AsyncClient(base_url=srv.url, timeout=60) as client:

@@ -150,9 +150,9 @@ class ForgeServer:
 
         for family in text_string_to_metric_families(httpx.get(self.url + "/metrics", timeout=10).text):
             for sample in family.samples:
-                if sample.name == "forge_num_requests_running":
+                if sample.name == "forge:num_requests_running":
                     return sample.value
-        raise KeyError("forge_num_requests_running")
+        raise KeyError("forge:num_requests_running")
 
     def stop(self) -> None:
         self.proc.terminate()

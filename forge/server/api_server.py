@@ -30,6 +30,7 @@ from starlette.requests import ClientDisconnect
 from forge.config import EngineConfig
 from forge.errors import InvalidRequestError
 from forge.server.async_engine import AsyncEngine
+from forge.server.chat import ChatSettings
 from forge.server.limits import ServerConfigError, ServerLimits
 from forge.server.listen import bind_socket
 from forge.server.metrics import ServerMetrics
@@ -38,6 +39,8 @@ from forge.server.protocol import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
     parse_json_object,
     validate,
 )
@@ -94,13 +97,16 @@ def allowed_host_names(bind_host: str, allowed_hosts: Iterable[str] = ()) -> fro
 def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | None = None,
               max_waiting: int = ServerLimits.max_waiting, max_body_bytes: int = MAX_BODY_BYTES, ui: bool = True,
               bind_host: str = "127.0.0.1", allowed_hosts: Iterable[str] = (),
-              log_stats_interval: float = 0) -> FastAPI:
+              log_stats_interval: float = 0, chat_settings: ChatSettings = ChatSettings()) -> FastAPI:
     if api_key is not None and not api_key.strip():
         raise ServerConfigError("the API key is empty: give a non-empty key, or None to serve without auth")
+    _check_chat_template(async_engine.engine.tokenizer, chat_settings.chat_template)
     metrics = async_engine.metrics or ServerMetrics()
     async_engine.metrics = metrics
     metrics.bind(async_engine)
-    serving = OpenAIServing(async_engine, served_model_name, max_waiting)
+    serving = OpenAIServing(async_engine, served_model_name, max_waiting, chat_settings)
+    logger.info("chat: tool calls (tool_choice auto) read as %s; reasoning parser: %s",
+                serving.tool_parser or "nothing (no parser)", chat_settings.reasoning_parser or "none")
     model_names = {served_model_name, "default"}
     created = int(time.time())
 
@@ -174,6 +180,12 @@ def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | 
     async def get_metrics():
         return Response(metrics.render(), media_type=metrics.content_type)
 
+    @app.get("/version")
+    async def version():
+        from forge import __version__
+
+        return {"version": __version__}
+
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
 
     def model_card(name: str) -> dict:
@@ -206,6 +218,19 @@ def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | 
         check_model(req.model)
         return await serving.chat(req, request)
 
+    # vLLM's token utilities, at the root as vLLM serves them (behind the API key like /v1)
+    @app.post("/tokenize", dependencies=[Depends(check_api_key)])
+    async def tokenize(request: Request):
+        req = validate(TokenizeRequest, await _read_json(request, max_body_bytes))
+        check_model(req.model)
+        return await serving.tokenize(req)
+
+    @app.post("/detokenize", dependencies=[Depends(check_api_key)])
+    async def detokenize(request: Request):
+        req = validate(DetokenizeRequest, await _read_json(request, max_body_bytes))
+        check_model(req.model)
+        return await serving.detokenize(req)
+
     app.include_router(v1)
     if ui:  # the chat page at / (forge/server/ui.py); --no-ui leaves / a 404
         mount_ui(app)
@@ -214,6 +239,17 @@ def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | 
         app.add_middleware(_CheckHost, allowed=hosts)
     app.add_middleware(_CountRequests, metrics=metrics)  # outermost: counts the Host rejections too
     return app
+
+
+def _check_chat_template(tokenizer, chat_template: str | None) -> None:
+    """A --chat-template that does not compile stops the server at start, not at each request."""
+    if chat_template is None:
+        return
+    try:
+        tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], chat_template=chat_template)
+    except InvalidRequestError as e:
+        if e.param == "chat_template":
+            raise ServerConfigError(f"--chat-template: {e}") from None  # (other render errors are per request)
 
 
 async def _read_json(request: Request, limit: int) -> dict:
@@ -312,7 +348,7 @@ class _CountRequests:
 def serve(engine_config: EngineConfig, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           served_model_name: str | None = None, log_level: str = "info", limits: ServerLimits = ServerLimits(),
           allowed_hosts: Iterable[str] = (), ui: bool = True, log_stats_interval: float = 10.0,
-          sock: socket.socket | None = None) -> None:
+          sock: socket.socket | None = None, chat_settings: ChatSettings = ChatSettings()) -> None:
     """Load the model and serve it until SIGTERM/SIGINT (what `forge serve` runs). `api_key` None
     falls back to $FORGE_API_KEY. log_stats_interval: seconds between throughput lines (0: none).
     sock: a listening socket on host:port (forge.server.listen.bind_socket), else one is opened here."""
@@ -331,7 +367,8 @@ def serve(engine_config: EngineConfig, host: str = "127.0.0.1", port: int = 8000
     try:
         name = served_model_name or default_model_name(engine.model_path)
         app = build_app(AsyncEngine(engine), name, api_key=api_key, max_waiting=limits.max_waiting,
-                        ui=ui, bind_host=host, allowed_hosts=allowed_hosts, log_stats_interval=log_stats_interval)
+                        ui=ui, bind_host=host, allowed_hosts=allowed_hosts, log_stats_interval=log_stats_interval,
+                        chat_settings=chat_settings)
         if not _is_loopback(_normalize_host(host)) and api_key is None:
             logger.warning("serving on %s without an API key: anyone who can reach this address can use the model",
                            host)

@@ -44,6 +44,12 @@ class EngineSnapshot:
     num_waiting: int = 0  # sequences in the scheduler's waiting queue
     kv_cache_usage: float = 0.0
     prefix_cache_hit_rate: float = 0.0
+    # cumulative since the engine started (forge.server.metrics.ENGINE_COUNTERS)
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    prefix_cache_queries: int = 0  # tokens
+    prefix_cache_hits: int = 0
+    num_preemptions: int = 0
 
 
 class RequestStream:
@@ -101,7 +107,6 @@ class AsyncEngine:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._streams: dict[str, RequestStream] = {}  # engine thread only
-        self._stats_seen = {"prompt_tokens": 0, "generation_tokens": 0}
         # Requests submitted that have not produced a token yet: the server's waiting queue. Counted
         # from the handlers' side so a client that saw its request accepted also sees it counted.
         self._waiting_lock = threading.Lock()
@@ -208,6 +213,7 @@ class AsyncEngine:
                     if out.error is not None:
                         del self._streams[out.request_id]
                         self._mark_started(stream)
+                        self._count_finished("error", len(out.outputs))
                         deliveries.append((stream, _client_error(out.error)))
                         continue
                     self._observe_timing(stream, out, now)
@@ -237,8 +243,11 @@ class AsyncEngine:
                 deliveries.append((stream, None))  # accepted
             else:
                 request_id = cmd[1]
+                request = self.engine.requests.get(request_id)
                 self.engine.abort_request(request_id)
                 stream = self._streams.pop(request_id, None)
+                if stream is not None and request is not None:
+                    self._count_finished("abort", len(request.seqs))
                 if stream is not None:  # wake anyone still reading it
                     self._mark_started(stream)
                     deliveries.append((stream, EngineRequestError("the request was aborted")))
@@ -265,6 +274,7 @@ class AsyncEngine:
     def _observe_timing(self, stream: RequestStream, out: RequestOutput, now: float) -> None:
         if out.finished:
             self._mark_started(stream)
+        metrics = self.metrics
         for completion in out.outputs:
             n = len(completion.token_ids)
             seen = stream.tokens_seen.get(completion.index, 0)
@@ -272,25 +282,34 @@ class AsyncEngine:
                 continue
             if not stream.started:
                 self._mark_started(stream)
-            if self.metrics is not None:
+            if metrics is not None:
                 if seen == 0:
                     if completion.index == 0:
-                        self.metrics.time_to_first_token.observe(now - stream.submit_time)
-                else:
-                    gap = now - stream.last_token_time[completion.index]
-                    self.metrics.inter_token_latency.observe(gap / (n - seen))
+                        metrics.time_to_first_token.observe(now - stream.submit_time)
+                else:  # one observation per token, as vLLM (tokens that arrive together share the gap)
+                    gap = (now - stream.last_token_time[completion.index]) / (n - seen)
+                    for _ in range(n - seen):
+                        metrics.inter_token_latency.observe(gap)
             stream.tokens_seen[completion.index] = n
             stream.last_token_time[completion.index] = now
+        if out.finished and metrics is not None:
+            metrics.e2e_request_latency.observe(now - stream.submit_time)
+            if out.metrics is not None and out.metrics.time_in_queue is not None:
+                metrics.request_queue_time.observe(out.metrics.time_in_queue)
+            for completion in out.outputs:
+                self._count_finished(completion.finish_reason or "abort")
+
+    def _count_finished(self, reason: str, count: int = 1) -> None:
+        if self.metrics is not None and count:
+            self.metrics.finished(reason, count)
 
     def _refresh_snapshot(self) -> None:
         e = self.engine
-        self.snapshot = EngineSnapshot(e.num_running(), e.num_waiting(), e.kv_cache_usage, e.prefix_cache_hit_rate)
-        if self.metrics is not None:
-            for key in self._stats_seen:
-                delta = e.stats[key] - self._stats_seen[key]
-                if delta:
-                    self.metrics.add_tokens(key, delta)
-                    self._stats_seen[key] = e.stats[key]
+        self.snapshot = EngineSnapshot(
+            e.num_running(), e.num_waiting(), e.kv_cache_usage, e.prefix_cache_hit_rate,
+            prompt_tokens=e.stats["prompt_tokens"], generation_tokens=e.stats["generation_tokens"],
+            prefix_cache_queries=e.block_manager.prefix_queries, prefix_cache_hits=e.block_manager.prefix_hits,
+            num_preemptions=e.scheduler.num_preemptions)
 
 
 def _client_error(cause: BaseException) -> BaseException:

@@ -2,16 +2,18 @@
 
 Bodies are parsed by hand (UTF-8, JSON, then pydantic in strict mode) rather than by FastAPI, so every
 mistake a client can make becomes one OpenAI-style error, `{"error": {message, type, param, code}}`,
-with a 4xx status. Unknown fields are ignored, as OpenAI does; known fields must have the right JSON
-type ("5" is not an integer, true is not a number).
+with a 4xx status. Unknown fields are ignored, as OpenAI and vLLM do, and logged once per name (a typo
+such as `max_token` is otherwise silent); known fields must have the right JSON type ("5" is not an
+integer, true is not a number; 5.0 is the integer 5, as in vLLM).
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+import logging
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from forge.errors import InvalidRequestError
 from forge.sampling_params import SamplingParams, StructuredOutputsParams
@@ -24,6 +26,11 @@ MAX_STOP_STRING_BYTES = 1024  # one string, UTF-8
 MAX_STOP_TOTAL_BYTES = 4096  # all of them together
 MAX_STOP_TOKEN_IDS = 1024
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # seeds go into int64 generator state
+MAX_WARNED_FIELDS = 256  # unknown field names remembered (and warned about once each)
+# chat_template_kwargs may not set what the request's own fields set.
+RESERVED_TEMPLATE_KWARGS = ("messages", "tools", "add_generation_prompt", "continue_final_message", "chat_template")
+
+logger = logging.getLogger("forge.server")
 
 
 class APIError(Exception):
@@ -89,10 +96,34 @@ def _check_strings(data: Any) -> None:
 
 
 def validate(model_cls: type[BaseModel], data: dict):
+    _warn_unknown_fields(model_cls, data)
     try:
         return model_cls.model_validate(data)
     except ValidationError as e:
         raise _validation_error(e) from None
+
+
+_warned_fields: set[str] = set()
+
+
+def _warn_unknown_fields(model_cls: type[BaseModel], data: dict) -> None:
+    """Log each top-level field the model ignores, once per name for the life of the process."""
+    known = {name for name, f in model_cls.model_fields.items()} | \
+            {f.alias for f in model_cls.model_fields.values() if f.alias}
+    for name in data:
+        if name in known or name in _warned_fields or len(_warned_fields) >= MAX_WARNED_FIELDS:
+            continue
+        _warned_fields.add(name)
+        shown = name if len(name) <= 64 else name[:61] + "..."
+        logger.warning("request field %r is not supported and was ignored (said once per field name)", shown)
+
+
+def _integral(value: Any) -> Any:
+    """5.0 -> 5, as a lax JSON reader takes it; 5.5, "5" and true stay what they are (and are refused)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Int = Annotated[int, BeforeValidator(_integral)]  # an integer field that takes an integer-valued number
 
 
 _UNION_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
@@ -163,18 +194,18 @@ class _SamplingRequest(_Body):
     """Fields shared by /v1/completions and /v1/chat/completions. None means "not given"."""
 
     model: str | None = None
-    n: int | None = None
+    n: Int | None = None
     temperature: float | None = None
     top_p: float | None = None
-    top_k: int | None = None
+    top_k: Int | None = None
     min_p: float | None = None
-    seed: int | None = None
+    seed: Int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
-    min_tokens: int | None = None
+    min_tokens: Int | None = None
     ignore_eos: bool | None = None
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
@@ -201,8 +232,6 @@ class _SamplingRequest(_Body):
         if self.seed is not None and not INT64_MIN <= self.seed <= INT64_MAX - max(n, 1):
             raise APIError(f"seed must be a 64-bit signed integer (below {INT64_MAX - max(n, 1) + 1} for n={n}), "
                            f"got {self.seed}", param="seed")
-        if self.logit_bias:
-            raise APIError("logit_bias is not supported", param="logit_bias")
         if self.stream_options is not None and not self.stream:
             raise APIError("stream_options is only allowed when stream is true", param="stream_options")
         self._check_stop()
@@ -221,7 +250,7 @@ class _SamplingRequest(_Body):
             repetition_penalty=given(self.repetition_penalty, 1.0), min_tokens=given(self.min_tokens, 0),
             ignore_eos=given(self.ignore_eos, False), skip_special_tokens=given(self.skip_special_tokens, True),
             include_stop_str_in_output=given(self.include_stop_str_in_output, False),
-            structured_outputs=self.structured_outputs_params(),
+            structured_outputs=self.structured_outputs_params(), logit_bias=self.logit_bias or None,
         )
 
     def _check_stop(self) -> None:
@@ -274,14 +303,26 @@ class _SamplingRequest(_Body):
 
 class CompletionRequest(_SamplingRequest):
     prompt: Any = None  # str | list[str] | list[int] | list[list[int]]: checked by prompts()
-    max_tokens: int | None = 16  # OpenAI's default for completions
+    max_tokens: Int | None = 16  # OpenAI's default for completions
     echo: bool | None = None
-    logprobs: int | None = None
+    logprobs: Int | None = None
     suffix: str | None = None
-    best_of: int | None = None
+    best_of: Int | None = None
+
+    @property
+    def prompt_only(self) -> bool:
+        """echo with max_tokens 0: the prompt (and its logprobs) back, nothing generated, as evaluation
+        harnesses score text (lm-eval-harness's loglikelihood requests)."""
+        return bool(self.echo) and self.max_tokens == 0
 
     def completion_params(self, num_prompts: int, max_model_len: int | None = None) -> SamplingParams:
-        params = self.sampling_params(self.max_tokens, self.logprobs, num_prompts=num_prompts,
+        max_tokens = self.max_tokens
+        if max_tokens == 0:
+            if not self.echo:
+                raise APIError("max_tokens 0 generates nothing: it is only allowed with echo true (to score the "
+                               "prompt)", param="max_tokens")
+            max_tokens = 1  # the prompt's logprobs come with the first token, which is then dropped (as vLLM)
+        params = self.sampling_params(max_tokens, self.logprobs, num_prompts=num_prompts,
                                       max_model_len=max_model_len)
         if self.echo and self.logprobs is not None:  # echoed prompt tokens come with their logprobs too
             params.prompt_logprobs = self.logprobs
@@ -322,24 +363,44 @@ class ContentPart(_Body):
     text: str | None = None
 
 
+class FunctionCall(_Body):
+    name: str
+    arguments: str | dict  # OpenAI sends JSON text; an object is taken too
+
+
+class ToolCallMessage(_Body):
+    """A call in an assistant message (the history of a tool-using conversation)."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Body):
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallMessage] | None = None  # assistant
+    tool_call_id: str | None = None  # tool: which call this is the result of
+    reasoning_content: str | None = None  # assistant: its reasoning, for templates that show it in history
 
 
 # "developer" is OpenAI's newer name for the system role.
-_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 
 
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage]
-    max_tokens: int | None = None  # None: up to the end of the context (docs/RELIABILITY.md)
-    max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens; wins when both are given
+    max_tokens: Int | None = None  # None: up to the end of the context (docs/RELIABILITY.md)
+    max_completion_tokens: Int | None = None  # OpenAI's newer name for max_tokens; wins when both are given
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: Int | None = None
     add_generation_prompt: bool | None = None
+    continue_final_message: bool | None = None
+    chat_template_kwargs: dict | None = None
     tools: list | None = None
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None
 
     @property
     def max_new_tokens(self) -> int | None:
@@ -353,28 +414,96 @@ class ChatCompletionRequest(_SamplingRequest):
             raise APIError(f"top_logprobs must be in [0, 20], got {self.top_logprobs}", param="top_logprobs")
         return (self.top_logprobs or 0) if self.logprobs else None
 
+    def template_options(self) -> dict:
+        """add_generation_prompt, continue_final_message and the chat_template_kwargs, for
+        Tokenizer.apply_chat_template. Continuing the final message turns the generation prompt off
+        unless it was asked for (then both is an error, as in vLLM)."""
+        return chat_template_options(self.add_generation_prompt, self.continue_final_message,
+                                     self.chat_template_kwargs)
+
     def conversation(self) -> list[dict]:
-        """The messages as the chat template wants them: {role, content} with text content."""
-        if not self.messages:
-            raise APIError("messages must not be empty", param="messages")
-        if self.tools:
-            raise APIError("tools are not supported", param="tools")
-        out = []
-        for i, m in enumerate(self.messages):
-            role = _ROLES.get(m.role)
-            if role is None:
-                raise APIError(f"unsupported role {m.role!r}; use system, user or assistant",
-                               param=f"messages[{i}].role")
-            content = m.content
-            if isinstance(content, list):
-                bad = [part.type for part in content if part.type != "text" or part.text is None]
-                if bad:
-                    raise APIError(f"only text content parts are supported, got {bad[0]!r}",
-                                   param=f"messages[{i}].content")
-                content = "\n".join(part.text for part in content)
-            if content is None:
-                if role != "assistant":
-                    raise APIError(f"a {m.role} message needs content", param=f"messages[{i}].content")
-                content = ""
-            out.append({"role": role, "content": content})
-        return out
+        """The messages as the chat template wants them: role, text content and, where given, the
+        assistant's tool_calls and reasoning_content, a tool result's tool_call_id, a name."""
+        return conversation(self.messages)
+
+
+def chat_template_options(add_generation_prompt: bool | None, continue_final_message: bool | None,
+                          chat_template_kwargs: dict | None) -> dict:
+    kwargs = chat_template_kwargs or {}
+    reserved = [k for k in kwargs if k in RESERVED_TEMPLATE_KWARGS]
+    if reserved:
+        raise APIError(f"chat_template_kwargs may not set {reserved[0]!r}: it is a request field of its own",
+                       param="chat_template_kwargs")
+    bad = [k for k in kwargs if not k.isidentifier() or k == "self"]
+    if bad:
+        raise APIError(f"chat_template_kwargs keys are template variable names; {bad[0][:64]!r} is not one",
+                       param="chat_template_kwargs")
+    continuing = bool(continue_final_message)
+    return {**kwargs, "continue_final_message": continuing,
+            "add_generation_prompt": add_generation_prompt if add_generation_prompt is not None else not continuing}
+
+
+def conversation(messages: list[ChatMessage]) -> list[dict]:
+    if not messages:
+        raise APIError("messages must not be empty", param="messages")
+    out = []
+    for i, m in enumerate(messages):
+        role = _ROLES.get(m.role)
+        if role is None:
+            hint = "; a tool result is role tool" if m.role == "function" else ""
+            raise APIError(f"unsupported role {m.role!r}; use system, user, assistant or tool{hint}",
+                           param=f"messages[{i}].role")
+        content = m.content
+        if isinstance(content, list):
+            bad = [part.type for part in content if part.type != "text" or part.text is None]
+            if bad:
+                raise APIError(f"only text content parts are supported, got {bad[0]!r}",
+                               param=f"messages[{i}].content")
+            content = "\n".join(part.text for part in content)
+        if content is None:
+            if role != "assistant":
+                raise APIError(f"a {m.role} message needs content", param=f"messages[{i}].content")
+            content = ""
+        if m.tool_calls and role != "assistant":
+            raise APIError(f"only assistant messages have tool_calls, not {m.role}", param=f"messages[{i}].tool_calls")
+        message: dict = {"role": role, "content": content}
+        if m.name is not None:
+            message["name"] = m.name
+        if m.tool_calls:
+            message["tool_calls"] = [
+                {"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": c.function.arguments
+                                                              if isinstance(c.function.arguments, str)
+                                                              else json.dumps(c.function.arguments)}}
+                for c in m.tool_calls]
+        if m.tool_call_id is not None:
+            message["tool_call_id"] = m.tool_call_id
+        if m.reasoning_content is not None:
+            message["reasoning_content"] = m.reasoning_content
+        out.append(message)
+    return out
+
+
+# -- /tokenize and /detokenize (vLLM's shapes) ---------------------------------------------------------
+
+class TokenizeRequest(_Body):
+    """vLLM's TokenizeCompletionRequest (`prompt`) or TokenizeChatRequest (`messages`)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None  # default: true for a prompt, false for messages (as vLLM)
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool | None = None
+    chat_template_kwargs: dict | None = None
+    tools: list | None = None
+    return_token_strs: bool | None = None
+
+    def check(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise APIError("give either prompt (text) or messages (a chat), not both or neither",
+                           param="prompt" if self.prompt is None else "messages")
+
+
+class DetokenizeRequest(_Body):
+    model: str | None = None
+    tokens: list[int]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 import time
@@ -17,8 +18,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from forge.errors import InvalidRequestError
 from forge.outputs import CompletionOutput, Logprob, RequestOutput
 from forge.sampling_params import SamplingParams
+from forge.server import protocol
 from forge.server.async_engine import AsyncEngine, EngineRequestError, RequestStream
-from forge.server.protocol import APIError, ChatCompletionRequest, CompletionRequest
+from forge.server.chat import ChatJob, ChatSettings
+from forge.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from forge.tools.chat import ChatOutputParser, ToolUse, chat_params
 
 # JSON has no -inf; a token the sampler could not pick (e.g. masked by a grammar) gets this instead, as in vLLM.
 MIN_LOGPROB = -9999.0
@@ -34,6 +38,7 @@ class _Choice:
     text_offset: int = 0  # completions logprobs: where the next token starts in the choice's text
     started: bool = False  # has sent a chunk
     finished: bool = False
+    parser: ChatOutputParser | None = None  # chat: reads reasoning and tool calls out of the text
 
 
 @dataclass
@@ -46,7 +51,9 @@ class _Job:
     prompts: list[dict]  # {"prompt": str | None, "prompt_token_ids": list[int]}
     params: SamplingParams
     echo: bool = False
+    prompt_only: bool = False  # echo with max_tokens 0: the one token generated is dropped
     include_usage: bool = False
+    chat: ChatJob | None = None
     created: int = field(default_factory=lambda: int(time.time()))
     streams: list[RequestStream] = field(default_factory=list)
 
@@ -59,11 +66,14 @@ class _Admission:
 
 
 class OpenAIServing:
-    def __init__(self, async_engine: AsyncEngine, model_name: str, max_waiting: int):
+    def __init__(self, async_engine: AsyncEngine, model_name: str, max_waiting: int,
+                 chat_settings: ChatSettings = ChatSettings()):
         self.engine = async_engine
         self.tokenizer = async_engine.engine.tokenizer
         self.model_name = model_name
         self.max_waiting = max_waiting
+        self.chat_settings = chat_settings
+        self.tool_parser = chat_settings.resolved_tool_parser(self.tokenizer)
         # Prompts admitted but not yet submitted (being tokenized): the engine does not count them yet.
         self._unsubmitted = 0
         self._live: dict[str, _Job] = {}  # jobs with engine requests, until their response ends
@@ -78,19 +88,50 @@ class OpenAIServing:
         with self._admit(len(prompts)) as admission:
             tokenized = [await asyncio.to_thread(self._tokenize, p) for p in prompts]
             job = _Job("completion", f"cmpl-{uuid.uuid4().hex}", self.model_name, tokenized, params,
-                       echo=bool(req.echo), include_usage=req.include_usage)
+                       echo=bool(req.echo), prompt_only=req.prompt_only, include_usage=req.include_usage)
             return await self._run(job, bool(req.stream), raw, admission)
 
     async def chat(self, req: ChatCompletionRequest, raw: Request):
         conversation = req.conversation()
+        options = req.template_options()
+        tool_use = ToolUse.resolve(req.tools, req.tool_choice, req.parallel_tool_calls, self.tool_parser)
         params = req.sampling_params(req.max_new_tokens, req.num_logprobs,
                                      max_model_len=self.engine.engine.max_model_len)
-        add_generation_prompt = req.add_generation_prompt is not False
+        reasoning_parser = self.chat_settings.reasoning_parser
         with self._admit(1) as admission:
-            ids = await asyncio.to_thread(self._render_chat, conversation, add_generation_prompt)
+            text, ids, generation_prompt = await asyncio.to_thread(self._render_chat, conversation, tool_use, options)
+            params = chat_params(params, tool_use, reasoning_parser, generation_prompt)
             job = _Job("chat", f"chatcmpl-{uuid.uuid4().hex}", self.model_name,
-                       [{"prompt": None, "prompt_token_ids": ids}], params, include_usage=req.include_usage)
+                       [{"prompt": None, "prompt_token_ids": ids}], params, include_usage=req.include_usage,
+                       chat=ChatJob(tool_use, reasoning_parser, text))
             return await self._run(job, bool(req.stream), raw, admission)
+
+    async def tokenize(self, req: TokenizeRequest) -> dict:
+        """vLLM's /tokenize: a prompt (special tokens added by default) or a chat rendered with the
+        server's template (not added by default: the template writes them)."""
+        req.check()
+        tok = self.tokenizer
+        if req.prompt is not None:
+            add_special = req.add_special_tokens is not False
+            ids = await asyncio.to_thread(tok.encode, req.prompt, add_special)
+        else:
+            conversation = protocol.conversation(req.messages)
+            options = protocol.chat_template_options(req.add_generation_prompt, req.continue_final_message,
+                                                     req.chat_template_kwargs)
+            tool_use = ToolUse.resolve(req.tools, "none" if req.tools else None)
+            text, ids, _ = await asyncio.to_thread(self._render_chat, conversation, tool_use, options)
+            if req.add_special_tokens:
+                ids = tok.encode(text, add_special_tokens=True)
+        strs = [tok.id_to_token(t) for t in ids] if req.return_token_strs else None
+        return {"count": len(ids), "max_model_len": self.engine.engine.max_model_len, "tokens": ids,
+                "token_strs": strs}
+
+    async def detokenize(self, req: DetokenizeRequest) -> dict:
+        vocab = self.engine.engine.model_config.vocab_size
+        bad = [t for t in req.tokens if not 0 <= t < vocab]
+        if bad:
+            raise APIError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})", param="tokens")
+        return {"prompt": await asyncio.to_thread(self.tokenizer.decode, req.tokens, False)}
 
     # -- shutdown (called by the server, see uvicorn_server.ForgeServer) ------------------------------
     def begin_shutdown(self) -> None:
@@ -140,9 +181,20 @@ class OpenAIServing:
         text, ids = self.engine.engine.tokenize_prompt(prompt)
         return {"prompt": text, "prompt_token_ids": ids}
 
-    def _render_chat(self, conversation: list[dict], add_generation_prompt: bool) -> list[int]:
-        text = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt)
-        return self.tokenizer.encode(text)
+    def _render_chat(self, conversation: list[dict], tool_use: ToolUse, options: dict) -> tuple[str, list[int], str]:
+        """(prompt text, its token ids, the generation prompt: what the template added for the new turn, or
+        the continued message's text). Runs in a worker thread."""
+        tok, template = self.tokenizer, self.chat_settings.chat_template
+        text = tok.apply_chat_template(conversation, tool_use.tools, chat_template=template, **options)
+        generation_prompt = ""
+        if options["continue_final_message"]:
+            generation_prompt = conversation[-1]["content"]
+        elif options["add_generation_prompt"] and self.chat_settings.reasoning_parser is not None:
+            # only the new turn tells whether the reasoning is open, closed, or still to come
+            base = tok.apply_chat_template(conversation, tool_use.tools, chat_template=template,
+                                           **{**options, "add_generation_prompt": False})
+            generation_prompt = text[len(base):] if text.startswith(base) else text
+        return text, tok.encode(text), generation_prompt
 
     async def _run(self, job: _Job, stream: bool, raw: Request, admission: _Admission):
         self._check_min_tokens(job)
@@ -155,7 +207,7 @@ class OpenAIServing:
             if not errors:
                 raise _shutting_down()
             if isinstance(errors[0], InvalidRequestError):
-                raise APIError.from_invalid_request(errors[0])
+                raise self._request_error(job, errors[0])
             if isinstance(errors[0], EngineRequestError):
                 raise APIError(str(errors[0]), status=503, type="server_error", code="engine_unavailable")
             raise errors[0]
@@ -212,7 +264,7 @@ class OpenAIServing:
                     return None
                 for t in done:
                     if t.exception() is not None:
-                        raise self._engine_error(t.exception())
+                        raise self._engine_error(t.exception(), job)
         finally:
             for t in tasks | {gone}:
                 t.cancel()
@@ -262,6 +314,7 @@ class OpenAIServing:
             async for i, out in self._merged(job):
                 finals[i] = out
                 for completion in out.outputs:
+                    completion = self._view(job, completion)
                     idx = i * n + completion.index
                     choice = choices.setdefault(idx, _Choice(idx))
                     if choice.finished:
@@ -281,14 +334,20 @@ class OpenAIServing:
             if job.include_usage:
                 yield _sse(self._chunk(job, [], usage=self._usage(job, [finals[i] for i in sorted(finals)])))
         except (EngineRequestError, InvalidRequestError) as e:
-            yield _sse(self._engine_error(e).body())
+            yield _sse(self._engine_error(e, job).body())
         finally:
             self._abort(job)
         yield "data: [DONE]\n\n"
 
-    def _engine_error(self, e: BaseException) -> APIError:
+    def _request_error(self, job: _Job, e: InvalidRequestError) -> APIError:
+        err = APIError.from_invalid_request(e)
+        if job.chat is not None and job.chat.grammar_from_tools and err.param == "response_format":
+            err.param = "tools"  # the grammar that failed is the tools' schema
+        return err
+
+    def _engine_error(self, e: BaseException, job: _Job | None = None) -> APIError:
         if isinstance(e, InvalidRequestError):  # the engine failed the request for its own input
-            return APIError.from_invalid_request(e)
+            return self._request_error(job, e) if job is not None else APIError.from_invalid_request(e)
         # Once the server aborts what still runs at shutdown, every engine error is that abort.
         return _shutting_down() if self.aborting else APIError(str(e), status=500, type="server_error")
 
@@ -298,7 +357,14 @@ class OpenAIServing:
         new_tokens = len(c.token_ids) - choice.tokens_sent
         finished = c.finish_reason is not None
         want_logprobs = job.params.logprobs is not None and new_tokens > 0
-        if not new_text and not finished and not want_logprobs and not force:
+        delta = None
+        if job.kind == "chat":  # the text read as reasoning, content and tool calls (held back while undecided)
+            if choice.parser is None:
+                choice.parser = job.chat.output_parser()
+            delta = choice.parser.feed(new_text, final=finished).to_openai()
+            new_text = ""
+        choice.text_sent = len(c.text)
+        if not new_text and not delta and not finished and not want_logprobs and not force:
             return None
         logprobs = None
         if want_logprobs:
@@ -307,13 +373,16 @@ class OpenAIServing:
             else:
                 logprobs, choice.text_offset = _completion_logprobs(c, choice.tokens_sent, job.params.logprobs,
                                                                      choice.text_offset)
-        choice.text_sent, choice.tokens_sent, choice.finished = len(c.text), len(c.token_ids), finished
+        choice.tokens_sent, choice.finished = len(c.token_ids), finished
         reason = _finish_reason(c)
+        stop_reason = c.stop_reason if finished else None
         if job.kind == "chat":
-            return {"index": choice.index, "delta": {"content": new_text} if new_text else {},
-                    "logprobs": logprobs, "finish_reason": reason}
+            if reason == "stop" and choice.parser.num_calls:
+                reason = "tool_calls"
+            return {"index": choice.index, "delta": delta, "logprobs": logprobs, "finish_reason": reason,
+                    "stop_reason": stop_reason}
         return {"index": choice.index, "text": new_text, "logprobs": logprobs, "finish_reason": reason,
-                "stop_reason": c.stop_reason if finished else None}
+                "stop_reason": stop_reason}
 
     def _chunk(self, job: _Job, choices: list[dict], usage: dict | None = None) -> dict:
         obj = "chat.completion.chunk" if job.kind == "chat" else "text_completion"
@@ -326,12 +395,13 @@ class OpenAIServing:
         n = job.params.n
         choices = []
         for i, out in enumerate(finals):
-            for c in sorted(out.outputs, key=lambda c: c.index):
+            for c in sorted((self._view(job, c) for c in out.outputs), key=lambda c: c.index):
                 index = i * n + c.index
                 if job.kind == "chat":
                     logprobs = _chat_logprobs(c, 0, job.params.logprobs) if job.params.logprobs is not None else None
-                    choices.append({"index": index, "message": {"role": "assistant", "content": c.text},
-                                    "logprobs": logprobs, "finish_reason": _finish_reason(c)})
+                    message, reason = _chat_message(job.chat.output_parser().extract(c.text), _finish_reason(c))
+                    choices.append({"index": index, "message": message, "logprobs": logprobs, "finish_reason": reason,
+                                    "stop_reason": c.stop_reason})
                 else:
                     prefix, prefix_logprobs = self._echo(job, i, out) if job.echo else ("", None)
                     k = job.params.logprobs
@@ -345,8 +415,22 @@ class OpenAIServing:
 
     def _usage(self, job: _Job, finals: list[RequestOutput]) -> dict:
         prompt = sum(len(p["prompt_token_ids"]) for p in job.prompts)
-        completion = sum(len(c.token_ids) for out in finals for c in out.outputs)
+        completion = sum(len(self._view(job, c).token_ids) for out in finals for c in out.outputs)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def _view(self, job: _Job, c: CompletionOutput) -> CompletionOutput:
+        """A completion as the client sees it: without the token a prompt-only request generated, or
+        without the stop token's text where special tokens were kept for the tool parser."""
+        if job.prompt_only:
+            return dataclasses.replace(c, text="", token_ids=[], cumulative_logprob=None,
+                                       logprobs=[] if c.logprobs is not None else None, stop_reason=None,
+                                       finish_reason=None if c.finish_reason is None else "length")
+        if job.chat is not None and job.chat.strip_stop_text and c.finish_reason == "stop" \
+                and isinstance(c.stop_reason, int):
+            stop_text = self.tokenizer.decode([c.stop_reason], skip_special_tokens=False)
+            if stop_text and c.text.endswith(stop_text):
+                return dataclasses.replace(c, text=c.text[:-len(stop_text)])
+        return c
 
     def _echo(self, job: _Job, i: int, out: RequestOutput) -> tuple[str, dict | None]:
         """Prompt i's text, and with logprobs its legacy logprobs object (the first token has none)."""
@@ -397,6 +481,21 @@ def _sse(payload: dict) -> str:
 def _finish_reason(c: CompletionOutput) -> str | None:
     # "abort" only reaches a client when the engine failed the request, which is reported as an error.
     return None if c.finish_reason is None else ("length" if c.finish_reason == "length" else "stop")
+
+
+def _chat_message(parsed, reason: str | None) -> tuple[dict, str | None]:
+    """OpenAI's assistant message for a parsed output, and the finish reason ("tool_calls" when it
+    made calls and stopped on its own; a call cut off by max_tokens keeps "length"). Content is null
+    when there is none beside calls or reasoning, as vLLM sends it."""
+    content = parsed.content or (None if parsed.tool_calls or parsed.reasoning else "")
+    message: dict = {"role": "assistant", "content": content}
+    if parsed.tool_calls:
+        message["tool_calls"] = [call.to_openai() for call in parsed.tool_calls]
+        if reason == "stop":
+            reason = "tool_calls"
+    if parsed.reasoning is not None:
+        message["reasoning_content"] = parsed.reasoning or None
+    return message, reason
 
 
 def _lp(value: float) -> float:
