@@ -273,3 +273,43 @@ def test_readme_example_runs(server, capsys):
     assert "tool_choice=\"required\"" in code
     exec(compile(code.replace("http://127.0.0.1:8000/v1", server.url + "/v1"), "README.md", "exec"), {})
     assert capsys.readouterr().out.strip()  # the model's answer after the tool result
+
+
+def test_chat_template_option_is_checked_at_start(server, tmp_path):
+    from forge.server.api_server import build_app
+    from forge.server.async_engine import AsyncEngine
+    from forge.server.limits import ServerConfigError
+
+    path = tmp_path / "t.jinja"
+    path.write_text("{{ messages[0].content }}")
+    assert load_chat_template(str(path)) == "{{ messages[0].content }}"
+    assert load_chat_template("{% for m in messages %}{{ m.content }}{% endfor %}").startswith("{% for")
+    with pytest.raises(ServerConfigError, match="no such file"):
+        load_chat_template(str(tmp_path / "missing.jinja"))
+    with pytest.raises(ServerConfigError, match="does not compile"):
+        build_app(AsyncEngine(server.engine), "m", chat_settings=ChatSettings("{% if %}"))
+    with pytest.raises(ServerConfigError, match="unknown tool-call parser"):
+        ChatSettings(tool_call_parser="xml")
+
+
+def test_special_token_parsers_lose_the_stop_tokens_text(server):
+    """llama3_json / mistral read special tokens, so outputs keep them; the stop token's own text is
+    then cut from the end (it is not part of the reply)."""
+    from forge.outputs import CompletionOutput
+    from forge.server.chat import ChatJob
+    from forge.server.serving import _Job
+    from forge.tools.chat import ToolUse
+
+    serving = server.app.state.serving
+    eos = server.engine.tokenizer.eos_token_id
+    eos_text = server.engine.tokenizer.decode([eos], skip_special_tokens=False)
+    tool_use = ToolUse.resolve(TOOLS, None, None, "llama3_json")
+    job = _Job("chat", "x", "m", [], None, chat=ChatJob(tool_use, None, ""))
+    out = CompletionOutput(0, '{"name": "add", "parameters": {"a": 1, "b": 2}}' + eos_text, [1, eos],
+                           finish_reason="stop", stop_reason=eos)
+    seen = serving._view(job, out)
+    assert seen.text == '{"name": "add", "parameters": {"a": 1, "b": 2}}'
+    parsed = job.chat.output_parser().extract(seen.text)
+    assert parsed.content == "" and [(c.name, c.arguments) for c in parsed.tool_calls] == [("add", '{"a": 1, "b": 2}')]
+    hermes = _Job("chat", "x", "m", [], None, chat=ChatJob(ToolUse.resolve(TOOLS, None, None, "hermes"), None, ""))
+    assert serving._view(hermes, out) is out  # special tokens were skipped as usual: nothing to cut
