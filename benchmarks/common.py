@@ -33,7 +33,7 @@ def hf_config_dict(shape: str, **overrides) -> dict:
 def dummy_model_dir(shape: str, root: Path | None = None, **overrides) -> Path:
     """A model directory with config.json and the default model's tokenizer, for load_format='dummy'."""
     from forge.loader import default_model_path
-    from forge.loader.gguf import read_metadata
+    from forge.loader.gguf_header import GGUFHeader
     from forge.tokenizer import Tokenizer
 
     root = Path(root or os.environ.get("TMPDIR", "/tmp")) / f"forge-dummy-{shape}"
@@ -46,9 +46,7 @@ def dummy_model_dir(shape: str, root: Path | None = None, **overrides) -> Path:
         for name in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy(Path(tokenizer_src) / name, root / name)
     else:
-        from gguf import GGUFReader
-
-        Tokenizer.from_gguf_metadata(read_metadata(GGUFReader(default_model_path()))).save_hf_dir(root)
+        Tokenizer.from_gguf_metadata(GGUFHeader(default_model_path()).metadata).save_hf_dir(root)
     return root
 
 

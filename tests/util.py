@@ -19,12 +19,10 @@ def default_tokenizer():
     carried = Path(os.environ.get("FORGE_TOKENIZER_DIR", Path(__file__).resolve().parents[1] / ".device" / "tokenizer"))
     if (carried / "tokenizer.json").exists():
         return Tokenizer.from_hf_dir(carried)
-    from gguf import GGUFReader
-
     from forge.loader import default_model_path
-    from forge.loader.gguf import read_metadata
+    from forge.loader.gguf_header import GGUFHeader
 
-    return Tokenizer.from_gguf_metadata(read_metadata(GGUFReader(default_model_path())))
+    return Tokenizer.from_gguf_metadata(GGUFHeader(default_model_path()).metadata)
 
 
 def random_prompts(n: int, seed: int = 0, lo: int = 5, hi: int = 120) -> list[dict]:
