@@ -26,7 +26,7 @@ def llm(tiny):
         llm = LLM(tiny, dtype="float", max_model_len=256, num_kv_blocks=64, max_logprobs=-1, seed=7,
                   trust_remote_code=True, tokenizer=tiny, tokenizer_mode="auto", swap_space=4, revision="main",
                   enforce_eager=True, max_num_seqs=8, gpu_memory_utilization=0.5)
-    llm.warnings = [str(w.message) for w in caught]
+    llm.warnings = [str(w.message) for w in caught if str(w.message).startswith(("LLM(", "forge"))]
     return llm
 
 
@@ -44,7 +44,7 @@ def test_vllm_engine_arguments(llm, tiny):
     with warnings.catch_warnings(record=True) as again:
         warnings.simplefilter("always")
         LLM(tiny, max_model_len=64, num_kv_blocks=8, trust_remote_code=True, revision="main", load_format="dummy")
-    assert again == []  # once per process
+    assert [w for w in again if str(w.message).startswith("LLM(")] == []  # once per process
     with pytest.raises(TypeError, match="unexpected keyword argument 'max_num_seq'"):
         LLM(tiny, max_num_seq=4)  # a typo is still an error
 
