@@ -372,36 +372,46 @@ def plot(results: dict) -> None:
     from benchmarks.common import RESULTS
 
     runs = results["by_threads"]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     colors = {"forge-auto": "#2b7bba", "forge-none": "#9ecae1", "llama.cpp": "#e6550d"}
-    groups = [("decode_batch1", "decode b1"), ("decode_batch16", "decode b16"), ("prefill", "prefill 512")]
-    labels, values, bar_colors = [], [], []
-    for threads, res in runs.items():
-        for key, label in groups:
-            for engine, v in res[key].items():
-                if isinstance(v, dict):
-                    labels.append(f"{label}\n{engine}\n{threads}t")
-                    values.append(v["tok_s"])
-                    bar_colors.append(colors.get(engine, "gray"))
-    axes[0].bar(range(len(values)), values, color=bar_colors)
-    axes[0].set_xticks(range(len(values)), labels, fontsize=6)
-    axes[0].set_yscale("log")
-    axes[0].set_ylabel("tokens / s (log)")
-    axes[0].set_title("speed (higher is better)")
+    fig = plt.figure(figsize=(12, 8))
+    speed = fig.add_subplot(2, 1, 1)
+    groups = [(f"{name}\n{threads} thread{'s' if threads != '1' else ''}", res[key])
+              for threads, res in runs.items()
+              for key, name in [("decode_batch1", "decode, batch 1"), ("decode_batch16", "decode, batch 16"),
+                                ("prefill", f"prefill {results['prefill_len']}")]]
+    width = 0.27
+    for i, engine in enumerate(colors):
+        xs = [g for g, (_, row) in enumerate(groups) if engine in row]
+        ys = [row[engine]["tok_s"] for _, row in groups if engine in row]
+        bars = speed.bar([x + (i - 1) * width for x in xs], ys, width, color=colors[engine], label=engine)
+        speed.bar_label(bars, fmt="%.0f", fontsize=7)
+    speed.set_xticks(range(len(groups)), [g for g, _ in groups], fontsize=8)
+    speed.set_yscale("log")
+    speed.set_ylabel("tokens / s (log scale)")
+    speed.set_title("speed, same run, engines alternated (higher is better)")
+    speed.legend()
     first = next(iter(runs.values()))
     kl = first["kl_vs_exact"]
-    axes[1].bar(list(kl), [v["mean"] for v in kl.values()], color=[colors.get(k, "gray") for k in kl])
-    axes[1].set_title("mean KL to the exact path (lower is better)")
+    ax = fig.add_subplot(2, 2, 3)
+    bars = ax.bar(list(kl), [v["mean"] for v in kl.values()], color=[colors[k] for k in kl])
+    ax.bar_label(bars, fmt="%.1e", fontsize=8)
+    ax.set_title(f"mean KL to forge's exact path, {next(iter(kl.values()))['tokens']} tokens (lower is better)",
+                 fontsize=10)
     mem = {k: v for k, v in first["memory"].items() if isinstance(v, dict)}
+    ax = fig.add_subplot(2, 2, 4)
     x = range(len(mem))
-    axes[2].bar([i - 0.2 for i in x], [v["after_load"] for v in mem.values()], width=0.4, label="after load")
-    axes[2].bar([i + 0.2 for i in x], [v["peak_rss_mb"] for v in mem.values()], width=0.4, label="peak")
-    axes[2].set_xticks(list(x), list(mem))
-    axes[2].set_ylabel("RSS, MB")
-    axes[2].set_title("memory")
-    axes[2].legend()
-    load = results["machine"]
-    fig.suptitle(f"SmolLM2-135M Q4_1 on {load['cpus']} CPUs (load average {load['loadavg_at_start'][0]} at start)")
+    bars = ax.bar([i - 0.2 for i in x], [v["after_load"] for v in mem.values()], width=0.4, label="after load",
+                  color=[colors[k] for k in mem])
+    ax.bar_label(bars, fmt="%.0f", fontsize=8)
+    bars = ax.bar([i + 0.2 for i in x], [v["peak_rss_mb"] for v in mem.values()], width=0.4, label="peak",
+                  color="lightgray")
+    ax.bar_label(bars, fmt="%.0f", fontsize=8)
+    ax.set_xticks(list(x), list(mem))
+    ax.set_ylabel("RSS, MB")
+    ax.set_title("resident memory (after load / peak)", fontsize=10)
+    machine = results["machine"]
+    fig.suptitle(f"SmolLM2-135M Q4_1 GGUF on {machine['cpus']} CPUs "
+                 f"(load average {machine['loadavg_at_start'][0]} at start, {machine['loadavg_at_end'][0]} at end)")
     fig.tight_layout()
     fig.savefig(RESULTS / "cpu_generate.png", dpi=110)
 

@@ -56,7 +56,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="CPU compute threads (default: physical cores - 1, at least 1)")
     g.add_argument("--kv-cache-memory", default=None,
                    help="CPU KV-cache size: bytes, or e.g. 512MiB, 2GB (default: max-model-len x min(max-num-seqs, "
-                        "8) tokens, at most 1/4 of RAM; pages are used as sequences fill them)")
+                        "4) tokens, at most 1/4 of RAM; pages become resident as sequences fill them)")
     g = p.add_argument_group("logging")
     g.add_argument("--log-level", choices=LOG_LEVELS, default=None,
                    help="forge's log level, and uvicorn's for `serve` (its access log is at info) "

@@ -159,7 +159,7 @@ class EngineConfig:
     max_model_len: int | None = None  # defaults to min(model context, 8192)
     block_size: int = 16
     num_kv_blocks: int | None = None  # None = sized from kv_cache_memory (CPU) / gpu_memory_utilization (CUDA)
-    # CPU KV cache: bytes or "512MiB"/"2GB"; None = max_model_len x min(max_num_seqs, 8) tokens, at most 1/4 of RAM
+    # CPU KV cache: bytes or "512MiB"/"2GB"; None = max_model_len x min(max_num_seqs, 4) tokens, at most 1/4 of RAM
     kv_cache_memory: int | str | None = None
     threads: int | None = None  # CPU compute threads; None = physical cores - 1 (at least 1), see forge.engine.model_runner
     gpu_memory_utilization: float = 0.90

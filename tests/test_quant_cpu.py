@@ -230,8 +230,10 @@ def test_float_checkpoint_quantized_at_load(tiny_model_dir, mode):
 def test_kv_cache_memory_sizes_the_cpu_cache(tiny_model_dir):
     runner = LLM(str(tiny_model_dir), kv_cache_memory="1MiB").llm_engine.runner
     assert runner.num_kv_blocks == 2**20 // runner.kv_block_bytes
-    runner = LLM(str(tiny_model_dir), max_model_len=256, max_num_seqs=4).llm_engine.runner  # the default
-    assert runner.num_kv_blocks == 256 * 4 // runner.block_size  # max_model_len x min(max_num_seqs, 8) tokens
+    runner = LLM(str(tiny_model_dir), max_model_len=256, max_num_seqs=3).llm_engine.runner  # the default:
+    assert runner.num_kv_blocks == 256 * 3 // runner.block_size  # max_model_len x min(max_num_seqs, 4) tokens
+    runner = LLM(str(tiny_model_dir), max_model_len=256).llm_engine.runner
+    assert runner.num_kv_blocks == 256 * 4 // runner.block_size
 
 
 def test_cpu_kv_cache_pages_are_resident_only_once_used(tiny_model_dir):

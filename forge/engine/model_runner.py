@@ -118,6 +118,9 @@ class StepInputs:
     logits_rows: torch.Tensor | None  # [R] int64: the positions whose logits are returned; None: all
 
 
+CPU_EXPECTED_CONCURRENCY = 4  # full-length sequences the default CPU KV cache holds (--kv-cache-memory overrides)
+
+
 def release_freed_memory() -> None:
     """Hand freed heap back to the OS (glibc keeps it otherwise: RSS after loading the default model
     with quantization="auto" drops ~160 MB)."""
@@ -229,9 +232,11 @@ class ModelRunner:
         return 2 * c.num_layers * self.block_size * self.model.num_kv_heads * c.head_dim * self.dtype.itemsize
 
     def _default_cpu_kv_bytes(self) -> int:
-        """max_model_len tokens for each of min(max_num_seqs, 8) sequences (CPU batches past ~8-16 stop
-        paying), at most a quarter of the machine's memory; unwritten blocks cost no RSS."""
-        tokens = self.max_model_len * min(self.config.max_num_seqs, 8)
+        """max_model_len tokens for each of min(max_num_seqs, CPU_EXPECTED_CONCURRENCY) sequences, at
+        most a quarter of the machine's memory. Pages become resident as blocks are first used; the
+        prefix cache reuses freed blocks least recently freed first, so a long-running engine ends up
+        with the whole pool resident: this, not the weights, sets its steady RSS."""
+        tokens = self.max_model_len * min(self.config.max_num_seqs, CPU_EXPECTED_CONCURRENCY)
         per_token = self.kv_block_bytes // self.block_size
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         return min(tokens * per_token, ram // 4)
