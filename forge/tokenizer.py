@@ -470,6 +470,12 @@ class Tokenizer:
     # --- properties ---------------------------------------------------------------------------
 
     @property
+    def backend_tokenizer(self) -> HFTokenizer:
+        """The `tokenizers.Tokenizer` doing the work (transformers' name for it), for libraries that
+        read a vocabulary (xgrammar: forge.structured)."""
+        return self._tok
+
+    @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 

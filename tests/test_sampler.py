@@ -2,6 +2,7 @@
 (checked here against a pure-Python reference, and on the GPU in tests/cuda/test_sampling.py against
 the kernel), its filters' semantics, and the per-completion random streams."""
 
+import dataclasses
 import random
 
 import numpy as np
@@ -20,7 +21,7 @@ def as_int64(u: int) -> int:
 
 
 def sequence(params: SamplingParams, seed: int | None, index: int = 0, num_output_tokens: int = 0) -> Sequence:
-    seq = Sequence("r", [1, 2, 3], params, index=index, seed=seed)
+    seq = Sequence("r", [1, 2, 3], dataclasses.replace(params, seed=seed), index=index)
     seq.token_ids += [5] * num_output_tokens  # the position a draw is keyed by: the output token's index
     return seq
 
@@ -78,7 +79,7 @@ def test_stream_keys_mix_seed_and_completion_index():
     assert S.stream_key(-1, 0) == as_int64(ref.splitmix64(ref.splitmix64(ref.MASK64)))
     assert S.stream_key(None) != S.stream_key(None)  # no seed: a random stream
     p = SamplingParams(temperature=1.0, seed=3)
-    assert Sequence("r", [1], p, index=2, seed=3).sampling_key == S.stream_key(3, 2)
+    assert Sequence("r", [1], p, index=2).sampling_key == S.stream_key(3, 2)
 
 
 # -- the draw and the filters ----------------------------------------------------------------------------

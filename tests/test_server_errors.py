@@ -270,14 +270,14 @@ def test_failing_request_does_not_hurt_others(server, http, slow_steps):
     engine = server.engine
     good = completion("The weather today", max_tokens=24, temperature=0)
     expected = http.post(CMPL, json=good).json()["choices"][0]["text"]
-    real_append = engine._append_token
+    real_append = engine.core._append_token
 
     def append_token(seq, result, now):
         if seq.prompt_token_ids == POISON and seq.num_output_tokens >= 2:
             raise RuntimeError("injected failure")
         return real_append(seq, result, now)
 
-    engine._append_token = append_token
+    engine.core._append_token = append_token
     try:
         results = {}
 
@@ -293,7 +293,7 @@ def test_failing_request_does_not_hurt_others(server, http, slow_steps):
             events = [line for line in r.iter_lines() if line.startswith("data: ")]
         thread.join(timeout=60)
     finally:
-        del engine._append_token
+        del engine.core._append_token
     # Found by bisection (the exception names no request); a one-line 500 without the internal text.
     for err in (bad.json()["error"], json.loads(events[-2][6:])["error"]):
         assert err["type"] == "server_error" and "RuntimeError" in err["message"]

@@ -125,14 +125,14 @@ def test_unnamed_step_failures_are_bisected_to_their_requests(engine, alone, mon
 def test_named_failures_fail_only_their_requests(engine, alone, monkeypatch):
     """A failure in per-request work names the request: in the token checks (a stop-string check that
     raises) and in the sampler (a row that cannot be sampled). No bisection is needed."""
-    real_add = engine._add_token
+    real_add = engine.output_processor.add_token
 
     def add_token(seq, result, now):
         if is_bad(seq) and seq.num_output_tokens == 3:
             raise ValueError("injected check failure")
         return real_add(seq, result, now)
 
-    monkeypatch.setattr(engine, "_add_token", add_token)
+    monkeypatch.setattr(engine.output_processor, "add_token", add_token)
     finals = run_mixed(engine)
     check_isolated(engine, alone, finals, ValueError)
     assert all(len(o.outputs[0].token_ids) == 3 for o in list(finals.values())[NUM_GOOD:])

@@ -100,7 +100,7 @@ def test_json_schemas_50_prompts_all_valid(llm):
         assert c.token_ids[-1] == EOS and "<|im_end|>" not in c.text
         jsonschema.validate(json.loads(c.text), SCHEMAS[name])
     # Compiled once per distinct schema (dict and JSON text share the cache entry).
-    stats = llm.llm_engine._structured_backend.stats
+    stats = llm.llm_engine.structured_backend.stats
     assert stats["compiled"] <= len(SCHEMAS) + 8  # other tests may have compiled a few of their own
 
 
@@ -213,8 +213,9 @@ def _allowed(bitmask_row: torch.Tensor, vocab: int) -> torch.Tensor:
 
 
 class _Seq:  # the two attributes apply_masks reads
-    def __init__(self, structured=None):
+    def __init__(self, structured=None, request_id="r"):
         self.structured = structured
+        self.request_id = request_id  # (a failing fill names it)
 
 
 @pytest.mark.parametrize("overlap", [True, False])

@@ -190,10 +190,10 @@ def test_cpu_sampler_edges_keep_their_meaning():
     top = int(logits.argmax())
     for kw in ({"top_p": 5e-324}, {"top_p": 1e-320}, {"min_p": 1.0}, {"temperature": 1e-38}, {"top_k": 1}):
         p = SamplingParams(**({"temperature": 1.0} | kw), seed=rng.randrange(2**31))
-        tokens = {Sampler()(logits.clone(), [Sequence("r", [1], p, seed=p.seed + i)])[0].token_id for i in range(20)}
+        tokens = {Sampler()(logits.clone(), [Sequence("r", [1], p, index=i)])[0].token_id for i in range(20)}
         assert tokens == {top}, kw
     base = torch.tensor([1.0, 0.5, 2.0, -1.0, 0.0])
-    seqs = [Sequence("r", [1], SamplingParams(temperature=1.0, seed=i), seed=i) for i in range(2000)]
+    seqs = [Sequence("r", [1], SamplingParams(temperature=1.0, seed=i)) for i in range(2000)]
     tokens = [r.token_id for r in Sampler()(base.expand(2000, 5).clone(), seqs)]
     assert (torch.bincount(torch.tensor(tokens), minlength=5) / 2000 - torch.softmax(base, -1)).abs().max() < 0.04
 

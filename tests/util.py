@@ -156,7 +156,7 @@ def edge_sequence(rng: random.Random, params, row: torch.Tensor):
     vocab = row.shape[-1]
     allowed = torch.nonzero(row > float("-inf")).flatten().tolist()
     prompt = [rng.randrange(vocab) for _ in range(rng.randint(1, 12))] + rng.sample(allowed, min(2, len(allowed)))
-    seq = Sequence("r", prompt, params, seed=params.seed)
+    seq = Sequence("r", prompt, params)
     seq.token_ids += [rng.randrange(vocab) for _ in range(rng.randint(0, 6))] + allowed[:1]
     return seq
 

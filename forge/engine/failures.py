@@ -3,7 +3,7 @@ goes on and produces exactly the output it would have produced.
 
 * Work done for particular requests says whose it was: sampling with a request's parameters (the
   sampler is wrapped by PerRequestSampler), its grammar's masks (forge.structured) and the checks of
-  its new token (LLMEngine._append_token) raise forge.errors.RequestFailure naming the request(s).
+  its new token (EngineCore._append_token) raise forge.errors.RequestFailure naming the request(s).
   Those fail at once.
 * Any other exception does not say whose it is. The requests that took part in the failed step
   become suspects and are bisected: a step runs with only one half of them while every other request
@@ -38,7 +38,7 @@ class FailureIsolation:
     """Runs the engine's steps; turns a step's exception into failed requests (see the module docstring)."""
 
     def __init__(self, engine):
-        self.engine = engine
+        self.engine = engine  # the forge.engine.core.EngineCore whose steps these are
         self.trials: deque[set[str]] = deque()  # groups of suspect request ids; the first runs alone
         self.held: list[Sequence] = []  # sequences kept out of the scheduler while a trial runs
 

@@ -8,6 +8,13 @@ prefix cache usually gives most of them back).
 
 `schedule()` returns the engine's view of the step (the scheduled `Sequence`s) and the step's
 `StepPlan` (forge.engine.plan), the plain data the model runner consumes.
+
+Async scheduling is a mode of this scheduler: step t+1 is planned before step t's tokens are read
+back. Each sequence sampled in step t holds a PLACEHOLDER for its token meanwhile
+(`add_placeholders`); step t+1's plan names it as "the token sampled for row r of the previous
+step", which the model runner fills in on the device; the placeholder goes when the token is read
+(`drop_placeholder`), one step late. A sequence whose in-flight token is its last one allowed
+(max_tokens, context) is not scheduled again before that token is read.
 """
 
 import time
@@ -16,7 +23,7 @@ from dataclasses import dataclass, field
 
 from forge.engine.block_manager import BlockManager
 from forge.engine.plan import StepPlan
-from forge.sequence import Sequence, SequenceStatus
+from forge.sequence import PLACEHOLDER, Sequence, SequenceStatus
 
 
 @dataclass
@@ -55,17 +62,13 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(
-        self,
-        block_manager: BlockManager,
-        max_num_seqs: int,
-        max_num_batched_tokens: int,
-        enable_chunked_prefill: bool = True,
-    ):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_model_len: int | None = None, async_scheduling: bool = False):
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.enable_chunked_prefill = enable_chunked_prefill
+        self.max_model_len = max_model_len  # (async scheduling: a token at this length is the last one)
+        self.async_scheduling = async_scheduling
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -110,10 +113,7 @@ class Scheduler:
             seq = self.waiting[0]
             cached = bm.find_cached_prefix(seq)
             n = seq.num_tokens - len(cached) * bm.block_size
-            if n > budget:
-                if not self.enable_chunked_prefill:
-                    break
-                n = budget
+            n = min(n, budget)  # a prompt beyond the budget is prefilled in chunks
             if not bm.can_allocate(seq, n, cached):
                 break
             self.waiting.popleft()
@@ -165,10 +165,32 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def postprocess(self, out: SchedulerOutput) -> None:
-        """Advance computed-token counts after the forward pass and register full blocks."""
+        """Advance computed-token counts after the forward pass and register full blocks (their
+        tokens must be real: in async mode, after the previous step's tokens were read back)."""
         for item in out.scheduled:
             item.seq.num_computed_tokens += item.num_new_tokens
             self.block_manager.register_full_blocks(item.seq)
+
+    def add_placeholders(self, seqs: list[Sequence]) -> bool:
+        """Async mode: the step that samples `seqs` was launched and is not read back; each one still
+        running holds a PLACEHOLDER for its token. Returns whether any does."""
+        held = False
+        for seq in seqs:
+            if seq.is_finished:  # (it finished when the step before was read back)
+                continue
+            seq.token_ids.append(PLACEHOLDER)
+            seq.num_inflight = 1
+            p = seq.params
+            seq.awaiting_final = (p.max_tokens is not None and seq.num_output_tokens + 1 >= p.max_tokens) or \
+                (self.max_model_len is not None and seq.num_tokens >= self.max_model_len)
+            held = True
+        return held
+
+    def drop_placeholder(self, seq: Sequence) -> bool:
+        """A sampled token of `seq` was read back: remove its placeholder, if any. Returns whether the
+        token joins the sequence (not when it finished or was aborted meanwhile)."""
+        seq.drop_inflight()
+        return not seq.is_finished
 
     def finish(self, seq: Sequence) -> None:
         """Remove a finished or aborted sequence and free its blocks at once."""

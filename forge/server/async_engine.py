@@ -162,8 +162,9 @@ class AsyncEngine:
         return stream
 
     async def _compile(self, spec):
-        backend = self.engine._structured_backend
-        if backend is None:  # built once (~0.1 s): not on the event loop
+        if self.engine.has_structured_backend:
+            backend = self.engine.structured_backend
+        else:  # built once (~0.1 s): not on the event loop
             backend = await asyncio.to_thread(lambda: self.engine.structured_backend)
         return await asyncio.wrap_future(backend.compile_in_background(spec))
 

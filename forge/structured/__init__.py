@@ -14,12 +14,13 @@ The server compiles a request's spec before handing it to the engine thread:
 
     compiled = await asyncio.wrap_future(engine.structured_backend.compile_in_background(spec))
 
-and the engine calls:
+and the engine (forge.engine.core.EngineCore owns the backend, built on first use from explicit
+inputs: the tokenizer, the logits' width, the stop token ids and the device) calls:
 
-    seq.structured = make_matcher(engine, params.structured_outputs, compiled)   # at add_request
-    masks = begin_masks(seqs)             # the step's sampled sequences, once their last tokens are pushed
+    seq.structured = backend.matcher(params.structured_outputs, compiled)  # InputProcessor.make_request
+    masks = backend.begin_step(seqs)      # the step's sampled sequences, once their last tokens are pushed
     logits = masks.apply(logits)          # after the forward pass is launched, before sampling
-    seq.structured.push(token)            # after sampling
+    seq.structured.push(token)            # OutputProcessor.add_token, after sampling
 
 `apply_masks(logits, seqs)` does both steps at once (tests, tools).
 """

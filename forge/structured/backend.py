@@ -47,6 +47,7 @@ import xgrammar as xgr
 from forge.errors import InvalidRequestError, RequestFailure
 from forge.kernels.token_bitmask import apply_token_bitmask
 from forge.sampling_params import StructuredOutputsParams
+from forge.tokenizer import Tokenizer
 
 logger = logging.getLogger("forge")
 
@@ -82,17 +83,6 @@ def _clean_error(exc: BaseException) -> str:
 # -- the tokenizer as xgrammar sees it ----------------------------------------------------------------
 
 
-def _hf_tokenizer(tokenizer):
-    """The `tokenizers.Tokenizer` inside forge's Tokenizer (or a bare one)."""
-    for attr in ("_tok", "hf_tokenizer", "backend_tokenizer"):
-        tok = getattr(tokenizer, attr, None)
-        if tok is not None and hasattr(tok, "get_vocab"):
-            return tok
-    if hasattr(tokenizer, "get_vocab") and hasattr(tokenizer, "to_str"):
-        return tokenizer
-    raise TypeError(f"cannot find the `tokenizers` object inside {type(tokenizer).__name__}")
-
-
 def _vocab_metadata(hf_tok, vocab: dict[str, int]) -> tuple[xgr.VocabType, bool]:
     """(vocab type, add_prefix_space), detected like `xgrammar.TokenizerInfo.from_huggingface` does for
     a fast tokenizer: from the serialized tokenizer, overruled by the vocabulary's own evidence."""
@@ -122,7 +112,7 @@ def _vocab_metadata(hf_tok, vocab: dict[str, int]) -> tuple[xgr.VocabType, bool]
     return vocab_type, prefix
 
 
-def build_tokenizer_info(tokenizer, vocab_size: int, stop_token_ids) -> xgr.TokenizerInfo:
+def build_tokenizer_info(tokenizer: Tokenizer, vocab_size: int, stop_token_ids) -> xgr.TokenizerInfo:
     """xgrammar's view of the vocabulary, `vocab_size` rows wide (the model's logits width).
 
     Special added tokens (<|im_start|>, <repo_name>, ...) are given empty text so that no grammar
@@ -130,7 +120,7 @@ def build_tokenizer_info(tokenizer, vocab_size: int, stop_token_ids) -> xgr.Toke
     string, and then vanish from the detokenized output). Stop tokens stay allowed exactly where
     the grammar may end.
     """
-    hf_tok = _hf_tokenizer(tokenizer)
+    hf_tok = tokenizer.backend_tokenizer
     vocab = hf_tok.get_vocab(with_added_tokens=True)
     encoded = [""] * vocab_size
     for token, idx in vocab.items():
@@ -266,9 +256,12 @@ def _overlap_default(device: str) -> bool:
 class StructuredBackend:
     """Everything structured decoding keeps per engine: tokenizer info, compiler, grammar cache, the
     compile workers, the mask-fill thread and the (pinned, on a GPU) host buffer the step's masks are
-    filled into. The limits default to the module's constants."""
+    filled into. The limits default to the module's constants.
 
-    def __init__(self, tokenizer, vocab_size: int, stop_token_ids, device: str = "cpu", *,
+    Its inputs are explicit: the model's tokenizer, the logits' width (`vocab_size`, which may exceed
+    the tokenizer's vocabulary), the token ids that end a grammar, and the device the logits are on."""
+
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, stop_token_ids, device: str = "cpu", *,
                  max_spec_bytes: int = MAX_SPEC_BYTES, cache_bytes: int = CACHE_BYTES,
                  compile_timeout_s: float = COMPILE_TIMEOUT_S, compile_workers: int = COMPILE_WORKERS):
         self.vocab_size = vocab_size
@@ -422,7 +415,7 @@ class StructuredBackend:
             return None
         self._finish_in_flight()
         step = StepMasks(self, [seqs[i].structured for i in rows], rows, self._bitmask(len(rows)),
-                         [getattr(seqs[i], "request_id", None) for i in rows])
+                         [seqs[i].request_id for i in rows])
         if self.overlap:
             if self._worker is None:
                 self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forge-structured")
@@ -541,7 +534,7 @@ class StepMasks:
     `host[j]` receives the mask of `matchers[j]`, which belongs to request `request_ids[j]`."""
 
     def __init__(self, backend: StructuredBackend, matchers: list["Matcher"], rows: list[int], host: torch.Tensor,
-                 request_ids: list[str | None]):
+                 request_ids: list[str]):
         self.backend = backend
         self.matchers = matchers
         self.rows = rows
@@ -597,11 +590,6 @@ class Matcher:
         """True when the grammar may end here (the next token may be a stop token)."""
         self._catch_up()
         return self._terminated or self.xgr_matcher.is_completed()
-
-    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
-        """Write the allowed-next-token bitmask into bitmask[row] (int32, xgrammar's layout)."""
-        self._catch_up()
-        self.xgr_matcher.fill_next_token_bitmask(bitmask, row)
 
     def rollback(self, num_tokens: int) -> None:
         """Undo the last `num_tokens` accepted tokens (e.g. rejected speculative tokens)."""

@@ -187,8 +187,9 @@ def test_engine_sampler_gives_the_same_tokens_on_cpu_and_gpu():
              dict(temperature=1.0, logprobs=3)]
     seqs = []
     for i in range(b):
-        p = SamplingParams(seed=i, **kinds[i % len(kinds)])
-        seq = Sequence("r", [rng.randrange(vocab) for _ in range(8)], p, index=i % 3, seed=rng.randrange(2**63))
+        prompt = [rng.randrange(vocab) for _ in range(8)]
+        p = SamplingParams(seed=rng.randrange(2**63), **kinds[i % len(kinds)])
+        seq = Sequence("r", prompt, p, index=i % 3)
         seq.token_ids += [rng.randrange(vocab) for _ in range(i % 7)]  # outputs: penalties and the position
         seqs.append(seq)
     cpu = Sampler("cpu")(logits.clone(), seqs)
