@@ -10,8 +10,9 @@ import sys
 import time
 
 import httpx
-import pexpect
 import pytest
+
+pexpect = pytest.importorskip("pexpect", reason="needs pexpect (the test extra)")
 
 FORGE = [sys.executable, "-m", "forge"]
 
@@ -21,7 +22,7 @@ def run_forge(*args: str, input: str | None = None, timeout: float = 120) -> sub
                           stdin=None if input is not None else subprocess.DEVNULL)
 
 
-def spawn_forge(*args: str, timeout: float = 120) -> pexpect.spawn:
+def spawn_forge(*args: str, timeout: float = 120) -> "pexpect.spawn":
     """`forge ARGS` with a pseudo-terminal on stdin/stdout/stderr, as a user at a terminal runs it."""
     child = pexpect.spawn(sys.executable, ["-m", "forge", *args], encoding="utf-8", timeout=timeout,
                           dimensions=(40, 200), env=dict(os.environ, TERM="xterm"))
