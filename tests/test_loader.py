@@ -12,7 +12,7 @@ from forge.errors import ModelLoadError, UnsupportedModelError
 from forge.loader import load_model
 from forge.loader.gguf import SUPPORTED_TYPES, unpermute_qk
 from forge.loader.safetensors import save_hf_dir
-from tests.util import forward_logits, random_weights, tiny_config
+from tests.util import forward_logits, random_weights, tiny_config, write_tiny_gguf
 
 ROWS, COLS = 8, 512
 
@@ -141,56 +141,12 @@ def test_gguf_and_hf_dir_give_identical_logits(tmp_path, default_loaded):
 
 
 def test_tiny_gguf_with_permuted_qk_matches_hf(tmp_path, default_loaded):
-    """A GGUF written the llama.cpp way (permuted Q/K, F32/F16/Q8_0 tensors) equals its HF twin."""
+    """A GGUF written the llama.cpp way (permuted Q/K) equals its HF twin."""
     tok = default_loaded.tokenizer
     config = tiny_config(vocab_size=tok.vocab_size)
     weights = random_weights(config, seed=3)
     save_hf_dir(tmp_path / "hf", config, weights, tok)
-
-    def permute(w, n_head):
-        return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
-    short = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
-             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
-    w = GGUFWriter(str(tmp_path / "tiny.gguf"), "llama")
-    w.add_block_count(config.num_layers)
-    w.add_context_length(config.max_position_embeddings)
-    w.add_embedding_length(config.hidden_size)
-    w.add_feed_forward_length(config.intermediate_size)
-    w.add_head_count(config.num_heads)
-    w.add_head_count_kv(config.num_kv_heads)
-    w.add_rope_freq_base(config.rope_theta)
-    w.add_layer_norm_rms_eps(config.rms_norm_eps)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("smollm")
-    w.add_token_list([tok.id_to_token(i) for i in range(tok.vocab_size)])
-    from gguf import GGUFReader
-
-    meta_reader = GGUFReader(default_loaded.path)
-    w.add_token_types(meta_reader.fields["tokenizer.ggml.token_type"].contents())
-    w.add_token_merges(meta_reader.fields["tokenizer.ggml.merges"].contents())
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    for name, t in weights.items():
-        if name.startswith("model.layers."):
-            _, _, i, rest = name.split(".", 3)
-            stem = rest.rsplit(".", 1)[0]
-            gname = f"blk.{i}.{short[stem]}.weight"
-        else:
-            gname = names[name]
-        t = t.numpy()
-        if "q_proj" in name:
-            t = permute(torch.from_numpy(t), config.num_heads).numpy()
-        if "k_proj" in name:
-            t = permute(torch.from_numpy(t), config.num_kv_heads).numpy()
-        w.add_tensor(gname, np.ascontiguousarray(t.astype(np.float32)))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_tiny_gguf(tmp_path / "tiny.gguf", config, weights, default_loaded.path)
 
     a = LLM(str(tmp_path / "tiny.gguf"), num_kv_blocks=16)
     b = LLM(str(tmp_path / "hf"), num_kv_blocks=16)

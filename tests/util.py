@@ -32,30 +32,54 @@ def random_prompts(n: int, seed: int = 0, lo: int = 5, hi: int = 120) -> list[di
 
 
 def random_weights(config: ModelConfig, seed: int = 0, scale: float = 0.05) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
+    """Float32 CPU weights of the schema's names and shapes: matrices N(0, scale), embeddings 10x that
+    (so tokens are told apart), norms 1 + N(0, scale)."""
+    from forge.models.schema import dummy_weights
 
-    def rnd(*shape):
-        return torch.randn(*shape, generator=g) * scale
+    return dummy_weights(config, "cpu", torch.float32, seed, scale=scale, embedding_scale=10, norm_noise=True)
 
-    c = config
-    w = {
-        "model.embed_tokens.weight": rnd(c.vocab_size, c.hidden_size) * 10,
-        "model.norm.weight": 1 + rnd(c.hidden_size),
-    }
-    if not c.tie_word_embeddings:
-        w["lm_head.weight"] = rnd(c.vocab_size, c.hidden_size)
-    for i in range(c.num_layers):
-        p = f"model.layers.{i}."
-        w[p + "input_layernorm.weight"] = 1 + rnd(c.hidden_size)
-        w[p + "post_attention_layernorm.weight"] = 1 + rnd(c.hidden_size)
-        w[p + "self_attn.q_proj.weight"] = rnd(c.q_size, c.hidden_size)
-        w[p + "self_attn.k_proj.weight"] = rnd(c.kv_size, c.hidden_size)
-        w[p + "self_attn.v_proj.weight"] = rnd(c.kv_size, c.hidden_size)
-        w[p + "self_attn.o_proj.weight"] = rnd(c.hidden_size, c.q_size)
-        w[p + "mlp.gate_proj.weight"] = rnd(c.intermediate_size, c.hidden_size)
-        w[p + "mlp.up_proj.weight"] = rnd(c.intermediate_size, c.hidden_size)
-        w[p + "mlp.down_proj.weight"] = rnd(c.hidden_size, c.intermediate_size)
-    return w
+
+def write_tiny_gguf(path: Path, config: ModelConfig, weights: dict[str, torch.Tensor], metadata_source: Path) -> Path:
+    """A float32 GGUF written the llama.cpp way (schema's GGUF names, Q/K rows permuted for interleaved
+    RoPE), with the tokenizer metadata of `metadata_source` (a GGUF whose vocabulary fits the config)."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    from forge.loader.gguf_header import GGUFHeader
+    from forge.models.schema import expand
+
+    def permute(w, n_head):  # llama.cpp's convert script: HF half-split rows -> interleaved pairs
+        return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    w = GGUFWriter(str(path), "llama")
+    w.add_block_count(config.num_layers)
+    w.add_context_length(config.max_position_embeddings)
+    w.add_embedding_length(config.hidden_size)
+    w.add_feed_forward_length(config.intermediate_size)
+    w.add_head_count(config.num_heads)
+    w.add_head_count_kv(config.num_kv_heads)
+    w.add_rope_freq_base(config.rope_theta)
+    w.add_layer_norm_rms_eps(config.rms_norm_eps)
+    meta = GGUFHeader(metadata_source).metadata
+    w.add_tokenizer_model(meta["tokenizer.ggml.model"])
+    w.add_tokenizer_pre(meta["tokenizer.ggml.pre"])
+    w.add_token_list(meta["tokenizer.ggml.tokens"][: config.vocab_size])
+    w.add_token_types(meta["tokenizer.ggml.token_type"][: config.vocab_size])
+    w.add_token_merges(meta["tokenizer.ggml.merges"])
+    w.add_bos_token_id(config.bos_token_id)
+    w.add_eos_token_id(config.eos_token_id)
+    for tensor in expand(config):
+        t = weights[tensor.hf_name]
+        if tensor.hf_name.endswith("q_proj.weight"):
+            t = permute(t, config.num_heads)
+        elif tensor.hf_name.endswith("k_proj.weight"):
+            t = permute(t, config.num_kv_heads)
+        w.add_tensor(tensor.gguf_name, np.ascontiguousarray(t.numpy().astype(np.float32)))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
 
 
 def tiny_config(vocab_size: int = 49152, **overrides) -> ModelConfig:

@@ -1,12 +1,7 @@
-"""Megatron-style sharding of a Llama model's HF-named weights for one tensor-parallel rank.
-
-* q_proj rows by query head; k_proj/v_proj rows by KV head, or the one KV head a rank's query
-  heads use when there are fewer KV heads than ranks (replicated);
-* o_proj columns (same heads as q): row-parallel, one all-reduce after it;
-* gate_proj/up_proj rows (column-parallel), down_proj columns (row-parallel, one all-reduce);
-* embed_tokens and lm_head rows by vocabulary, padded with zero rows to a multiple of the world
-  size: the embedding is masked + all-reduced, the logits are all-gathered and the padding cut;
-* norms (and rope_freqs) replicated.
+"""Megatron-style sharding of HF-named weights for one tensor-parallel rank. Which rule each weight
+follows (column / row / vocab / replicated, and in what units) is the model's schema
+(forge.models.schema); this module turns a rank into slice ranges and cuts them. The vocab-split
+embedding is masked + all-reduced, the logits are all-gathered and the padding cut.
 """
 
 from __future__ import annotations
@@ -18,6 +13,7 @@ import torch
 
 from forge.config import ModelConfig
 from forge.errors import InvalidRequestError
+from forge.models.schema import WeightSpec, dummy_weights, spec_of
 
 
 @dataclass(frozen=True)
@@ -96,23 +92,30 @@ def _vocab_rows(t: torch.Tensor, plan: ShardPlan) -> torch.Tensor:
     return out
 
 
-def shard_tensor(name: str, t: torch.Tensor, config: ModelConfig, plan: ShardPlan) -> torch.Tensor:
-    """This rank's slice of one HF-named weight (a new tensor, so the full one can be freed). The
-    loaders call it on each tensor as it is read, so a rank never holds the whole checkpoint."""
+def shard_range(spec: WeightSpec, config: ModelConfig, plan: ShardPlan) -> tuple[int, int]:
+    """(start, count) of this rank's slice along the split dim of a "column" or "row" weight."""
     d = config.head_dim
-    if name in ("model.embed_tokens.weight", "lm_head.weight"):
+    if spec.split == "heads":
+        return plan.head_start * d, plan.num_heads * d
+    if spec.split == "kv_heads":
+        return plan.kv_head_start * d, plan.num_kv_heads * d
+    if spec.split == "intermediate":
+        return plan.rank * plan.intermediate_size, plan.intermediate_size
+    raise ValueError(f"{spec.hf_name}: a {spec.shard} shard needs a split unit, not {spec.split!r}")
+
+
+def shard_tensor(name: str, t: torch.Tensor, config: ModelConfig, plan: ShardPlan) -> torch.Tensor:
+    """This rank's slice of one HF-named weight, by its schema rule (a new tensor, so the full one can
+    be freed). The loaders call it on each tensor as it is read, so a rank never holds the checkpoint."""
+    spec = spec_of(name)
+    rule = spec.shard if spec is not None else "replicated"
+    if rule == "vocab":
         return _vocab_rows(t, plan)
-    if name.endswith("self_attn.q_proj.weight"):
-        return _rows(t, plan.head_start * d, plan.num_heads * d)
-    if name.endswith(("self_attn.k_proj.weight", "self_attn.v_proj.weight")):
-        return _rows(t, plan.kv_head_start * d, plan.num_kv_heads * d)
-    if name.endswith("self_attn.o_proj.weight"):
-        return _cols(t, plan.head_start * d, plan.num_heads * d)
-    if name.endswith(("mlp.gate_proj.weight", "mlp.up_proj.weight")):
-        return _rows(t, plan.rank * plan.intermediate_size, plan.intermediate_size)
-    if name.endswith("mlp.down_proj.weight"):
-        return _cols(t, plan.rank * plan.intermediate_size, plan.intermediate_size)
-    return t  # norms, rope_freqs: replicated
+    if rule == "column":
+        return _rows(t, *shard_range(spec, config, plan))
+    if rule == "row":
+        return _cols(t, *shard_range(spec, config, plan))
+    return t
 
 
 def tensor_sharder(config: ModelConfig, shard: tuple[int, int] | None):
@@ -127,6 +130,17 @@ def tensor_sharder(config: ModelConfig, shard: tuple[int, int] | None):
 def shard_weights(weights: dict[str, torch.Tensor], config: ModelConfig, plan: ShardPlan) -> dict[str, torch.Tensor]:
     """This rank's slice of every HF-named weight."""
     return {name: shard_tensor(name, t, config, plan) for name, t in weights.items()}
+
+
+def rank_weights(weights: dict, config: ModelConfig, plan: ShardPlan, sharded: bool, device, dtype: torch.dtype) -> dict:
+    """The HF-named weights this rank's model is built from: `weights` when the loader already cut
+    them (or there is one rank), their slices otherwise, and for the dummy load format (no weights)
+    random ones of the schema's shapes for this rank, made on the device."""
+    if not weights:
+        return dummy_weights(plan.local_config(config), device, dtype, seed=plan.rank)
+    if plan.world_size > 1 and not sharded:
+        return shard_weights(weights, config, plan)
+    return weights
 
 
 def vocab_parallel_embedding(ops, token_ids: torch.Tensor, weight: torch.Tensor, plan: ShardPlan, tp) -> torch.Tensor:

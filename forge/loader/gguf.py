@@ -15,6 +15,7 @@ from forge.distributed.sharding import tensor_sharder
 from forge.errors import ModelLoadError, UnsupportedModelError
 from forge.loader.gguf_header import GGUFHeader
 from forge.loader.progress import load_progress
+from forge.models.schema import hf_name_of_gguf, missing_weights
 from forge.quant.gguf import EXACT_TYPES, REQUANTIZED_TYPES, decode_blocks
 from forge.quant.layouts import GROUP, GroupQuantized
 
@@ -22,36 +23,6 @@ SUPPORTED_TYPES = {
     Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K,
 }
 SUPPORTED_ARCHS = {"llama"}
-
-# llama.cpp tensor names -> HF names ("blk.N." prefix becomes "model.layers.N.").
-_LAYER_NAMES = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight",
-    "attn_k.weight": "self_attn.k_proj.weight",
-    "attn_v.weight": "self_attn.v_proj.weight",
-    "attn_output.weight": "self_attn.o_proj.weight",
-    "ffn_gate.weight": "mlp.gate_proj.weight",
-    "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
-}
-_GLOBAL_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-    "rope_freqs.weight": "rope_freqs.weight",
-}
-
-
-def hf_name(gguf_name: str) -> str | None:
-    if gguf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[gguf_name]
-    if gguf_name.startswith("blk."):
-        _, layer, rest = gguf_name.split(".", 2)
-        if rest in _LAYER_NAMES:
-            return f"model.layers.{layer}.{_LAYER_NAMES[rest]}"
-    return None
-
 
 def read_metadata(reader: GGUFReader) -> dict:
     """All key/value metadata as plain Python values."""
@@ -152,7 +123,7 @@ def _load_tensors(header: GGUFHeader, config: ModelConfig, path: Path, shard: tu
                   keep_quantized: bool) -> dict[str, torch.Tensor]:
     cut = tensor_sharder(config, shard)
     weights: dict[str, torch.Tensor] = {}
-    tensors = [(hf_name(t.name), t) for t in header.tensors if hf_name(t.name) is not None]
+    tensors = [(hf_name_of_gguf(t.name), t) for t in header.tensors if hf_name_of_gguf(t.name) is not None]
     # Decoding is many small memory-bound torch ops: on one thread the default model's take 0.19 s,
     # on two 3.9 s when the 2 cores are busy (each op waits for the second thread to be scheduled).
     threads = torch.get_num_threads()
@@ -185,9 +156,6 @@ def _load_tensor(tensor, name: str, config: ModelConfig, path: Path, keep_quanti
 
 
 def _check_complete(weights: dict, config: ModelConfig, path) -> None:
-    required = ["model.embed_tokens.weight", "model.norm.weight"]
-    for i in range(config.num_layers):
-        required += [f"model.layers.{i}.{n}" for n in _LAYER_NAMES.values()]
-    missing = [n for n in required if n not in weights]
+    missing = missing_weights(weights, config)
     if missing:
         raise ModelLoadError(f"{path} is missing {len(missing)} tensors (first: {missing[0]})")

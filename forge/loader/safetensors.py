@@ -13,6 +13,7 @@ from forge.config import ModelConfig
 from forge.distributed.sharding import tensor_sharder
 from forge.errors import ModelLoadError
 from forge.loader.progress import load_progress
+from forge.models.schema import spec_of
 
 
 def load_hf_config(path: Path) -> ModelConfig:
@@ -52,7 +53,8 @@ def load_hf_dir(path: Path, shard: tuple[int, int] | None = None):
             for f, st in opened:
                 try:
                     for name in st.keys():
-                        weights[name] = cut(name, st.get_tensor(name))
+                        if spec_of(name) is not None:  # (not e.g. old checkpoints' rotary_emb.inv_freq)
+                            weights[name] = cut(name, st.get_tensor(name))
                         bar.update()
                 except Exception as e:
                     raise ModelLoadError(f"cannot read {f}: {e}".split("\n")[0]) from None

@@ -1,17 +1,19 @@
 """The Llama decoder, written once against the ops interface (forge.ops) for every device.
 
 Weights are held fused: q/k/v as one matrix and gate/up as one, so each is a single GEMM; the
-`qkv_rope_cache` op splits the result, applies RoPE and writes K/V into the paged cache.
+`qkv_rope_cache` op splits the result, applies RoPE and writes K/V into the paged cache. Which HF
+tensors make up each attribute is the schema's (forge.models.schema), not this file's.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
 from forge.config import ModelConfig
 from forge.distributed.parallel_state import SINGLE
-from forge.distributed.sharding import gather_logits, plan_shard, shard_weights, vocab_parallel_embedding
+from forge.distributed.sharding import gather_logits, plan_shard, rank_weights, vocab_parallel_embedding
 from forge.models.rope import build_cos_sin_cache
+from forge.models.schema import field_specs
 from forge.ops.metadata import AttentionMetadata
 from forge.quant import runtime_weight, weight_nbytes
 
@@ -29,33 +31,6 @@ class LayerWeights:
     down_proj: torch.Tensor  # [hidden, intermediate]
 
 
-def dummy_weights(config: ModelConfig, device: torch.device, dtype: torch.dtype, seed: int = 0) -> dict:
-    """Random weights with a sane scale (norms 1, matrices N(0, 0.02)), for benchmarks and tests."""
-    g = torch.Generator(device=device).manual_seed(seed)
-    c = config
-
-    def rnd(*shape):
-        return torch.randn(*shape, generator=g, device=device, dtype=dtype) * 0.02
-
-    ones = lambda: torch.ones(c.hidden_size, device=device, dtype=dtype)  # noqa: E731
-    w = {"model.embed_tokens.weight": rnd(c.vocab_size, c.hidden_size), "model.norm.weight": ones()}
-    if not c.tie_word_embeddings:
-        w["lm_head.weight"] = rnd(c.vocab_size, c.hidden_size)
-    for i in range(c.num_layers):
-        p = f"model.layers.{i}."
-        w.update({
-            p + "input_layernorm.weight": ones(), p + "post_attention_layernorm.weight": ones(),
-            p + "self_attn.q_proj.weight": rnd(c.q_size, c.hidden_size),
-            p + "self_attn.k_proj.weight": rnd(c.kv_size, c.hidden_size),
-            p + "self_attn.v_proj.weight": rnd(c.kv_size, c.hidden_size),
-            p + "self_attn.o_proj.weight": rnd(c.hidden_size, c.q_size),
-            p + "mlp.gate_proj.weight": rnd(c.intermediate_size, c.hidden_size),
-            p + "mlp.up_proj.weight": rnd(c.intermediate_size, c.hidden_size),
-            p + "mlp.down_proj.weight": rnd(c.hidden_size, c.intermediate_size),
-        })
-    return w
-
-
 class LlamaModel:
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], ops, device: str, dtype: torch.dtype,
                  max_positions: int, tp=None, weights_sharded: bool = False, quantization: str = "none"):
@@ -70,41 +45,28 @@ class LlamaModel:
         self.num_heads, self.num_kv_heads = self.shard.num_heads, self.shard.num_kv_heads
         self.q_size = self.num_heads * config.head_dim
 
-        if not weights:  # load_format="dummy": random weights of the right shape, made on the device
-            weights = dummy_weights(self.shard.local_config(config), self.device, dtype, seed=self.tp.rank)
-        elif self.tp.world_size > 1 and not weights_sharded:  # (the loaders can cut them as they read)
-            weights = shard_weights(weights, config, self.shard)
+        weights = rank_weights(weights, config, self.shard, weights_sharded, self.device, dtype)
 
         # Each weight is taken out of `weights` (the caller's dict ends up empty) as it is converted, so
         # the loader's copy (float32, or a quantized layout's unpacked codes) is freed as the model is built.
-        def w(name: str) -> torch.Tensor:
-            return weights.pop(name).to(device=self.device, dtype=dtype)
+        def take(model_field: str, layer: int | None = None):
+            """The schema's tensors for one model attribute: a norm vector, or a matrix stacked from its
+            parts (q/k/v, gate/up) and stored float or quantized (forge.quant)."""
+            specs = field_specs(model_field)
+            if specs[0].kind == "norm":
+                return weights.pop(specs[0].hf(layer)).to(device=self.device, dtype=dtype)
+            return runtime_weight([weights.pop(s.hf(layer)) for s in specs], quantization, self.device, dtype,
+                                  embedding=specs[0].kind == "embedding")
 
-        def matrix(*names: str, embedding: bool = False):
-            """The named matrices stacked along the output dim: float, or a quantized layout (forge.quant)."""
-            return runtime_weight([weights.pop(n) for n in names], quantization, self.device, dtype, embedding=embedding)
+        def present(model_field: str) -> bool:
+            return all(s.hf() in weights for s in field_specs(model_field))
 
-        self.embed_tokens = matrix("model.embed_tokens.weight", embedding=True)
-        self.layers: list[LayerWeights] = []
-        for i in range(config.num_layers):
-            p = f"model.layers.{i}."
-            self.layers.append(
-                LayerWeights(
-                    input_norm=w(p + "input_layernorm.weight"),
-                    qkv_proj=matrix(p + "self_attn.q_proj.weight", p + "self_attn.k_proj.weight",
-                                    p + "self_attn.v_proj.weight"),
-                    o_proj=matrix(p + "self_attn.o_proj.weight"),
-                    post_attention_norm=w(p + "post_attention_layernorm.weight"),
-                    gate_up_proj=matrix(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
-                    down_proj=matrix(p + "mlp.down_proj.weight"),
-                )
-            )
-        self.norm = w("model.norm.weight")
-        if "lm_head.weight" in weights and not config.tie_word_embeddings:
-            self.lm_head = matrix("lm_head.weight", embedding=True)
-        else:
-            self.lm_head = self.embed_tokens
-        freq_factors = weights.get("rope_freqs.weight")
+        self.embed_tokens = take("embed_tokens")
+        self.layers = [LayerWeights(**{f.name: take(f.name, i) for f in fields(LayerWeights)})
+                       for i in range(config.num_layers)]
+        self.norm = take("norm")
+        self.lm_head = take("lm_head") if present("lm_head") and not config.tie_word_embeddings else self.embed_tokens
+        freq_factors = weights.pop(field_specs("rope_freqs")[0].hf(), None)  # (float32: they divide the frequencies)
         self.cos_sin_cache = build_cos_sin_cache(config, max_positions, freq_factors).to(self.device)
 
     def weight_bytes(self) -> int:

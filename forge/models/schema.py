@@ -1,0 +1,159 @@
+"""A model family's weights, written once: HF and GGUF names, shapes, how they fuse into the model's
+matrices and how they split over tensor-parallel ranks. The loaders, the dummy load format, TP
+sharding and the tests all read it; the quant layer (forge.quant) decides how a matrix is stored.
+
+Shard rules (Megatron-style):
+* "column": rows (output features) split; `split` says in what units: query heads, KV heads (or
+  the one KV head a rank's query heads use when there are fewer KV heads than ranks), or MLP width;
+* "row": columns (input features) split the same way, one all-reduce after the matmul;
+* "vocab": rows split by vocabulary, padded with zero rows to a multiple of the world size;
+* "replicated": every rank holds all of it (norms, rope_freqs).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+
+import torch
+
+from forge.config import ModelConfig
+
+SHARD_RULES = ("column", "row", "vocab", "replicated")
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    hf_name: str  # with "{layer}" for per-layer tensors
+    gguf_name: str
+    shape: Callable[[ModelConfig], tuple[int, ...]]
+    shard: str  # one of SHARD_RULES
+    split: str | None = None  # "heads" | "kv_heads" | "intermediate": the units a column/row shard is cut in
+    model_field: str = ""  # the model attribute it becomes; specs sharing one are stacked along dim 0 (fusion)
+    kind: str = "matrix"  # "matrix" | "embedding" | "norm" (how it is stored and initialised)
+    required: bool = True  # lm_head is absent when tied, rope_freqs is only in some GGUFs
+
+    @property
+    def per_layer(self) -> bool:
+        return "{layer}" in self.hf_name
+
+    def hf(self, layer: int | None = None) -> str:
+        return self.hf_name.format(layer=layer)
+
+    def gguf(self, layer: int | None = None) -> str:
+        return self.gguf_name.format(layer=layer)
+
+
+def _hidden(c):
+    return (c.hidden_size,)
+
+
+LLAMA_SCHEMA: tuple[WeightSpec, ...] = (
+    WeightSpec("model.embed_tokens.weight", "token_embd.weight", lambda c: (c.vocab_size, c.hidden_size),
+               "vocab", model_field="embed_tokens", kind="embedding"),
+    WeightSpec("model.norm.weight", "output_norm.weight", _hidden, "replicated", model_field="norm", kind="norm"),
+    WeightSpec("lm_head.weight", "output.weight", lambda c: (c.vocab_size, c.hidden_size), "vocab",
+               model_field="lm_head", kind="embedding", required=False),
+    WeightSpec("rope_freqs.weight", "rope_freqs.weight", lambda c: (c.head_dim // 2,), "replicated",
+               model_field="rope_freqs", kind="norm", required=False),
+    # (per-layer order: the order tests/util.random_weights draws them in)
+    WeightSpec("model.layers.{layer}.input_layernorm.weight", "blk.{layer}.attn_norm.weight", _hidden,
+               "replicated", model_field="input_norm", kind="norm"),
+    WeightSpec("model.layers.{layer}.post_attention_layernorm.weight", "blk.{layer}.ffn_norm.weight", _hidden,
+               "replicated", model_field="post_attention_norm", kind="norm"),
+    WeightSpec("model.layers.{layer}.self_attn.q_proj.weight", "blk.{layer}.attn_q.weight",
+               lambda c: (c.q_size, c.hidden_size), "column", "heads", model_field="qkv_proj"),
+    WeightSpec("model.layers.{layer}.self_attn.k_proj.weight", "blk.{layer}.attn_k.weight",
+               lambda c: (c.kv_size, c.hidden_size), "column", "kv_heads", model_field="qkv_proj"),
+    WeightSpec("model.layers.{layer}.self_attn.v_proj.weight", "blk.{layer}.attn_v.weight",
+               lambda c: (c.kv_size, c.hidden_size), "column", "kv_heads", model_field="qkv_proj"),
+    WeightSpec("model.layers.{layer}.self_attn.o_proj.weight", "blk.{layer}.attn_output.weight",
+               lambda c: (c.hidden_size, c.q_size), "row", "heads", model_field="o_proj"),
+    WeightSpec("model.layers.{layer}.mlp.gate_proj.weight", "blk.{layer}.ffn_gate.weight",
+               lambda c: (c.intermediate_size, c.hidden_size), "column", "intermediate", model_field="gate_up_proj"),
+    WeightSpec("model.layers.{layer}.mlp.up_proj.weight", "blk.{layer}.ffn_up.weight",
+               lambda c: (c.intermediate_size, c.hidden_size), "column", "intermediate", model_field="gate_up_proj"),
+    WeightSpec("model.layers.{layer}.mlp.down_proj.weight", "blk.{layer}.ffn_down.weight",
+               lambda c: (c.hidden_size, c.intermediate_size), "row", "intermediate", model_field="down_proj"),
+)
+
+
+@dataclass(frozen=True)
+class Weight:
+    """One concrete tensor of a model: its names and spec."""
+
+    hf_name: str
+    gguf_name: str
+    spec: WeightSpec
+    layer: int | None
+
+
+def expand(config: ModelConfig, schema=LLAMA_SCHEMA, everything: bool = False) -> Iterator[Weight]:
+    """The concrete tensors a checkpoint of this config holds: the required ones, plus lm_head when
+    the embeddings are not tied (everything=True: every tensor the schema knows, for name lookups)."""
+    specs = [s for s in schema if everything or s.required
+             or (s.hf_name == "lm_head.weight" and not config.tie_word_embeddings)]
+    for spec in specs:
+        if not spec.per_layer:
+            yield Weight(spec.hf(), spec.gguf(), spec, None)
+    for layer in range(config.num_layers):  # (layer by layer: the order checkpoints and random_weights use)
+        for spec in specs:
+            if spec.per_layer:
+                yield Weight(spec.hf(layer), spec.gguf(layer), spec, layer)
+
+
+def _pattern(name: str) -> re.Pattern:
+    return re.compile(re.escape(name).replace(re.escape("{layer}"), r"(\d+)") + "$")
+
+
+_HF_PATTERNS = [(_pattern(s.hf_name), s) for s in LLAMA_SCHEMA]
+_GGUF_PATTERNS = [(_pattern(s.gguf_name), s) for s in LLAMA_SCHEMA]
+
+
+def spec_of(hf_name: str) -> WeightSpec | None:
+    """The spec of an HF-named tensor (None: not a weight the model uses)."""
+    for pattern, spec in _HF_PATTERNS:
+        if pattern.match(hf_name):
+            return spec
+    return None
+
+
+def hf_name_of_gguf(gguf_name: str) -> str | None:
+    """llama.cpp tensor name -> HF name (None: not a weight the model uses)."""
+    for pattern, spec in _GGUF_PATTERNS:
+        m = pattern.match(gguf_name)
+        if m:
+            return spec.hf(int(m.group(1)) if spec.per_layer else None)
+    return None
+
+
+def field_specs(model_field: str, schema=LLAMA_SCHEMA) -> list[WeightSpec]:
+    """The specs stacked (in order) into one model attribute: q, k, v -> qkv_proj; gate, up -> gate_up_proj."""
+    return [s for s in schema if s.model_field == model_field]
+
+
+def missing_weights(names, config: ModelConfig) -> list[str]:
+    """Required HF names absent from `names` (lm_head may be missing: the embeddings are then tied)."""
+    present = set(names)
+    return [w.hf_name for w in expand(config, everything=True) if w.spec.required and w.hf_name not in present]
+
+
+def dummy_weights(config: ModelConfig, device, dtype: torch.dtype, seed: int = 0, scale: float = 0.02,
+                  embedding_scale: float = 1.0, norm_noise: bool = False) -> dict[str, torch.Tensor]:
+    """Random weights of the schema's shapes (pass a shard's local config for one rank): matrices
+    N(0, scale) (embeddings times embedding_scale), norms 1 (plus N(0, scale) with norm_noise), made
+    on `device` so a large model's dummy load needs no host copy."""
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def rnd(shape):
+        return torch.randn(*shape, generator=g, device=device, dtype=dtype) * scale
+
+    weights = {}
+    for w in expand(config):
+        shape = w.spec.shape(config)
+        if w.spec.kind == "norm":
+            weights[w.hf_name] = 1 + rnd(shape) if norm_noise else torch.ones(*shape, device=device, dtype=dtype)
+        else:
+            weights[w.hf_name] = rnd(shape) * (embedding_scale if w.spec.kind == "embedding" else 1)
+    return weights
