@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from forge.config import EngineConfig, ModelConfig
+from forge.distributed.sharding import plan_shard, rank_weights
 from forge.engine.plan import StepPlan
 from forge.models.llama import LlamaModel
 from forge.ops import get_ops
@@ -162,8 +163,12 @@ class ModelRunner:
         self.int_stager = HostStager(torch.int32, self.device)  # query starts, context lengths, block tables
         self.tp = tp  # forge.distributed.TPGroup (tensor parallelism) or None
         self.step_hook = None  # rank 0 of tensor parallelism: broadcasts each step to the workers
+        # This rank's weights: as loaded (already cut by the loader), sliced, or dummy ones of the
+        # schema's shapes; the model itself never sees a load format or a TP slice rule.
+        plan = plan_shard(model_config, tp.rank if tp else 0, tp.world_size if tp else 1)
+        weights = rank_weights(weights, model_config, plan, weights_sharded, self.device, self.dtype)
         self.model = LlamaModel(model_config, weights, self.ops, config.device, self.dtype, max_model_len, tp=tp,
-                                weights_sharded=weights_sharded, quantization=config.quantization)
+                                quantization=config.quantization)
         if self.device.type == "cpu":
             release_freed_memory()  # the loader's weights, freed while the model was built
         self.activation_peak_bytes = self._profile_activations() if self.device.type == "cuda" else 0

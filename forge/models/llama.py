@@ -11,7 +11,7 @@ import torch
 
 from forge.config import ModelConfig
 from forge.distributed.parallel_state import SINGLE
-from forge.distributed.sharding import gather_logits, plan_shard, rank_weights, vocab_parallel_embedding
+from forge.distributed.sharding import gather_logits, plan_shard, vocab_parallel_embedding
 from forge.models.rope import build_cos_sin_cache
 from forge.models.schema import field_specs
 from forge.ops.metadata import AttentionMetadata
@@ -33,7 +33,8 @@ class LayerWeights:
 
 class LlamaModel:
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], ops, device: str, dtype: torch.dtype,
-                 max_positions: int, tp=None, weights_sharded: bool = False, quantization: str = "none"):
+                 max_positions: int, tp=None, quantization: str = "none"):
+        """weights: this rank's HF-named tensors (see forge.distributed.sharding.rank_weights)."""
         self.config = config
         self.ops = ops
         self.device = torch.device(device)
@@ -44,8 +45,6 @@ class LlamaModel:
         self.shard = plan_shard(config, self.tp.rank, self.tp.world_size)
         self.num_heads, self.num_kv_heads = self.shard.num_heads, self.shard.num_kv_heads
         self.q_size = self.num_heads * config.head_dim
-
-        weights = rank_weights(weights, config, self.shard, weights_sharded, self.device, dtype)
 
         # Each weight is taken out of `weights` (the caller's dict ends up empty) as it is converted, so
         # the loader's copy (float32, or a quantized layout's unpacked codes) is freed as the model is built.
