@@ -1,7 +1,10 @@
-"""A Sequence owns one generation stream: its token ids, KV block table and output state."""
+"""A Sequence owns one generation stream: its token ids, KV block table and output state. A Request
+is one prompt and its `n` sequences."""
 
 import enum
 import itertools
+import time
+from dataclasses import dataclass, field
 
 from forge.kernels.sampling import stream_key
 from forge.outputs import Logprob
@@ -134,3 +137,19 @@ def _partial_stop_suffix(text: str, stops: list[str]) -> int:
                 best = k
                 break
     return best
+
+
+@dataclass
+class Request:
+    """A user request: one prompt, `n` sequences sampled from it."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence] = field(default_factory=list)
+    arrival_time: float = field(default_factory=time.monotonic)
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)

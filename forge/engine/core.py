@@ -24,16 +24,15 @@ from dataclasses import dataclass
 from forge.config import EngineConfig
 from forge.engine.block_manager import BlockManager
 from forge.engine.failures import FailureIsolation, PerRequestSampler
-from forge.engine.input_processor import Request
 from forge.engine.logit_bias import apply_logit_bias
 from forge.engine.model_runner import ModelRunner
 from forge.engine.output_processor import OutputProcessor, Stop
-from forge.engine.sampler import PendingSample, SampleResult, Sampler
+from forge.engine.sampler import PendingSample, Sampler, SampleResult
 from forge.engine.scheduler import Scheduler
 from forge.errors import InvalidRequestError, RequestFailure
 from forge.loader import LoadedModel
 from forge.outputs import RequestOutput
-from forge.sequence import Sequence
+from forge.sequence import Request, Sequence
 
 logger = logging.getLogger("forge")
 

@@ -7,32 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import time
 from collections.abc import Callable, Container
-from dataclasses import dataclass, field
 
 from forge.engine.logit_bias import check_logit_bias
 from forge.errors import InvalidRequestError, PromptTooLongError
 from forge.sampling_params import SamplingParams
-from forge.sequence import Sequence
+from forge.sequence import Request, Sequence
 from forge.tokenizer import IncrementalDetokenizer, Tokenizer
 from forge.validation import check_token_ids
-
-
-@dataclass
-class Request:
-    """A user request: one prompt, `n` sequences sampled from it."""
-
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    seqs: list[Sequence] = field(default_factory=list)
-    arrival_time: float = field(default_factory=time.monotonic)
-
-    @property
-    def finished(self) -> bool:
-        return all(s.is_finished for s in self.seqs)
 
 
 class InputProcessor:

@@ -15,10 +15,9 @@ from typing import NamedTuple
 
 import torch
 
-from forge.engine.input_processor import Request
 from forge.engine.sampler import SampleResult
 from forge.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput, VocabLogprobs
-from forge.sequence import Sequence
+from forge.sequence import Request, Sequence
 
 
 class Stop(NamedTuple):
