@@ -27,34 +27,39 @@ Up/down arrows recall earlier lines. Start a message with // to send it with one
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
+    from forge.config import EngineConfig as E  # (light: no torch) the defaults are the dataclass's
+
     g = p.add_argument_group("model and engine")
-    g.add_argument("--model", "-m", default=None, help="path to a .gguf file or an HF model directory "
+    g.add_argument("--model", "-m", default=E.model, help="path to a .gguf file or an HF model directory "
                    "(default: the embedded SmolLM2-135M-Instruct Q4_1)")
-    g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "float", "bfloat16", "float16", "half"],
+    g.add_argument("--device", default=E.device, help="cpu or cuda[:N] (default: %(default)s)")
+    g.add_argument("--dtype", default=E.dtype, choices=["auto", "float32", "float", "bfloat16", "float16", "half"],
                    help="compute dtype (auto: float32 on CPU, bfloat16 on CUDA; float = float32, half = float16)")
-    g.add_argument("--max-model-len", type=int, default=None, help="context length cap (default: model's, at most 8192)")
-    g.add_argument("--max-num-seqs", type=int, default=64, help="most sequences decoded together (default: 64)")
-    g.add_argument("--max-num-batched-tokens", type=int, default=2048,
-                   help="token budget of one step; longer prompts are prefilled in chunks (default: 2048)")
-    g.add_argument("--num-kv-blocks", type=int, default=None, help="KV-cache blocks of 16 tokens (default: sized from memory)")
-    g.add_argument("--gpu-memory-utilization", type=float, default=0.90,
-                   help="fraction of GPU memory forge may use, KV cache included (default: 0.90)")
+    g.add_argument("--max-model-len", type=int, default=E.max_model_len,
+                   help="context length cap (default: model's, at most 8192)")
+    g.add_argument("--max-num-seqs", type=int, default=E.max_num_seqs,
+                   help="most sequences decoded together (default: %(default)s)")
+    g.add_argument("--max-num-batched-tokens", type=int, default=E.max_num_batched_tokens,
+                   help="token budget of one step; longer prompts are prefilled in chunks (default: %(default)s)")
+    g.add_argument("--num-kv-blocks", type=int, default=E.num_kv_blocks,
+                   help=f"KV-cache blocks of {E.block_size} tokens (default: sized from memory)")
+    g.add_argument("--gpu-memory-utilization", type=float, default=E.gpu_memory_utilization,
+                   help="fraction of GPU memory forge may use, KV cache included (default: %(default)s)")
     g.add_argument("--no-prefix-caching", action="store_true", help="disable reuse of cached prompt prefixes")
     g.add_argument("--enforce-eager", action="store_true", help="CUDA: run decode without CUDA graphs")
-    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=E.async_scheduling,
                    help="launch each step before the previous one's tokens are read back "
                         "(default: on for one CUDA device, off otherwise)")
-    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
-                   help="split the model over N GPUs (one process each, NCCL; default: 1)")
-    g.add_argument("--max-logprobs", type=int, default=20,
-                   help="most logprobs a request may ask for; -1 = the whole vocabulary (default: 20)")
-    g.add_argument("--quantization", "-q", default="auto", choices=["auto", "none", "int8", "int4"],
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=E.tensor_parallel_size,
+                   help="split the model over N GPUs (one process each, NCCL; default: %(default)s)")
+    g.add_argument("--max-logprobs", type=int, default=E.max_logprobs,
+                   help="most logprobs a request may ask for; -1 = the whole vocabulary (default: %(default)s)")
+    g.add_argument("--quantization", "-q", default=E.quantization, choices=["auto", "none", "int8", "int4"],
                    help="CPU weights: auto keeps a GGUF's quantized blocks quantized (4-bit kernels); none "
                         "dequantizes to float (exact); int8/int4 quantize float weights at load (default: auto)")
-    g.add_argument("--threads", type=int, default=None,
+    g.add_argument("--threads", type=int, default=E.threads,
                    help="CPU compute threads (default: physical cores - 1, at least 1)")
-    g.add_argument("--kv-cache-memory", default=None,
+    g.add_argument("--kv-cache-memory", default=E.kv_cache_memory,
                    help="CPU KV-cache size: bytes, or e.g. 512MiB, 2GB (default: max-model-len x min(max-num-seqs, "
                         "4) tokens, at most 1/4 of RAM; pages become resident as sequences fill them)")
     g = p.add_argument_group("logging")
@@ -65,19 +70,29 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    "--log-level info")
 
 
-def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 256) -> None:
+# The CLI's own defaults, which differ from SamplingParams' on purpose: greedy, so the same prompt gives
+# the same text, and room for a full answer.
+CLI_TEMPERATURE = 0.0
+CLI_MAX_TOKENS = 256
+
+
+def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = CLI_MAX_TOKENS) -> None:
+    from forge.sampling_params import SamplingParams as S  # (light: no torch) the defaults are the dataclass's
+
     g = p.add_argument_group("sampling")
-    g.add_argument("--max-tokens", type=int, default=max_tokens, help=f"most tokens to generate (default: {max_tokens})")
-    g.add_argument("--temperature", "-t", type=float, default=0.0,
-                   help="0 = greedy (the default here, so the same prompt gives the same text; the Python "
-                        "API and the server default to 1.0, as vLLM and OpenAI do); higher = more random")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the smallest set of tokens "
-                   "whose probability reaches top_p (default: 1.0 = off)")
-    g.add_argument("--top-k", type=int, default=0, help="keep only the k most likely tokens (default: 0 = off)")
-    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability (default: 0 = off)")
-    g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default: 1.0 = off)")
-    g.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
-    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    g.add_argument("--max-tokens", type=int, default=max_tokens, help="most tokens to generate (default: %(default)s)")
+    g.add_argument("--temperature", "-t", type=float, default=CLI_TEMPERATURE,
+                   help=f"0 = greedy (the default here, so the same prompt gives the same text; the Python "
+                        f"API and the server default to {S.temperature}, as vLLM and OpenAI do); higher = more random")
+    g.add_argument("--top-p", type=float, default=S.top_p, help="nucleus sampling: keep the smallest set of tokens "
+                   "whose probability reaches top_p (default: %(default)s = off)")
+    g.add_argument("--top-k", type=int, default=S.top_k, help="keep only the k most likely tokens (default: %(default)s = off)")
+    g.add_argument("--min-p", type=float, default=S.min_p,
+                   help="drop tokens below min_p x the top probability (default: %(default)s = off)")
+    g.add_argument("--repetition-penalty", type=float, default=S.repetition_penalty,
+                   help="> 1 discourages repeats (default: %(default)s = off)")
+    g.add_argument("--seed", type=int, default=S.seed, help="seed for reproducible sampling")
+    g.add_argument("--stop", action="append", default=S.stop, help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
 
 

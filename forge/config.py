@@ -2,7 +2,7 @@
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from forge.errors import InvalidRequestError
 from forge.sampling_params import MAX_LOGPROBS
@@ -175,7 +175,6 @@ class EngineConfig:
     quantization: str = "auto"
     seed: int = 0
     max_logprobs: int = MAX_LOGPROBS  # most logprobs a request may ask for (-1: the whole vocabulary), as vLLM
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.validate()
@@ -228,5 +227,3 @@ class EngineConfig:
                                       f"bfloat16: use auto or none)", param="quantization")
         self.max_logprobs = check_int(self.max_logprobs, "max_logprobs (-1 = the whole vocabulary)", -1,
                                       param="max_logprobs")
-        if not isinstance(self.extra, dict):
-            raise InvalidRequestError(f"extra must be a dict, got {type(self.extra).__name__}", param="extra")

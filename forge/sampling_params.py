@@ -1,6 +1,6 @@
 """Per-request sampling parameters, with vLLM's names and defaults so users can switch."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from forge.errors import InvalidRequestError
 from forge.validation import INT64_MAX, INT64_MIN, check_bool, check_float, check_int
@@ -77,7 +77,6 @@ class SamplingParams:
     # grammar's mask); -100 all but bans a token, +100 all but forces it. Ids are checked against the
     # vocabulary when the request is added.
     logit_bias: dict[int, float] | None = None
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -103,10 +102,8 @@ class SamplingParams:
         self.top_p = check_float(self.top_p, "top_p", 0, 1, lo_open=True)
         self.top_k = check_int(self.top_k, "top_k (0 or -1 disables it)", -1, param="top_k")
         self.min_p = check_float(self.min_p, "min_p", 0, 1)
-        if self.seed is not None:
-            # each of the n sequences draws from seed + i, which must fit the 64-bit generator state
-            name = "seed" if self.n == 1 else f"seed (with n={self.n})"
-            self.seed = check_int(self.seed, name, INT64_MIN, INT64_MAX - (self.n - 1), param="seed")
+        if self.seed is not None:  # (each of the n completions draws from a stream key hashed from it)
+            self.seed = check_int(self.seed, "seed", INT64_MIN, INT64_MAX)
         if self.max_tokens is not None:
             self.max_tokens = check_int(self.max_tokens, "max_tokens", 1, INT64_MAX)
         # (the engine also checks both against the model's context at add_request)
@@ -125,8 +122,6 @@ class SamplingParams:
                                       f"{type(self.structured_outputs).__name__}", param="structured_outputs")
         if self.logit_bias is not None:
             self.logit_bias = _check_logit_bias(self.logit_bias)
-        if not isinstance(self.extra, dict):
-            raise InvalidRequestError(f"extra must be a dict, got {type(self.extra).__name__}", param="extra")
 
     @property
     def greedy(self) -> bool:

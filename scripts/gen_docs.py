@@ -31,7 +31,6 @@ DESCRIPTIONS = {
     "enable_prefix_caching": "reuse the KV cache of a prompt prefix seen before",
     "enforce_eager": "CUDA: run decode without CUDA graphs",
     "EngineConfig.seed": "the engine's seed; LLM(seed=...) also seeds requests that have none (as vLLM)",
-    "extra": "free-form settings for experiments (unused by forge itself)",
     "n": "completions generated from each prompt",
     "top_p": "nucleus sampling: keep the smallest set of tokens whose probability reaches top_p",
     "min_p": "drop tokens below min_p x the most likely token's probability",

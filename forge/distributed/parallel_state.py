@@ -61,10 +61,6 @@ class TPGroup:
         self.backend = backend
         self._bcast_buf: torch.Tensor | None = None
 
-    @property
-    def is_driver(self) -> bool:
-        return self.rank == 0
-
     # -- tensor collectives (on the model's device; graph-capturable with NCCL) ----------------
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum over ranks, in place; returns x."""

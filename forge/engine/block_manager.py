@@ -143,9 +143,3 @@ class BlockManager:
         seq.block_table = []
         seq.block_hashes = []
         seq.num_computed_tokens = 0
-
-    def reset_prefix_cache(self) -> None:
-        for block in self.blocks:
-            if block.ref_count == 0:
-                block.hash, block.token_ids = None, ()
-        self.hash_to_block = {h: b for h, b in self.hash_to_block.items() if self.blocks[b].hash == h}

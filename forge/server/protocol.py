@@ -25,7 +25,11 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_BYTES = 1024  # one string, UTF-8
 MAX_STOP_TOTAL_BYTES = 4096  # all of them together
 MAX_STOP_TOKEN_IDS = 1024
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # seeds go into int64 generator state
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # seeds are 64-bit signed integers
+# Request fields that, when omitted (None), take SamplingParams' default.
+_DEFAULTED_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+                              "repetition_penalty", "min_tokens", "ignore_eos", "skip_special_tokens",
+                              "include_stop_str_in_output")
 MAX_WARNED_FIELDS = 256  # unknown field names remembered (and warned about once each)
 # chat_template_kwargs may not set what the request's own fields set.
 RESERVED_TEMPLATE_KWARGS = ("messages", "tools", "add_generation_prompt", "continue_final_message", "chat_template")
@@ -226,12 +230,11 @@ class _SamplingRequest(_Body):
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None, num_prompts: int = 1,
                         max_model_len: int | None = None) -> SamplingParams:
-        n = 1 if self.n is None else self.n
+        n = SamplingParams.n if self.n is None else self.n
         if n * num_prompts > MAX_CHOICES:
             raise APIError(f"n x prompts = {n * num_prompts} choices; at most {MAX_CHOICES} per request", param="n")
-        if self.seed is not None and not INT64_MIN <= self.seed <= INT64_MAX - max(n, 1):
-            raise APIError(f"seed must be a 64-bit signed integer (below {INT64_MAX - max(n, 1) + 1} for n={n}), "
-                           f"got {self.seed}", param="seed")
+        if self.seed is not None and not INT64_MIN <= self.seed <= INT64_MAX:
+            raise APIError(f"seed must be a 64-bit signed integer, got {self.seed}", param="seed")
         if self.stream_options is not None and not self.stream:
             raise APIError("stream_options is only allowed when stream is true", param="stream_options")
         self._check_stop()
@@ -239,18 +242,12 @@ class _SamplingRequest(_Body):
             raise APIError(f"min_tokens ({self.min_tokens}) exceeds the model's context of {max_model_len} tokens",
                            param="min_tokens", code="context_length_exceeded")
 
-        def given(value, default):
-            return default if value is None else value
-
+        # An omitted field takes SamplingParams' default (defined there, once).
+        given = {name: value for name in _DEFAULTED_SAMPLING_FIELDS if (value := getattr(self, name)) is not None}
         return SamplingParams(
-            n=n, max_tokens=max_tokens, logprobs=logprobs,
-            temperature=given(self.temperature, 1.0), top_p=given(self.top_p, 1.0), top_k=given(self.top_k, 0),
-            min_p=given(self.min_p, 0.0), seed=self.seed, stop=self.stop, stop_token_ids=self.stop_token_ids,
-            presence_penalty=given(self.presence_penalty, 0.0), frequency_penalty=given(self.frequency_penalty, 0.0),
-            repetition_penalty=given(self.repetition_penalty, 1.0), min_tokens=given(self.min_tokens, 0),
-            ignore_eos=given(self.ignore_eos, False), skip_special_tokens=given(self.skip_special_tokens, True),
-            include_stop_str_in_output=given(self.include_stop_str_in_output, False),
-            structured_outputs=self.structured_outputs_params(), logit_bias=self.logit_bias or None,
+            n=n, max_tokens=max_tokens, logprobs=logprobs, seed=self.seed, stop=self.stop,
+            stop_token_ids=self.stop_token_ids, structured_outputs=self.structured_outputs_params(),
+            logit_bias=self.logit_bias or None, **given,
         )
 
     def _check_stop(self) -> None:
