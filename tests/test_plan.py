@@ -3,6 +3,7 @@ model runner's inputs come from it alone."""
 
 import pickle
 
+import pytest
 import torch
 
 from forge import SamplingParams
@@ -17,9 +18,9 @@ from tests.util import random_weights, tiny_config
 BLOCK = 4
 
 
-def scheduler(budget: int, num_blocks: int = 64) -> Scheduler:
+def scheduler(budget: int, num_blocks: int = 64, **kw) -> Scheduler:
     return Scheduler(BlockManager(num_blocks, BLOCK, enable_prefix_caching=False), max_num_seqs=8,
-                     max_num_batched_tokens=budget)
+                     max_num_batched_tokens=budget, **kw)
 
 
 def seq(n: int, first: int = 100, **params) -> Sequence:
@@ -66,28 +67,48 @@ def test_plan_rows_for_chunks_decodes_and_prompt_logprobs():
 def test_async_placeholders_name_the_previous_steps_sampled_row():
     """A token sampled last step and not read back yet (a PLACEHOLDER) is named in the plan by its
     place among the previous step's sampled tokens."""
-    s = scheduler(budget=9)
+    s = scheduler(budget=9, async_scheduling=True)
     x, a, b = seq(2, 100), seq(3, 200), seq(9, 300)
     for q in (x, a, b):
         s.add(q)
     out = s.schedule()  # x (sampled: 0), a (sampled: 1), b's first 4 tokens
     assert out.plan.num_sampled == [1, 1, 0]
     s.postprocess(out)
-    s.finish(x)  # (its token was a stop token)
-    a.token_ids.append(PLACEHOLDER)
-    a.num_inflight = 1
+    s.finish(x)  # (its token was a stop token, read back before the step was launched)
+    assert s.add_placeholders([x, a]) and a.token_ids[-1] == PLACEHOLDER and x.token_ids[-1] != PLACEHOLDER
     out = s.schedule()  # a's token, still on the device, and b's last 5 (sampled: 1)
     assert out.plan.token_ids == [PLACEHOLDER] + list(range(304, 309))
     assert out.plan.from_prev_step == [(0, 1)]
     s.postprocess(out)
-    a.drop_inflight()
+    assert s.drop_placeholder(a) and PLACEHOLDER not in a.token_ids
     a.token_ids.append(11)  # read back
-    for q in (a, b):
-        q.token_ids.append(PLACEHOLDER)
-        q.num_inflight = 1
+    s.add_placeholders([a, b])
     plan = s.schedule().plan
     assert plan.token_ids == [PLACEHOLDER, PLACEHOLDER] and plan.starts == [4, 9]
     assert plan.from_prev_step == [(0, 0), (1, 1)]
+
+
+@pytest.mark.parametrize("limit", ["max_tokens", "context"])
+def test_async_last_token_in_flight_is_not_scheduled_again(limit):
+    """A sequence whose in-flight token is its last allowed one waits for it to be read back; a
+    sequence that finished meanwhile takes no token."""
+    s = scheduler(budget=16, async_scheduling=True, max_model_len=6 if limit == "context" else 64)
+    a, b = seq(4, 100, max_tokens=2 if limit == "max_tokens" else None), seq(3, 200)
+    for q in (a, b):
+        s.add(q)
+    out = s.schedule()
+    s.postprocess(out)
+    s.add_placeholders([a, b])  # a's first token in flight
+    assert not a.awaiting_final
+    s.drop_placeholder(a)
+    a.token_ids.append(7)  # read back while the next step runs
+    out = s.schedule()
+    s.postprocess(out)
+    s.add_placeholders([a, b])  # a's second token: its last (2 of max_tokens 2, or 6 of the context)
+    assert a.awaiting_final and not b.awaiting_final
+    assert s.schedule().plan.seq_ids == [b.seq_id]  # a waits for its last token
+    s.finish(a)  # (it finished when that token was read)
+    assert not s.drop_placeholder(a) and a.token_ids[-1] == 7  # a finished sequence takes no token
 
 
 def test_plan_is_plain_picklable_data():
