@@ -268,3 +268,28 @@ def test_cli_quantization_threads_and_kv_cache_memory_flags():
     config = engine_config(args)
     assert (config.quantization, config.threads, config.kv_cache_memory) == ("none", 1, 512 * 2**20)
     assert engine_config(build_parser().parse_args(["generate", "hi"])).quantization == "auto"
+
+
+def test_step_values_follow_refilled_input_buffers():
+    """CpuOps computes a step's RoPE rows and fresh blocks once for all layers; the model runner refills
+    the same input buffers every step, so a refilled buffer must give the new values, not the memo."""
+    from forge.ops.cpu import CpuOps
+
+    g = torch.Generator().manual_seed(1)
+    heads, kv_heads, d, bs = 4, 2, 16, 16
+    cos_sin = torch.randn(64, d, generator=g)
+    qkv = torch.randn(2, (heads + 2 * kv_heads) * d, generator=g)
+    positions, slots = torch.tensor([3, 4]), torch.tensor([3, 4])
+    ops = CpuOps()
+
+    def run(ops):
+        caches = torch.ones(4, bs, kv_heads, d), torch.ones(4, bs, kv_heads, d)
+        q = ops.qkv_rope_cache(qkv, positions, cos_sin, *caches, slots, heads, kv_heads, d)
+        return q, caches
+
+    run(ops)
+    positions[:] = torch.tensor([16, 17])  # the next step, in the same buffers: block 1 starts at slot 16
+    slots[:] = torch.tensor([16, 17])
+    (q, (k, v)), (q_ref, (k_ref, v_ref)) = run(ops), run(CpuOps())
+    assert torch.equal(q, q_ref) and torch.equal(k, k_ref) and torch.equal(v, v_ref)
+    assert torch.all(k[1, 2:] == 0)  # block 1 was zeroed before its first write

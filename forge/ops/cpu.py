@@ -31,6 +31,24 @@ def _decode_sdpa(q, k, v, mask, scale: float, group: int) -> torch.Tensor:
             torch.set_num_threads(threads)
 
 
+class _StepMemo:
+    """A value computed from a step's small index tensors once, not in each of the model's layers;
+    recomputed when the tensors differ by value (callers may refill the same buffers every step)."""
+
+    def __init__(self):
+        self.key: tuple | None = None
+        self.value = None
+
+    def get(self, tensors: tuple, extra: tuple, compute):
+        key = self.key
+        if (key is None or len(key[1]) != len(extra) or not all(a is b or (not isinstance(a, torch.Tensor) and a == b)
+                                                                for a, b in zip(key[1], extra))
+                or any(a.shape != b.shape or not torch.equal(a, b) for a, b in zip(key[0], tensors))):
+            self.value = compute()
+            self.key = (tuple(t.clone() for t in tensors), extra)
+        return self.value
+
+
 LOGITS_REFINED = 32  # top logits per row recomputed in float32 after a quantized lm_head (CpuOps.logits)
 
 
@@ -38,20 +56,14 @@ class CpuOps:
     """Plain-PyTorch implementation of the ops interface (float32 or bfloat16).
 
     A decode step of a small model is bound by how many ops it dispatches, so values every layer
-    needs (the step's RoPE rows, the decode attention's context slots and mask) are computed once
-    per step: memoized on the step's own tensors (`positions`, `meta`), which are new objects every
-    step.
+    needs (the step's RoPE rows, the blocks it starts, the decode attention's context blocks and
+    mask) are computed once per step (_StepMemo).
     """
 
     name = "cpu"
 
     def __init__(self):
-        self._rope_key: tuple | None = None
-        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._decode_meta: AttentionMetadata | None = None
-        self._decode_plan: tuple | None = None
-        self._fresh_key: torch.Tensor | None = None
-        self._fresh: torch.Tensor | None = None
+        self._rope, self._fresh, self._decode_plan = _StepMemo(), _StepMemo(), _StepMemo()
 
     def linear(self, x: torch.Tensor, weight) -> torch.Tensor:
         """x @ weight.T; weight is a float tensor or a quantized layout (forge.quant), whose kernel
@@ -133,19 +145,19 @@ class CpuOps:
         or None; once per step. The model runner leaves the CPU cache unwritten (no resident pages
         until used), so a block's unwritten slots could hold NaN bits; zeroed, the masked padding of
         the decode attention multiplies a zero weight by a finite value."""
-        if self._fresh_key is not slot_mapping:
+        def compute():
             starts = slot_mapping[slot_mapping % block_size == 0]
-            self._fresh = starts // block_size if starts.numel() else None
-            self._fresh_key = slot_mapping
-        return self._fresh
+            return starts // block_size if starts.numel() else None
+
+        return self._fresh.get((slot_mapping,), (block_size,), compute)
 
     def _rope_rows(self, positions: torch.Tensor, cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, cos) and (-sin, sin) of the step's positions, [T, 1, D]; once per step."""
-        if self._rope_key is None or self._rope_key[0] is not positions or self._rope_key[1] is not cos_sin_cache:
+        def compute():
             cos, sin = cos_sin_cache[positions].chunk(2, dim=-1)
-            self._rope = torch.cat([cos, cos], -1)[:, None], torch.cat([-sin, sin], -1)[:, None]
-            self._rope_key = (positions, cos_sin_cache)
-        return self._rope
+            return torch.cat([cos, cos], -1)[:, None], torch.cat([-sin, sin], -1)[:, None]
+
+        return self._rope.get((positions,), (cos_sin_cache,), compute)
 
     def attention(
         self,
@@ -205,7 +217,8 @@ class CpuOps:
         of exact zeros; unpadded, rows came out ~1e-7 apart, enough to flip near-tied greedy picks).
         Padding reads the row's own zeroed block tail (CpuOps._fresh_blocks) or block 0, which the
         model runner zeroes."""
-        if self._decode_meta is not meta:
+
+        def compute():
             padded = -(-max(meta.max_context_len, 1) // 16) * 16
             num_blocks = -(-padded // block_size)
             tables = meta.block_tables[:, :num_blocks].long()
@@ -219,9 +232,9 @@ class CpuOps:
             valid = torch.arange(length, device=device) < meta.context_lens.to(torch.long)[:, None]
             if block_size % 16:
                 index = index.masked_fill(~valid, 0).flatten()
-            self._decode_plan = (index, _additive_mask(valid), min(meta.context_lens_cpu) == 0)
-            self._decode_meta = meta
-        return self._decode_plan
+            return index, _additive_mask(valid), min(meta.context_lens_cpu) == 0
+
+        return self._decode_plan.get((meta.block_tables, meta.context_lens), (block_size,), compute)
 
     @staticmethod
     def _causal_attention(q, k, v, group: int, scale: float) -> torch.Tensor:
