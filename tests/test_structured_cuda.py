@@ -31,8 +31,9 @@ def llm(tmp_path_factory):
 
 
 class _Seq:
-    def __init__(self, structured=None):
+    def __init__(self, structured=None, request_id: str = "r"):
         self.structured = structured
+        self.request_id = request_id  # mask failures name their request
 
 
 def test_cuda_masks_equal_cpu_masks(llm):
