@@ -40,7 +40,7 @@ def run_all(engine, requests):
     ttft = {}
     while engine.has_unfinished_requests():
         for out in engine.step(emit="finished"):
-            ttft[out.request_id] = out.metrics["first_token_time"] - out.metrics["arrival_time"]
+            ttft[out.request_id] = out.metrics.first_token_time - out.metrics.arrival_time
     torch.cuda.synchronize()
     return time.perf_counter() - start, [ttft[i] for i in ids]
 
