@@ -34,6 +34,7 @@ demo: install
 
 # pytest exits 5 when it collected no tests: treat that as a failure too.
 test: install-test
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest tests -q; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "pytest ran no tests" >&2; exit 1; fi; exit $$status
 

@@ -133,7 +133,8 @@ def main():
             })
     device = torch.cuda.get_device_name()
     write_results("decode", {"device": device, "copy_bandwidth_tb_s": round(bandwidth / 1e12, 3),
-                             "h100_copy_bandwidth_tb_s": H100_COPY_BANDWIDTH / 1e12, "prompt_len": args.prompt_len, "output_len": args.output_len, "rows": rows})
+                             "h100_copy_bandwidth_tb_s": H100_COPY_BANDWIDTH / 1e12, "prompt_len": args.prompt_len,
+                             "output_len": args.output_len, "rows": rows})
     with open(RESULTS / "decode.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()

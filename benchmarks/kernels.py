@@ -27,8 +27,7 @@ import torch.nn.functional as F  # noqa: E402
 from forge.kernels import compiler  # noqa: E402
 from forge.kernels.activation import silu_mul  # noqa: E402
 from forge.kernels.norm import add_rms_norm, rms_norm  # noqa: E402
-from forge.kernels.paged_attention import (  # noqa: E402
-    KERNEL_FILE, choose_num_splits, kernel_config, paged_decode_attention)
+from forge.kernels.paged_attention import KERNEL_FILE, choose_num_splits, kernel_config, paged_decode_attention  # noqa: E402
 from forge.kernels.rope_cache import qkv_rope_cache  # noqa: E402
 from forge.kernels.sampling import sample  # noqa: E402
 
@@ -95,7 +94,7 @@ def bench_copy():
     n = 1 << 28  # 512 MiB of bf16
     a = torch.empty(n, dtype=torch.bfloat16, device=DEV)
     b = torch.empty_like(a)
-    us = time_graph([lambda: b.copy_(a)])
+    us = time_graph([lambda a=a, b=b: b.copy_(a)])
     gbps = 2 * a.numel() * 2 / (us * 1e-6) / 1e9
     results["copy_gbps"] = round(gbps, 1)
     print(f"  device copy (read+write) {gbps:.0f} GB/s = {gbps * 1e9 / PEAK:.1%} of 2.94 TB/s", flush=True)
@@ -140,7 +139,7 @@ def bench_elementwise(dtype=torch.bfloat16):
         sets = [torch.randn(t, width, device=DEV).to(dtype) for _ in range(n_sets(nbytes))]
         pos = torch.randint(0, 8192, (t,), device=DEV)
         slots = torch.randperm(t, device=DEV)
-        us = time_graph([lambda x=x: qkv_rope_cache(x, pos, cs, k_cache, v_cache, slots, h, hkv, d) for x in sets])
+        us = time_graph([lambda x=x, kc=k_cache, vc=v_cache: qkv_rope_cache(x, pos, cs, kc, vc, slots, h, hkv, d) for x in sets])
         record("qkv_rope_cache", f"T={t} H={h} Hkv={hkv} D={d}", nbytes, us)
         del sets, k_cache, v_cache
 

@@ -37,6 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import write_results  # noqa: E402
 
+
 def _schema(max_length=None):
     name = {"type": "string"} if max_length is None else {"type": "string", "maxLength": max_length}
     return {
@@ -264,9 +265,9 @@ def main():
     n_tok = args.max_tokens or (64 if args.device == "cpu" else 256)
     args.repeats = args.repeats or (3 if args.device == "cpu" else 5)
 
-    from forge import SamplingParams, StructuredOutputsParams
     import xgrammar as xgr
 
+    from forge import SamplingParams, StructuredOutputsParams
     from forge.structured import get_backend
 
     llm = make_llm(args)

@@ -1,7 +1,7 @@
 """forge: a readable LLM inference engine for Llama-family models."""
 
-from forge.sampling_params import SamplingParams, StructuredOutputsParams
 from forge.outputs import CompletionOutput, RequestOutput
+from forge.sampling_params import SamplingParams, StructuredOutputsParams
 
 __all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "RequestOutput", "CompletionOutput"]
 __version__ = "0.1.0"

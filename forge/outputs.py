@@ -1,7 +1,7 @@
 """What generation returns, shaped like vLLM's RequestOutput / CompletionOutput."""
 
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass

@@ -164,7 +164,7 @@ def _build_from_gguf(fields: Mapping[str, Any]) -> tuple[HFTokenizer, bool]:
     # User-defined tokens are matched whole too, but are ordinary text when decoding (llama.cpp
     # always renders them), so they are not marked special.
     added = []
-    for tok_id, (text, ttype) in enumerate(zip(tokens, types)):
+    for text, ttype in zip(tokens, types):
         if ttype in (_TOKEN_CONTROL, _TOKEN_UNKNOWN, _TOKEN_USER_DEFINED) and text:
             special = ttype != _TOKEN_USER_DEFINED
             added.append(AddedToken(text, special=special, normalized=False))

@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from forge import SamplingParams, StructuredOutputsParams
+from forge import SamplingParams
 from forge.config import EngineConfig
 from forge.engine.llm_engine import LLMEngine
 from forge.errors import InvalidRequestError, RequestFailure
@@ -283,7 +283,7 @@ def test_injected_failures_fail_exactly_those_streams(server, alone_texts, monke
     results = burst(server, good_bodies() + bad)
     assert [r[:2] for r in results[:NUM_GOOD]] == [(200, t) for t in alone_texts]
     assert all(r[2] is None for r in results[:NUM_GOOD])
-    for status, text, error in results[NUM_GOOD:]:
+    for status, _text, error in results[NUM_GOOD:]:
         assert status == 200 and error["type"] == "server_error"  # the stream had started
         assert "RuntimeError" in error["message"] and "secret" not in error["message"]
     monkeypatch.undo()

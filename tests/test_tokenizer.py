@@ -9,7 +9,6 @@ import pytest
 
 from forge.errors import InvalidRequestError, UnsupportedModelError
 from forge.tokenizer import IncrementalDetokenizer, Tokenizer
-
 from tests.conftest import REFERENCE
 
 

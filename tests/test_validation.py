@@ -13,8 +13,15 @@ from forge.config import EngineConfig
 from forge.engine.sampler import Sampler
 from forge.errors import InvalidRequestError, ModelLoadError, PromptTooLongError
 from forge.sequence import Sequence
-from tests.util import (LOGIT_KINDS, SAMPLING_EDGES, assert_valid_samples, check_sample_function_edges, edge_sequence,
-                        random_edge_logits, random_edge_params)
+from tests.util import (
+    LOGIT_KINDS,
+    SAMPLING_EDGES,
+    assert_valid_samples,
+    check_sample_function_edges,
+    edge_sequence,
+    random_edge_logits,
+    random_edge_params,
+)
 
 NAN, INF = float("nan"), float("inf")
 

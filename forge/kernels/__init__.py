@@ -13,8 +13,8 @@ layout and the bytes it must move) with a small Python launcher beside it:
     token_bitmask.py   apply_token_bitmask (structured outputs: grammar masks on constrained rows)
 
 common.cuh holds the dtype plumbing and vector/warp helpers. compiler.py compiles and caches
-them per (file, kernel, dtype, defines, arch) and launches them on torch's current stream (so they are captured by CUDA graphs). NOTES.md has the
-measured bandwidths; scripts/compile_check.py compiles every variant without a GPU.
+them per (file, kernel, dtype, defines, arch) and launches them on torch's current stream (so they are
+captured by CUDA graphs). NOTES.md has the measured bandwidths; scripts/compile_check.py compiles every variant without a GPU.
 """
 
 from forge.kernels.compiler import available

@@ -91,7 +91,7 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_context_len: int, ctas_
         if cost < best_cost * (1 - 1e-9):
             best, best_cost = s, cost
     # the kernel rounds each chunk up to a whole tile (64 tokens): drop splits that would be empty
-    chunk = -(-(-(-max_context_len // best)) // 64) * 64
+    chunk = math.ceil(math.ceil(max_context_len / best) / 64) * 64
     return max(1, -(-max_context_len // chunk))
 
 

@@ -13,8 +13,8 @@ Shard rules (Megatron-style):
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 

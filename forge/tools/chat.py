@@ -20,8 +20,16 @@ from forge.errors import InvalidRequestError
 from forge.sampling_params import SamplingParams, StructuredOutputsParams
 from forge.tools.grammar import constrained_tool_parser, resolve_tool_choice, tool_call_schema, validate_tools
 from forge.tools.reasoning import END_TAG, START_TAG, ReasoningDelta, ReasoningParser, get_reasoning_parser
-from forge.tools.tool_parsers import ContentDelta, ToolCall, ToolCallDelta, ToolParser, assemble, call_id_factory, \
-    detect_tool_parser, get_tool_parser
+from forge.tools.tool_parsers import (
+    ContentDelta,
+    ToolCall,
+    ToolCallDelta,
+    ToolParser,
+    assemble,
+    call_id_factory,
+    detect_tool_parser,
+    get_tool_parser,
+)
 
 __all__ = ["ToolUse", "ChatDelta", "ParsedChat", "ChatOutputParser", "chat_params", "reasoning_end_for_grammar",
            "template_tool_parser"]

@@ -241,8 +241,7 @@ def test_device_sampler_survives_every_accepted_edge_value():
     import random
 
     from forge import SamplingParams
-    from tests.util import (LOGIT_KINDS, SAMPLING_EDGES, assert_valid_samples, edge_sequence, random_edge_logits,
-                            random_edge_params)
+    from tests.util import LOGIT_KINDS, SAMPLING_EDGES, assert_valid_samples, edge_sequence, random_edge_logits, random_edge_params
 
     rng, vocab, sampler = random.Random(0), 1024, Sampler(DEV)
 
