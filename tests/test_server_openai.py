@@ -22,7 +22,8 @@ GREEDY = {"temperature": 0}
 def server(request):
     """Each test runs against a synchronous engine and one with async scheduling (the default on a
     GPU), so streaming, logprobs, echo and parallel clients are checked in both step modes."""
-    engine = LLMEngine(EngineConfig(model=None, max_model_len=2048, num_kv_blocks=1024,
+    # quantization="none": the exact path, whose greedy tokens must equal HF transformers' reference.
+    engine = LLMEngine(EngineConfig(model=None, max_model_len=2048, num_kv_blocks=1024, quantization="none",
                                     async_scheduling=request.param))
     with LiveServer(engine) as srv:
         yield srv
