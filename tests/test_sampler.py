@@ -187,3 +187,15 @@ def test_seeded_completions_never_share_a_stream(tiny):
     assert two[1] != completions(1, 41)[0]  # completion 1 of seed 40 is not completion 0 of seed 41
     assert two[0] == completions(1, 40)[0]  # completion 0 depends on the seed alone
     assert completions(1, None) != completions(1, None)  # no seed: a fresh stream each time
+
+
+def test_sampled_token_outside_the_top_n_gets_its_real_rank():
+    """As vLLM: a sampled token's rank is exact even when it is not among the top-n returned."""
+    logits = torch.randn(6, 200, generator=torch.Generator().manual_seed(3)) * 0.1  # flat: draws land far down
+    params = SamplingParams(temperature=1.0, logprobs=1)
+    seqs = [sequence(params, seed=s) for s in range(6)]
+    results = Sampler("cpu")(logits.clone(), seqs)
+    raw = torch.log_softmax(logits, -1)
+    for i, r in enumerate(results):
+        assert r.rank == int((raw[i] > raw[i, r.token_id]).sum()) + 1
+    assert any(r.rank > 1 for r in results)  # at least one draw outside the top-1

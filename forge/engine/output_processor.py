@@ -70,7 +70,8 @@ class OutputProcessor:
         if result.logprob is not None:
             seq.cumulative_logprob += result.logprob
             top = result.top_logprobs or []
-            rank = next((r for r, (t, _) in enumerate(top, start=1) if t == token), -1)  # -1: below the top-n
+            rank = result.rank if result.rank is not None else \
+                next((r for r, (t, _) in enumerate(top, start=1) if t == token), -1)  # -1: unknown
             seq.output_logprobs.append(self.logprob_entry(token, result.logprob, rank, top, seq.params.logprobs))
         searched = len(seq.detokenizer.text) if seq.params.stop else 0  # (text of the tokens before this one)
         if seq.structured is not None:

@@ -28,6 +28,7 @@ class SampleResult:
     token_id: int
     logprob: float | None = None  # of the chosen token, from the raw model distribution
     top_logprobs: list[tuple[int, float]] | None = None  # (token id, logprob), most likely first
+    rank: int | None = None  # of the chosen token in the raw distribution (1 = most likely), as vLLM reports it
 
 
 LOGPROB_FLOOR = -9999.0  # OpenAI's value for "practically impossible": masked tokens' logprobs stay finite (JSON)
@@ -113,17 +114,19 @@ class Sampler:
         if not want:
             host, event = _to_host(token_ids)
             return PendingSample(token_ids, lambda: [SampleResult(t) for t in host[0].tolist()], event)
-        chosen = finite_logprobs(logprobs.gather(1, token_ids[:, None]).squeeze(1))
+        chosen_raw = logprobs.gather(1, token_ids[:, None])
+        ranks = (logprobs > chosen_raw).sum(-1) + 1  # exact, also when the token is outside the top-n
+        chosen = finite_logprobs(chosen_raw.squeeze(1))
         top = torch.topk(logprobs, min(max(p.logprobs or 0 for p in params), vocab), dim=-1)
-        host, event = _to_host(token_ids, chosen, top.indices, finite_logprobs(top.values))
+        host, event = _to_host(token_ids, chosen, top.indices, finite_logprobs(top.values), ranks)
 
         def build() -> list[SampleResult]:
-            ids, chosen_h, top_ids_h, top_lps_h = (t.tolist() for t in host)
+            ids, chosen_h, top_ids_h, top_lps_h, ranks_h = (t.tolist() for t in host)
             results = []
             for i, p in enumerate(params):
                 r = SampleResult(ids[i])
                 if p.logprobs is not None:
-                    r.logprob = chosen_h[i]
+                    r.logprob, r.rank = chosen_h[i], ranks_h[i]
                     if p.logprobs > 0:
                         r.top_logprobs = list(zip(top_ids_h[i][: p.logprobs], top_lps_h[i][: p.logprobs]))
                 results.append(r)
