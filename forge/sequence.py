@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from forge.kernels.sampling import stream_key
 from forge.outputs import Logprob
 from forge.sampling_params import SamplingParams
+from forge.text import partial_suffix_len
 
 
 class SequenceStatus(enum.Enum):
@@ -118,7 +119,7 @@ class Sequence:
         if self.stop_text_cut is not None:
             return text[: self.stop_text_cut]
         if not self.is_finished and self.params.stop:
-            return text[: len(text) - _partial_stop_suffix(text, self.params.stop)]
+            return text[: len(text) - partial_suffix_len(text, self.params.stop)]
         return text
 
     def __repr__(self) -> str:
@@ -126,17 +127,6 @@ class Sequence:
             f"Sequence(id={self.seq_id}, req={self.request_id}, tokens={self.num_tokens}, "
             f"computed={self.num_computed_tokens}, status={self.status.value})"
         )
-
-
-def _partial_stop_suffix(text: str, stops: list[str]) -> int:
-    """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
-    best = 0
-    for stop in stops:
-        for k in range(min(len(stop) - 1, len(text)), best, -1):
-            if text.endswith(stop[:k]):
-                best = k
-                break
-    return best
 
 
 @dataclass

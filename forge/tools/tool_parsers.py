@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import ClassVar
 
+from forge.text import partial_suffix_len
 from forge.tools.json_scan import JsonScanner
 
 __all__ = [
@@ -111,17 +112,6 @@ def call_id_factory(seed: int | None = None, style: str = "openai") -> Callable[
     if style != "openai":
         raise ValueError(f"unknown tool-call id style {style!r}; expected 'openai' or 'mistral'")
     return lambda: "call_" + "".join(rng.choices(_ID_ALPHABET, k=24))
-
-
-def _partial_suffix_len(text: str, markers: Iterable[str]) -> int:
-    """Length of the longest end of `text` that is a proper beginning of one of `markers`."""
-    best = 0
-    for marker in markers:
-        for n in range(min(len(marker) - 1, len(text)), best, -1):
-            if text.endswith(marker[:n]):
-                best = n
-                break
-    return best
 
 
 # -- one call object being read -------------------------------------------------------------------
@@ -321,7 +311,7 @@ class ToolParser:
             self._raw = marker
             self._state = self._after_marker(marker)
             return True
-        hold = 0 if final else _partial_suffix_len(buf, self.markers)
+        hold = 0 if final else partial_suffix_len(buf, self.markers)
         self._content(buf[: len(buf) - hold])
         self._buf = buf[len(buf) - hold:]
         return False
