@@ -57,6 +57,13 @@ class LiveServer:
     def headers(self) -> dict:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
+    def openai_client(self):
+        """An `openai.OpenAI` client for this server (the openai package is a test extra; callers that
+        use this skip without it)."""
+        import openai
+
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=self.api_key or "unused", timeout=120, max_retries=0)
+
     def metric(self, name: str) -> float:
         """One unlabelled sample from /metrics, read with prometheus-client's parser."""
         from prometheus_client.parser import text_string_to_metric_families

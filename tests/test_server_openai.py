@@ -31,7 +31,7 @@ def server(request):
 
 @pytest.fixture(scope="module")
 def client(server):
-    with openai.OpenAI(base_url=server.url + "/v1", api_key="unused", timeout=120, max_retries=0) as c:
+    with server.openai_client() as c:
         yield c
 
 
