@@ -3,6 +3,7 @@
 import torch
 import torch.nn.functional as F
 
+from forge.ops import moe
 from forge.ops.metadata import AttentionMetadata
 
 
@@ -105,6 +106,15 @@ class CpuOps:
         """[T, 2I] (gate then up, from one fused GEMM) -> silu(gate) * up, [T, I]."""
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
+
+    def moe_route(self, router_logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """[T, E] router logits -> (weights [T, k] float32, expert ids [T, k]): softmax top-k (forge.ops.moe)."""
+        return moe.route(router_logits, top_k, normalize)
+
+    def moe_experts(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor, gate_up, down) -> torch.Tensor:
+        """x [T, H] through each token's k experts (gate_up [E, 2I, H], down [E, H, I]), summed with the
+        router's weights -> [T, H]: tokens sorted by expert, one GEMM pair per expert with rows (forge.ops.moe)."""
+        return moe.experts_reference(self, x, weights, expert_ids, gate_up, down)
 
     def qkv_rope_cache(
         self,

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from forge.kernels import activation, norm, paged_attention, rope_cache
+from forge.ops import moe
 from forge.ops.cpu import CpuOps
 from forge.ops.metadata import AttentionMetadata
 
@@ -67,6 +68,13 @@ class CudaOps(CpuOps):
         if not gate_up.is_cuda:
             return super().silu_mul(gate_up)
         return activation.silu_mul(gate_up)
+
+    def moe_experts(self, x, weights, expert_ids, gate_up, down):
+        """Two grouped GEMMs (torch's CUTLASS kernel for bfloat16 on sm90; for other dtypes torch loops
+        over the groups after reading the offsets on the host, so those steps cannot be graph-captured)."""
+        if not _is_cuda(x, gate_up):
+            return super().moe_experts(x, weights, expert_ids, gate_up, down)
+        return moe.experts_grouped_mm(self, x, weights, expert_ids, gate_up, down)
 
     def qkv_rope_cache(self, qkv, positions, cos_sin_cache, k_cache, v_cache, slot_mapping,
                        num_heads, num_kv_heads, head_dim):
