@@ -13,16 +13,26 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 DTYPE_ALIASES = {"half": "float16", "float": "float32"}  # vLLM's (and torch's) other names
 LOAD_FORMATS = ("auto", "dummy")
 QUANTIZATION_MODES = ("auto", "none", "int8", "int4")  # forge.quant
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 @dataclass
 class RopeScaling:
-    """Llama-3 style frequency scaling (`rope_type: llama3`)."""
+    """RoPE frequency scaling, by `rope_type` (HF's names):
+    * "llama3": leave high frequencies alone, divide low ones by `factor`, blend in between;
+    * "linear": divide every frequency by `factor` (positions interpolated; Gemma 3's global layers);
+    * "longrope": divide frequency i by short_factor[i], or long_factor[i] when the engine's context
+      is longer than original_max_position_embeddings (Phi-3), and scale cos/sin by attention_factor.
+    """
 
     factor: float = 8.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    rope_type: str = "llama3"
+    short_factor: tuple[float, ...] | None = None
+    long_factor: tuple[float, ...] | None = None
+    attention_factor: float | None = None
 
 
 @dataclass
@@ -44,10 +54,34 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     name: str = "llama"
+    family: str = "llama"  # forge.models.families: the decoder's switches and the weight schema
+    # Sliding-window attention: a windowed layer's query sees the last `sliding_window` keys (itself
+    # included). layer_types: "sliding_attention" | "full_attention" per layer; None = every layer
+    # windowed when sliding_window is set (Mistral, Phi-3).
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] | None = None
+    rope_local_theta: float | None = None  # RoPE base of the sliding layers (Gemma 3); None: rope_theta
+    query_pre_attn_scalar: float | None = None  # attention scale = this ** -0.5 (Gemma); None: head_dim
+    attn_logit_softcap: float | None = None  # scores -> cap * tanh(scores / cap) (Gemma 2)
+    final_logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap) (Gemma 2/3)
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        if self.layer_types is not None:
+            self.layer_types = tuple(self.layer_types)
+            if len(self.layer_types) != self.num_layers or not set(self.layer_types) <= set(LAYER_TYPES):
+                raise ValueError(f"layer_types must list {self.num_layers} of {', '.join(LAYER_TYPES)}")
+
+    def layer_window(self, layer: int) -> int | None:
+        """The keys layer `layer`'s queries see (None: the whole context)."""
+        if self.sliding_window is None or (self.layer_types and self.layer_types[layer] != "sliding_attention"):
+            return None
+        return self.sliding_window
+
+    @property
+    def attention_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
     @property
     def q_size(self) -> int:
@@ -59,74 +93,16 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dict(cls, cfg: dict) -> "ModelConfig":
-        from forge.errors import UnsupportedModelError
+        """From an HF config.json: the family (forge.models.families) picked by model_type/architectures
+        reads its fields."""
+        from forge.models.families import config_from_hf
 
-        archs = cfg.get("architectures") or []
-        model_type = cfg.get("model_type", "llama")
-        if model_type not in ("llama", "mistral") and not any("Llama" in a for a in archs):
-            raise UnsupportedModelError(f"unsupported architecture {model_type!r} (forge runs Llama-family models)")
-        num_heads = cfg["num_attention_heads"]
-        hidden = cfg["hidden_size"]
-        scaling = None
-        rs = cfg.get("rope_scaling") or cfg.get("rope_parameters")
-        if rs and rs.get("rope_type", rs.get("type")) == "llama3":
-            scaling = RopeScaling(
-                factor=rs["factor"],
-                low_freq_factor=rs["low_freq_factor"],
-                high_freq_factor=rs["high_freq_factor"],
-                original_max_position_embeddings=rs["original_max_position_embeddings"],
-            )
-        elif rs and rs.get("rope_type", rs.get("type")) not in (None, "default"):
-            raise UnsupportedModelError(f"unsupported rope scaling {rs.get('rope_type', rs.get('type'))!r}")
-        theta = cfg.get("rope_theta") or (rs or {}).get("rope_theta") or 10000.0
-        eos = cfg.get("eos_token_id")
-        return cls(
-            vocab_size=cfg["vocab_size"],
-            hidden_size=hidden,
-            intermediate_size=cfg["intermediate_size"],
-            num_layers=cfg["num_hidden_layers"],
-            num_heads=num_heads,
-            num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
-            head_dim=cfg.get("head_dim") or hidden // num_heads,
-            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
-            rms_norm_eps=cfg.get("rms_norm_eps", 1e-5),
-            rope_theta=float(theta),
-            rope_scaling=scaling,
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            bos_token_id=cfg.get("bos_token_id"),
-            eos_token_id=eos[0] if isinstance(eos, list) else eos,
-        )
+        return config_from_hf(cfg)
 
     def to_hf_dict(self) -> dict:
-        d = {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_layers,
-            "num_attention_heads": self.num_heads,
-            "num_key_value_heads": self.num_kv_heads,
-            "head_dim": self.head_dim,
-            "max_position_embeddings": self.max_position_embeddings,
-            "rms_norm_eps": self.rms_norm_eps,
-            "rope_theta": self.rope_theta,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "hidden_act": "silu",
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": self.eos_token_id,
-            "torch_dtype": "float32",
-        }
-        if self.rope_scaling:
-            rs = self.rope_scaling
-            d["rope_scaling"] = {
-                "rope_type": "llama3",
-                "factor": rs.factor,
-                "low_freq_factor": rs.low_freq_factor,
-                "high_freq_factor": rs.high_freq_factor,
-                "original_max_position_embeddings": rs.original_max_position_embeddings,
-            }
-        return d
+        from forge.models.families import config_to_hf
+
+        return config_to_hf(self)
 
 
 _MEMORY_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,

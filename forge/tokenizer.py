@@ -36,7 +36,9 @@ _TOKEN_BYTE = 6
 
 # Tokens that end an assistant turn in the chat formats of Llama-family models. A chat model may
 # emit one of these instead of (or before) its configured EOS, so generation must stop on them too.
-_END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|eom_id|>")
+_END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|eom_id|>",
+                       "<end_of_turn>",  # Gemma
+                       "<|end|>")  # Phi-3
 
 # The Llama-3 pre-tokenizer split (same regex as llama.cpp's LLAMA_VOCAB_PRE_TYPE_LLAMA3 and the
 # `Split` step of Meta's tokenizer.json).
@@ -44,6 +46,9 @@ _LLAMA3_SPLIT_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+
+# Qwen2's split: Llama 3's with single digits (llama.cpp's LLAMA_VOCAB_PRE_TYPE_QWEN2, Qwen's tokenizer.json).
+_QWEN2_SPLIT_REGEX = _LLAMA3_SPLIT_REGEX.replace(r"\p{N}{1,3}", r"\p{N}")
 
 _SPM_SPACE = "\u2581"  # "▁", SentencePiece's visible stand-in for a space
 
@@ -78,6 +83,16 @@ def _gpt2_pre_tokenizer(pre: str) -> tuple[pre_tokenizers.PreTokenizer, bool]:
                 ]
             ),
             True,
+        )
+    if pre == "qwen2":  # (Qwen2/2.5/3)
+        return (
+            pre_tokenizers.Sequence(
+                [
+                    pre_tokenizers.Split(Regex(_QWEN2_SPLIT_REGEX), behavior="isolated", invert=False),
+                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+                ]
+            ),
+            False,
         )
     if pre in ("default", "gpt2", "gpt-2", ""):
         return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True), False

@@ -224,12 +224,12 @@ def _tiny_bpe_fields(pre: str) -> dict:
 
 def test_pre_tokenizer_choice():
     by_pre = {}
-    for pre in ("llama-bpe", "smollm", "default"):
+    for pre in ("llama-bpe", "smollm", "qwen2", "default"):
         t = Tokenizer.from_gguf_metadata(_tiny_bpe_fields(pre))
         by_pre[pre] = [t.id_to_token(i) for i in t.encode("12345")]
         assert t.decode(t.encode("x 12345 y")) == "x 12345 y"
     assert by_pre["llama-bpe"] == ["123", "45"]  # digits in groups of three
-    assert by_pre["smollm"] == ["1", "2", "3", "4", "5"]  # every digit alone
+    assert by_pre["smollm"] == by_pre["qwen2"] == ["1", "2", "3", "4", "5"]  # every digit alone
     assert by_pre["default"] == ["1234", "5"]  # GPT-2 keeps the number whole
 
 

@@ -40,26 +40,53 @@ def random_weights(config: ModelConfig, seed: int = 0, scale: float = 0.05) -> d
 
 
 def write_tiny_gguf(path: Path, config: ModelConfig, weights: dict[str, torch.Tensor], metadata_source: Path) -> Path:
-    """A float32 GGUF written the llama.cpp way (schema's GGUF names, Q/K rows permuted for interleaved
-    RoPE), with the tokenizer metadata of `metadata_source` (a GGUF whose vocabulary fits the config)."""
+    """A float32 GGUF written the way llama.cpp's converter writes the config's family: its
+    architecture, metadata keys and tensor names (the schema's), Q/K rows permuted for the "llama"
+    arch's interleaved RoPE, Gemma's norms stored as 1 + w, LongRoPE factors as tensors; with the
+    tokenizer metadata of `metadata_source` (a GGUF whose vocabulary fits the config)."""
     import numpy as np
-    from gguf import GGUFWriter
+    from gguf import GGUFWriter, RopeScalingType
 
     from forge.loader.gguf_header import GGUFHeader
+    from forge.models.families import family_of
     from forge.models.schema import expand
 
     def permute(w, n_head):  # llama.cpp's convert script: HF half-split rows -> interleaved pairs
         return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
-    w = GGUFWriter(str(path), "llama")
+    family = family_of(config)
+    w = GGUFWriter(str(path), family.gguf_arch)
     w.add_block_count(config.num_layers)
     w.add_context_length(config.max_position_embeddings)
     w.add_embedding_length(config.hidden_size)
     w.add_feed_forward_length(config.intermediate_size)
     w.add_head_count(config.num_heads)
     w.add_head_count_kv(config.num_kv_heads)
+    w.add_key_length(config.head_dim)
+    w.add_value_length(config.head_dim)
     w.add_rope_freq_base(config.rope_theta)
     w.add_layer_norm_rms_eps(config.rms_norm_eps)
+    if config.sliding_window is not None:
+        w.add_sliding_window(config.sliding_window)
+        if config.layer_types is not None:
+            w.add_sliding_window_pattern([t == "sliding_attention" for t in config.layer_types])
+    if config.rope_local_theta is not None:
+        w.add_float32(f"{family.gguf_arch}.rope.freq_base_swa", config.rope_local_theta)
+    if config.query_pre_attn_scalar is not None:
+        w.add_attention_scale(config.attention_scale)
+    if config.attn_logit_softcap is not None:
+        w.add_attn_logit_softcapping(config.attn_logit_softcap)
+    if config.final_logit_softcap is not None:
+        w.add_final_logit_softcapping(config.final_logit_softcap)
+    rs = config.rope_scaling
+    if rs is not None and rs.rope_type == "linear":
+        w.add_rope_scaling_type(RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(rs.factor)
+    elif rs is not None and rs.rope_type == "longrope":
+        w.add_rope_scaling_attn_factors(rs.attention_factor)
+        w.add_rope_scaling_orig_ctx_len(rs.original_max_position_embeddings)
+        w.add_tensor("rope_factors_long.weight", np.array(rs.long_factor, dtype=np.float32))
+        w.add_tensor("rope_factors_short.weight", np.array(rs.short_factor, dtype=np.float32))
     meta = GGUFHeader(metadata_source).metadata
     w.add_tokenizer_model(meta["tokenizer.ggml.model"])
     w.add_tokenizer_pre(meta["tokenizer.ggml.pre"])
@@ -69,11 +96,13 @@ def write_tiny_gguf(path: Path, config: ModelConfig, weights: dict[str, torch.Te
     w.add_bos_token_id(config.bos_token_id)
     w.add_eos_token_id(config.eos_token_id)
     for tensor in expand(config):
-        t = weights[tensor.hf_name]
-        if tensor.hf_name.endswith("q_proj.weight"):
+        t = weights[tensor.hf_name].float()
+        if family.gguf_permute_qk and tensor.hf_name.endswith("q_proj.weight"):
             t = permute(t, config.num_heads)
-        elif tensor.hf_name.endswith("k_proj.weight"):
+        elif family.gguf_permute_qk and tensor.hf_name.endswith("k_proj.weight"):
             t = permute(t, config.num_kv_heads)
+        elif tensor.spec.kind == "norm":
+            t = t + family.norm_offset
         w.add_tensor(tensor.gguf_name, np.ascontiguousarray(t.numpy().astype(np.float32)))
     w.write_header_to_file()
     w.write_kv_data_to_file()

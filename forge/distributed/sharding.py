@@ -13,7 +13,7 @@ import torch
 
 from forge.config import ModelConfig
 from forge.errors import InvalidRequestError
-from forge.models.schema import WeightSpec, dummy_weights, spec_of
+from forge.models.schema import WeightSpec, dummy_weights, schema_of, spec_of
 
 
 @dataclass(frozen=True)
@@ -75,14 +75,6 @@ def _cannot_split(message: str) -> InvalidRequestError:
     return InvalidRequestError(message, param="tensor_parallel_size")
 
 
-def _rows(t: torch.Tensor, start: int, count: int) -> torch.Tensor:
-    return t.narrow(0, start, count).clone(memory_format=torch.contiguous_format)
-
-
-def _cols(t: torch.Tensor, start: int, count: int) -> torch.Tensor:
-    return t.narrow(1, start, count).clone(memory_format=torch.contiguous_format)
-
-
 def _vocab_rows(t: torch.Tensor, plan: ShardPlan) -> torch.Tensor:
     start = plan.vocab_start
     n = max(0, min(plan.vocab_per_rank, plan.vocab_size - start))
@@ -92,29 +84,44 @@ def _vocab_rows(t: torch.Tensor, plan: ShardPlan) -> torch.Tensor:
     return out
 
 
-def shard_range(spec: WeightSpec, config: ModelConfig, plan: ShardPlan) -> tuple[int, int]:
-    """(start, count) of this rank's slice along the split dim of a "column" or "row" weight."""
+def shard_ranges(spec: WeightSpec, config: ModelConfig, plan: ShardPlan) -> list[tuple[int, int]]:
+    """(start, count) of this rank's slices along the split dim of a "column" or "row" weight: one,
+    or one per part of a checkpoint's fused matrix (q, k, v or gate, up)."""
     d = config.head_dim
+    heads = (plan.head_start * d, plan.num_heads * d)
+    kv_heads = (plan.kv_head_start * d, plan.num_kv_heads * d)
+    width = (plan.rank * plan.intermediate_size, plan.intermediate_size)
     if spec.split == "heads":
-        return plan.head_start * d, plan.num_heads * d
+        return [heads]
     if spec.split == "kv_heads":
-        return plan.kv_head_start * d, plan.num_kv_heads * d
+        return [kv_heads]
     if spec.split == "intermediate":
-        return plan.rank * plan.intermediate_size, plan.intermediate_size
+        return [width]
+    if spec.split == "qkv":
+        q, kv = config.q_size, config.kv_size
+        return [heads, (q + kv_heads[0], kv_heads[1]), (q + kv + kv_heads[0], kv_heads[1])]
+    if spec.split == "gate_up":
+        return [width, (config.intermediate_size + width[0], width[1])]
     raise ValueError(f"{spec.hf_name}: a {spec.shard} shard needs a split unit, not {spec.split!r}")
+
+
+def _cut(t: torch.Tensor, dim: int, ranges: list[tuple[int, int]]) -> torch.Tensor:
+    if len(ranges) == 1:
+        return t.narrow(dim, *ranges[0]).clone(memory_format=torch.contiguous_format)
+    return torch.cat([t.narrow(dim, start, count) for start, count in ranges], dim)
 
 
 def shard_tensor(name: str, t: torch.Tensor, config: ModelConfig, plan: ShardPlan) -> torch.Tensor:
     """This rank's slice of one HF-named weight, by its schema rule (a new tensor, so the full one can
     be freed). The loaders call it on each tensor as it is read, so a rank never holds the checkpoint."""
-    spec = spec_of(name)
+    spec = spec_of(name, schema_of(config))
     rule = spec.shard if spec is not None else "replicated"
     if rule == "vocab":
         return _vocab_rows(t, plan)
     if rule == "column":
-        return _rows(t, *shard_range(spec, config, plan))
+        return _cut(t, 0, shard_ranges(spec, config, plan))
     if rule == "row":
-        return _cols(t, *shard_range(spec, config, plan))
+        return _cut(t, 1, shard_ranges(spec, config, plan))
     return t
 
 

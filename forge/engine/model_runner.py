@@ -12,7 +12,7 @@ import torch
 from forge.config import EngineConfig, ModelConfig
 from forge.distributed.sharding import plan_shard, rank_weights
 from forge.engine.plan import StepPlan
-from forge.models.llama import LlamaModel
+from forge.models.decoder import DecoderModel
 from forge.ops import get_ops
 from forge.ops.metadata import AttentionMetadata
 
@@ -167,8 +167,8 @@ class ModelRunner:
         # schema's shapes; the model itself never sees a load format or a TP slice rule.
         plan = plan_shard(model_config, tp.rank if tp else 0, tp.world_size if tp else 1)
         weights = rank_weights(weights, model_config, plan, weights_sharded, self.device, self.dtype)
-        self.model = LlamaModel(model_config, weights, self.ops, config.device, self.dtype, max_model_len, tp=tp,
-                                quantization=config.quantization)
+        self.model = DecoderModel(model_config, weights, self.ops, config.device, self.dtype, max_model_len, tp=tp,
+                                  quantization=config.quantization)
         if self.device.type == "cpu":
             release_freed_memory()  # the loader's weights, freed while the model was built
         self.activation_peak_bytes = self._profile_activations() if self.device.type == "cuda" else 0

@@ -5,6 +5,10 @@
 //   k/v_cache:    [num_blocks, BLOCK_SIZE, Hkv, D] cache_t
 //   block_tables: [B, >= max_blocks] int32 (row stride bt_stride), context_lens: [B] int32
 //   out:          [B, H, D] scalar_t; rows with context_len == 0 get zeros.
+//   window:       > 0: the query (position ctx - 1) sees only the last `window` keys, ctx - window .. ctx - 1
+//                 (a sliding-window layer); 0: the whole context.
+//   soft_cap:     > 0: scores become soft_cap * tanh(scores / soft_cap) before the softmax (Gemma 2);
+//                 q_scale then multiplies q by the attention scale only, else by scale * log2(e).
 //
 // Layout: grid = (num_splits, Hkv, B), block = NUM_WARPS * 32 threads. A block takes one
 // (sequence, kv head) and one contiguous chunk of that sequence's context
@@ -29,7 +33,7 @@
 // partial output and (m, l) to float32 scratch [B, H, S, D] / [B, H, S, 2] and
 // paged_decode_combine_kernel merges them.
 //
-// Bytes moved: K and V of every context token once per kv head: 2 * sum(ctx) * Hkv * D * size
+// Bytes moved: K and V of every visible context token once per kv head: 2 * sum(min(ctx, window)) * Hkv * D * size
 // (+ q, out, block table and split scratch, all small). At batch 64 x 4096 tokens, Hkv = 8,
 // D = 128, bf16 that is 1.07 GB: 365 us at 2.94 TB/s.
 #include "common.cuh"
@@ -65,6 +69,7 @@ typedef DtypeOf<FORGE_CACHE_DTYPE>::type cache_t;
 #endif
 
 constexpr int THREADS = NUM_WARPS * 32;
+constexpr float LOG2E_F = 1.4426950408889634f;
 constexpr int VEC = 16 / sizeof(cache_t);        // elements per 16-byte vector
 constexpr int NVEC = HEAD_DIM / VEC;              // vectors per K/V row of one head
 constexpr int VPT = NVEC / TPT;                   // vectors per thread per token (QK)
@@ -102,7 +107,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) paged_decode_k
     scalar_t* __restrict__ out, float* __restrict__ part_o, float* __restrict__ part_ml,
     const scalar_t* __restrict__ q, const cache_t* __restrict__ k_cache, const cache_t* __restrict__ v_cache,
     const int* __restrict__ block_tables, int bt_stride, const int* __restrict__ context_lens,
-    int num_kv_heads, int num_splits, float scale_log2) {
+    int num_kv_heads, int num_splits, float q_scale, int window, float soft_cap) {
     __shared__ __align__(16) cache_t s_k[STAGES][TILE * HEAD_DIM];
     __shared__ __align__(16) cache_t s_v[STAGES][TILE * HEAD_DIM];
     __shared__ __align__(16) float s_p[TILE][GP];  // logits, then probabilities, of the tile
@@ -115,9 +120,10 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) paged_decode_k
     const int head0 = kvh * GROUP;
 
     const int ctx = context_lens[seq];
-    int chunk = (ctx + num_splits - 1) / num_splits;
+    const int first = window > 0 ? max(0, ctx - window) : 0;  // the first key the query sees
+    int chunk = (ctx - first + num_splits - 1) / num_splits;
     chunk = (chunk + 63) / 64 * 64;
-    const int start = split * chunk;
+    const int start = first + split * chunk;
     const int end = min(start + chunk, ctx);
 
     if (num_splits > 1 && start >= end) {  // empty split: weight 0 in the combine
@@ -173,7 +179,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) paged_decode_k
 #pragma unroll
         for (int j = 0; j < VPT; ++j)
 #pragma unroll
-            for (int e = 0; e < VEC; ++e) qf[h][j][e] = to_float(qh[(j * TPT + lig) * VEC + e]) * scale_log2;
+            for (int e = 0; e < VEC; ++e) qf[h][j][e] = to_float(qh[(j * TPT + lig) * VEC + e]) * q_scale;
     }
 
     float acc[GROUP][VEC];
@@ -218,6 +224,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) paged_decode_k
             for (int h = 0; h < GROUP; ++h) {
 #pragma unroll
                 for (int o = TPT / 2; o > 0; o >>= 1) dot[h] += __shfl_xor_sync(0xffffffffu, dot[h], o);
+                if (soft_cap > 0.f) dot[h] = soft_cap * LOG2E_F * tanhf(dot[h] / soft_cap);  // (log2 units, as exp2 wants)
                 if (lig == h % TPT) s_p[tt][h] = tile0 + tt < end ? dot[h] : -INFINITY;
             }
         }

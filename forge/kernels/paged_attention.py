@@ -106,12 +106,16 @@ def paged_decode_attention(
     num_splits: int | None = None,
     out: torch.Tensor | None = None,
     config: dict | None = None,
+    window: int | None = None,
+    soft_cap: float | None = None,
 ) -> torch.Tensor:
     """q [B, H, D] (one new token per sequence) over its paged context -> [B, H, D].
 
     k_cache/v_cache: [num_blocks, block_size, Hkv, D]; block_tables: int32 [B, max_blocks];
     context_lens: int32 [B] (0 = padding row: zeros out). `max_context_len` is an upper bound
     on context_lens (default: what the block table can address); it picks the split count.
+    window: the query sees only the last `window` keys (sliding-window layers); soft_cap: scores
+    become soft_cap * tanh(scores / soft_cap) (Gemma 2).
     """
     b, h, d = q.shape
     num_blocks, block_size, hkv, d2 = k_cache.shape
@@ -132,6 +136,8 @@ def paged_decode_attention(
         context_lens = context_lens.to(torch.int32)
     if max_context_len is None:
         max_context_len = block_tables.shape[1] * block_size
+    if window is not None:  # a block reads at most the window
+        max_context_len = min(max_context_len, window)
     cfg = dict(config) if config else _default_config(d, group, k_cache.dtype)
     file = KERNEL_FILE
     cfg["BLOCK_SIZE"] = block_size
@@ -158,7 +164,8 @@ def paged_decode_attention(
         compiler.ptr(out), compiler.ptr(part_o), compiler.ptr(part_ml), compiler.ptr(q),
         compiler.ptr(k_cache), compiler.ptr(v_cache), compiler.ptr(block_tables),
         np.int32(block_tables.stride(0)), compiler.ptr(context_lens),
-        np.int32(hkv), np.int32(num_splits), np.float32(scale * LOG2E),
+        np.int32(hkv), np.int32(num_splits), np.float32(scale if soft_cap else scale * LOG2E),
+        np.int32(window or 0), np.float32(soft_cap or 0.0),
     )
     if num_splits > 1:
         combine = compiler.get_kernel(file, "paged_decode_combine_kernel", q.dtype, **cfg)

@@ -13,7 +13,7 @@ from forge.config import ModelConfig
 from forge.distributed.sharding import tensor_sharder
 from forge.errors import ModelLoadError
 from forge.loader.progress import load_progress
-from forge.models.schema import spec_of
+from forge.models.schema import schema_of, spec_of
 
 
 def load_hf_config(path: Path) -> ModelConfig:
@@ -39,6 +39,7 @@ def load_hf_dir(path: Path, shard: tuple[int, int] | None = None):
     if not files:
         raise ModelLoadError(f"{path} has no .safetensors files")
     cut = tensor_sharder(config, shard)
+    schema = schema_of(config)
     weights: dict[str, torch.Tensor] = {}
     with ThreadPoolExecutor(1) as background, ExitStack() as files_open:
         # The tokenizer is built while the tensors are read (the Rust tokenizer and the copies release the GIL).
@@ -53,7 +54,7 @@ def load_hf_dir(path: Path, shard: tuple[int, int] | None = None):
             for f, st in opened:
                 try:
                     for name in st.keys():
-                        if spec_of(name) is not None:  # (not e.g. old checkpoints' rotary_emb.inv_freq)
+                        if spec_of(name, schema) is not None:  # (not e.g. old checkpoints' rotary_emb.inv_freq)
                             weights[name] = cut(name, st.get_tensor(name))
                         bar.update()
                 except Exception as e:

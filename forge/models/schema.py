@@ -12,6 +12,7 @@ Shard rules (Megatron-style):
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -29,9 +30,11 @@ class WeightSpec:
     gguf_name: str
     shape: Callable[[ModelConfig], tuple[int, ...]]
     shard: str  # one of SHARD_RULES
-    split: str | None = None  # "heads" | "kv_heads" | "intermediate": the units a column/row shard is cut in
+    # "heads" | "kv_heads" | "intermediate": the units a column/row shard is cut in; "qkv" / "gate_up": a
+    # checkpoint's fused matrix, cut part by part (q by heads, k and v by KV heads; gate and up by width)
+    split: str | None = None
     model_field: str = ""  # the model attribute it becomes; specs sharing one are stacked along dim 0 (fusion)
-    kind: str = "matrix"  # "matrix" | "embedding" | "norm" (how it is stored and initialised)
+    kind: str = "matrix"  # "matrix" | "embedding" | "norm" | "bias" (how it is stored and initialised)
     required: bool = True  # lm_head is absent when tied, rope_freqs is only in some GGUFs
 
     @property
@@ -49,7 +52,18 @@ def _hidden(c):
     return (c.hidden_size,)
 
 
-LLAMA_SCHEMA: tuple[WeightSpec, ...] = (
+def _head(c):
+    return (c.head_dim,)
+
+
+def _layer(hf: str, gguf: str, shape, shard: str, split: str | None = None, **kw) -> WeightSpec:
+    """A per-layer tensor: HF name under model.layers.{layer}., GGUF name under blk.{layer}."""
+    return WeightSpec(f"model.layers.{{layer}}.{hf}", f"blk.{{layer}}.{gguf}", shape, shard, split, **kw)
+
+
+# Model attributes (LayerWeights fields): input_norm (before attention), mlp_norm (before the MLP),
+# attn_out_norm / mlp_out_norm (after them: Gemma's sandwich norms), q_norm / k_norm (per head).
+TOP = (
     WeightSpec("model.embed_tokens.weight", "token_embd.weight", lambda c: (c.vocab_size, c.hidden_size),
                "vocab", model_field="embed_tokens", kind="embedding"),
     WeightSpec("model.norm.weight", "output_norm.weight", _hidden, "replicated", model_field="norm", kind="norm"),
@@ -57,26 +71,61 @@ LLAMA_SCHEMA: tuple[WeightSpec, ...] = (
                model_field="lm_head", kind="embedding", required=False),
     WeightSpec("rope_freqs.weight", "rope_freqs.weight", lambda c: (c.head_dim // 2,), "replicated",
                model_field="rope_freqs", kind="norm", required=False),
-    # (per-layer order: the order tests/util.random_weights draws them in)
-    WeightSpec("model.layers.{layer}.input_layernorm.weight", "blk.{layer}.attn_norm.weight", _hidden,
-               "replicated", model_field="input_norm", kind="norm"),
-    WeightSpec("model.layers.{layer}.post_attention_layernorm.weight", "blk.{layer}.ffn_norm.weight", _hidden,
-               "replicated", model_field="post_attention_norm", kind="norm"),
-    WeightSpec("model.layers.{layer}.self_attn.q_proj.weight", "blk.{layer}.attn_q.weight",
-               lambda c: (c.q_size, c.hidden_size), "column", "heads", model_field="qkv_proj"),
-    WeightSpec("model.layers.{layer}.self_attn.k_proj.weight", "blk.{layer}.attn_k.weight",
-               lambda c: (c.kv_size, c.hidden_size), "column", "kv_heads", model_field="qkv_proj"),
-    WeightSpec("model.layers.{layer}.self_attn.v_proj.weight", "blk.{layer}.attn_v.weight",
-               lambda c: (c.kv_size, c.hidden_size), "column", "kv_heads", model_field="qkv_proj"),
-    WeightSpec("model.layers.{layer}.self_attn.o_proj.weight", "blk.{layer}.attn_output.weight",
-               lambda c: (c.hidden_size, c.q_size), "row", "heads", model_field="o_proj"),
-    WeightSpec("model.layers.{layer}.mlp.gate_proj.weight", "blk.{layer}.ffn_gate.weight",
-               lambda c: (c.intermediate_size, c.hidden_size), "column", "intermediate", model_field="gate_up_proj"),
-    WeightSpec("model.layers.{layer}.mlp.up_proj.weight", "blk.{layer}.ffn_up.weight",
-               lambda c: (c.intermediate_size, c.hidden_size), "column", "intermediate", model_field="gate_up_proj"),
-    WeightSpec("model.layers.{layer}.mlp.down_proj.weight", "blk.{layer}.ffn_down.weight",
-               lambda c: (c.hidden_size, c.intermediate_size), "row", "intermediate", model_field="down_proj"),
 )
+INPUT_NORM = _layer("input_layernorm.weight", "attn_norm.weight", _hidden, "replicated", model_field="input_norm",
+                    kind="norm")
+MLP_NORM = _layer("post_attention_layernorm.weight", "ffn_norm.weight", _hidden, "replicated", model_field="mlp_norm",
+                  kind="norm")
+QKV = (
+    _layer("self_attn.q_proj.weight", "attn_q.weight", lambda c: (c.q_size, c.hidden_size), "column", "heads",
+           model_field="qkv_proj"),
+    _layer("self_attn.k_proj.weight", "attn_k.weight", lambda c: (c.kv_size, c.hidden_size), "column", "kv_heads",
+           model_field="qkv_proj"),
+    _layer("self_attn.v_proj.weight", "attn_v.weight", lambda c: (c.kv_size, c.hidden_size), "column", "kv_heads",
+           model_field="qkv_proj"),
+)
+O_PROJ = _layer("self_attn.o_proj.weight", "attn_output.weight", lambda c: (c.hidden_size, c.q_size), "row", "heads",
+                model_field="o_proj")
+GATE_UP = (
+    _layer("mlp.gate_proj.weight", "ffn_gate.weight", lambda c: (c.intermediate_size, c.hidden_size), "column",
+           "intermediate", model_field="gate_up_proj"),
+    _layer("mlp.up_proj.weight", "ffn_up.weight", lambda c: (c.intermediate_size, c.hidden_size), "column",
+           "intermediate", model_field="gate_up_proj"),
+)
+DOWN = _layer("mlp.down_proj.weight", "ffn_down.weight", lambda c: (c.hidden_size, c.intermediate_size), "row",
+              "intermediate", model_field="down_proj")
+QKV_BIAS = (  # Qwen2
+    _layer("self_attn.q_proj.bias", "attn_q.bias", lambda c: (c.q_size,), "column", "heads", model_field="qkv_bias",
+           kind="bias"),
+    _layer("self_attn.k_proj.bias", "attn_k.bias", lambda c: (c.kv_size,), "column", "kv_heads",
+           model_field="qkv_bias", kind="bias"),
+    _layer("self_attn.v_proj.bias", "attn_v.bias", lambda c: (c.kv_size,), "column", "kv_heads",
+           model_field="qkv_bias", kind="bias"),
+)
+QK_NORM = (  # Qwen3, Gemma 3: RMSNorm over each head's q and k
+    _layer("self_attn.q_norm.weight", "attn_q_norm.weight", _head, "replicated", model_field="q_norm", kind="norm"),
+    _layer("self_attn.k_norm.weight", "attn_k_norm.weight", _head, "replicated", model_field="k_norm", kind="norm"),
+)
+SANDWICH_NORMS = (  # Gemma 2/3: HF's post_attention_layernorm is after attention, the MLP's input norm is pre_feedforward
+    _layer("post_attention_layernorm.weight", "post_attention_norm.weight", _hidden, "replicated",
+           model_field="attn_out_norm", kind="norm"),
+    _layer("pre_feedforward_layernorm.weight", "ffn_norm.weight", _hidden, "replicated", model_field="mlp_norm",
+           kind="norm"),
+    _layer("post_feedforward_layernorm.weight", "post_ffw_norm.weight", _hidden, "replicated",
+           model_field="mlp_out_norm", kind="norm"),
+)
+FUSED_QKV = _layer("self_attn.qkv_proj.weight", "attn_qkv.weight", lambda c: (c.q_size + 2 * c.kv_size, c.hidden_size),
+                   "column", "qkv", model_field="qkv_proj")  # Phi-3
+FUSED_GATE_UP = _layer("mlp.gate_up_proj.weight", "ffn_up.weight",  # Phi-3 (llama.cpp keeps it fused as ffn_up)
+                       lambda c: (2 * c.intermediate_size, c.hidden_size), "column", "gate_up", model_field="gate_up_proj")
+
+# (per-layer order: the order tests/util.random_weights draws them in)
+LLAMA_SCHEMA: tuple[WeightSpec, ...] = TOP + (INPUT_NORM, MLP_NORM) + QKV + (O_PROJ,) + GATE_UP + (DOWN,)
+QWEN2_SCHEMA = LLAMA_SCHEMA + QKV_BIAS
+QWEN3_SCHEMA = LLAMA_SCHEMA + QK_NORM
+GEMMA2_SCHEMA = TOP + (INPUT_NORM,) + SANDWICH_NORMS + QKV + (O_PROJ,) + GATE_UP + (DOWN,)
+GEMMA3_SCHEMA = GEMMA2_SCHEMA + QK_NORM
+PHI3_SCHEMA = TOP + (INPUT_NORM, MLP_NORM, FUSED_QKV, O_PROJ, FUSED_GATE_UP, DOWN)
 
 
 @dataclass(frozen=True)
@@ -89,9 +138,18 @@ class Weight:
     layer: int | None
 
 
-def expand(config: ModelConfig, schema=LLAMA_SCHEMA, everything: bool = False) -> Iterator[Weight]:
+def schema_of(config: ModelConfig) -> tuple[WeightSpec, ...]:
+    """The weight schema of the config's family (forge.models.families)."""
+    from forge.models.families import family_of
+
+    return family_of(config).schema
+
+
+def expand(config: ModelConfig, schema=None, everything: bool = False) -> Iterator[Weight]:
     """The concrete tensors a checkpoint of this config holds: the required ones, plus lm_head when
-    the embeddings are not tied (everything=True: every tensor the schema knows, for name lookups)."""
+    the embeddings are not tied (everything=True: every tensor the schema knows, for name lookups).
+    schema: the config's family's by default."""
+    schema = schema_of(config) if schema is None else schema
     specs = [s for s in schema if everything or s.required
              or (s.hf_name == "lm_head.weight" and not config.tie_word_embeddings)]
     for spec in specs:
@@ -107,21 +165,22 @@ def _pattern(name: str) -> re.Pattern:
     return re.compile(re.escape(name).replace(re.escape("{layer}"), r"(\d+)") + "$")
 
 
-_HF_PATTERNS = [(_pattern(s.hf_name), s) for s in LLAMA_SCHEMA]
-_GGUF_PATTERNS = [(_pattern(s.gguf_name), s) for s in LLAMA_SCHEMA]
+@functools.cache
+def _patterns(schema: tuple[WeightSpec, ...], gguf: bool) -> list[tuple[re.Pattern, WeightSpec]]:
+    return [(_pattern(s.gguf_name if gguf else s.hf_name), s) for s in schema]
 
 
-def spec_of(hf_name: str) -> WeightSpec | None:
+def spec_of(hf_name: str, schema=LLAMA_SCHEMA) -> WeightSpec | None:
     """The spec of an HF-named tensor (None: not a weight the model uses)."""
-    for pattern, spec in _HF_PATTERNS:
+    for pattern, spec in _patterns(schema, False):
         if pattern.match(hf_name):
             return spec
     return None
 
 
-def hf_name_of_gguf(gguf_name: str) -> str | None:
+def hf_name_of_gguf(gguf_name: str, schema=LLAMA_SCHEMA) -> str | None:
     """llama.cpp tensor name -> HF name (None: not a weight the model uses)."""
-    for pattern, spec in _GGUF_PATTERNS:
+    for pattern, spec in _patterns(schema, True):
         m = pattern.match(gguf_name)
         if m:
             return spec.hf(int(m.group(1)) if spec.per_layer else None)
@@ -142,9 +201,12 @@ def missing_weights(names, config: ModelConfig) -> list[str]:
 def dummy_weights(config: ModelConfig, device, dtype: torch.dtype, seed: int = 0, scale: float = 0.02,
                   embedding_scale: float = 1.0, norm_noise: bool = False) -> dict[str, torch.Tensor]:
     """Random weights of the schema's shapes (pass a shard's local config for one rank): matrices
-    N(0, scale) (embeddings times embedding_scale), norms 1 (plus N(0, scale) with norm_noise), made
+    N(0, scale) (embeddings times embedding_scale), biases N(0, scale), norms 1 (plus N(0, scale) with norm_noise), made
     on `device` so a large model's dummy load needs no host copy."""
+    from forge.models.families import family_of
+
     g = torch.Generator(device=device).manual_seed(seed)
+    one = 1 - family_of(config).norm_offset  # the stored value of a unit norm (Gemma stores w of 1 + w)
 
     def rnd(shape):
         return torch.randn(*shape, generator=g, device=device, dtype=dtype) * scale
@@ -153,7 +215,9 @@ def dummy_weights(config: ModelConfig, device, dtype: torch.dtype, seed: int = 0
     for w in expand(config):
         shape = w.spec.shape(config)
         if w.spec.kind == "norm":
-            weights[w.hf_name] = 1 + rnd(shape) if norm_noise else torch.ones(*shape, device=device, dtype=dtype)
+            weights[w.hf_name] = one + rnd(shape) if norm_noise else torch.full(shape, one, device=device, dtype=dtype)
+        elif w.spec.kind == "bias":
+            weights[w.hf_name] = rnd(shape)
         else:
             weights[w.hf_name] = rnd(shape) * (embedding_scale if w.spec.kind == "embedding" else 1)
     return weights

@@ -18,7 +18,20 @@ def _additive_mask(valid: torch.Tensor) -> torch.Tensor:
     return torch.zeros(valid.shape, device=valid.device).masked_fill_(~valid, float("-inf"))[:, None, None]
 
 
-def _decode_sdpa(q, k, v, mask, scale: float, group: int) -> torch.Tensor:
+def _sdpa(q, k, v, mask, scale: float, group: int, soft_cap: float | None = None) -> torch.Tensor:
+    """Attention of q [B, H, n, D] over k, v [B, Hkv, L, D] with `mask` (bool, True = attend, or
+    additive), float32. With soft_cap the scores are capped before the mask, cap * tanh(s / cap)
+    (Gemma 2), written out as HF's eager attention does (SDPA has no soft-cap)."""
+    if soft_cap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=group > 1)
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = torch.tanh((q @ k.transpose(-1, -2)) * (scale / soft_cap)) * soft_cap
+    scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    return torch.softmax(scores, dim=-1) @ v
+
+
+def _decode_sdpa(q, k, v, mask, scale: float, group: int, soft_cap: float | None = None) -> torch.Tensor:
     """SDPA of one query per row, on one thread: with more, torch splits a small batch's keys over
     threads, and a row's sums then depend on the batch it ran in (a decode's attention is a small
     part of its step)."""
@@ -26,10 +39,19 @@ def _decode_sdpa(q, k, v, mask, scale: float, group: int) -> torch.Tensor:
     if threads > 1:
         torch.set_num_threads(1)
     try:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=group > 1)
+        return _sdpa(q, k, v, mask, scale, group, soft_cap)
     finally:
         if threads > 1:
             torch.set_num_threads(threads)
+
+
+def _visible(ctx: int, n: int, window: int | None, length: int, device) -> torch.Tensor:
+    """[n, length] bool: query i of the last n of ctx positions (position ctx - n + i) sees key j when
+    j <= its position and, with a window, j > its position - window; keys past ctx are padding."""
+    keys = torch.arange(length, device=device)
+    pos = torch.arange(ctx - n, ctx, device=device)[:, None]
+    seen = keys <= pos
+    return seen & (keys > pos - window) if window is not None else seen
 
 
 class _StepMemo:
@@ -64,7 +86,8 @@ class CpuOps:
     name = "cpu"
 
     def __init__(self):
-        self._rope, self._fresh, self._decode_plan = _StepMemo(), _StepMemo(), _StepMemo()
+        self._rope, self._fresh = _StepMemo(), _StepMemo()
+        self._decode_plans: dict[int | None, _StepMemo] = {}  # by attention window (layers may differ)
 
     def linear(self, x: torch.Tensor, weight) -> torch.Tensor:
         """x @ weight.T; weight is a float tensor or a quantized layout (forge.quant), whose kernel
@@ -106,6 +129,11 @@ class CpuOps:
         """[T, 2I] (gate then up, from one fused GEMM) -> silu(gate) * up, [T, I]."""
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
+
+    def gelu_tanh_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """[T, 2I] -> gelu_tanh(gate) * up, [T, I] (GeGLU: Gemma's MLP)."""
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.gelu(gate, approximate="tanh") * up
 
     def moe_route(self, router_logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """[T, E] router logits -> (weights [T, k] float32, expert ids [T, k]): softmax top-k (forge.ops.moe)."""
@@ -176,35 +204,40 @@ class CpuOps:
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        window: int | None = None,
+        soft_cap: float | None = None,
     ) -> torch.Tensor:
-        """Causal attention of each sequence's new queries over its whole paged context.
+        """Causal attention of each sequence's new queries over its paged context.
 
         q: [T, H, D] -> [T, H, D]. The query token i of a sequence with context length L and query
-        length n sits at position L - n + i and sees keys 0 .. L - n + i.
+        length n sits at position L - n + i and sees keys 0 .. L - n + i; with a window, only the
+        last `window` of those (itself included: HF's sliding window). soft_cap: scores become
+        soft_cap * tanh(scores / soft_cap) before the softmax (Gemma 2).
         """
         block_size = k_cache.shape[1]
         num_heads, num_kv_heads = q.shape[1], k_cache.shape[2]
         group = num_heads // num_kv_heads
         if meta.max_query_len == 1:  # pure decode: every sequence at once
-            return self._decode_attention(q, k_cache, v_cache, meta, group, scale)
+            return self._decode_attention(q, k_cache, v_cache, meta, group, scale, window, soft_cap)
         out = torch.empty_like(q)
         start = 0
         for i, (n, ctx) in enumerate(zip(meta.query_lens_cpu, meta.context_lens_cpu)):
             blocks = meta.block_tables[i, : (ctx + block_size - 1) // block_size].long()
             k = k_cache[blocks].flatten(0, 1)[:ctx]  # [ctx, Hkv, D]
             v = v_cache[blocks].flatten(0, 1)[:ctx]
-            out[start : start + n] = self._causal_attention(q[start : start + n], k, v, group, scale)
+            out[start : start + n] = self._causal_attention(q[start : start + n], k, v, group, scale, window, soft_cap)
             start += n
         return out
 
-    def _decode_attention(self, q, k_cache, v_cache, meta: AttentionMetadata, group: int, scale: float) -> torch.Tensor:
+    def _decode_attention(self, q, k_cache, v_cache, meta: AttentionMetadata, group: int, scale: float,
+                          window: int | None = None, soft_cap: float | None = None) -> torch.Tensor:
         """One query per sequence (its last position) over its whole context, all sequences in one
         SDPA call: contexts are gathered padded to the longest and the padding is masked. The same
         math as `_causal_attention` (float32 softmax); one op sequence instead of a Python loop over
         sequences, which dominated CPU decode steps at batch 16."""
         b, num_heads, d = q.shape
         num_kv_heads = k_cache.shape[2]
-        index, mask, empty = self._decode_slots(meta, k_cache.shape[1], q.device)
+        index, mask, empty = self._decode_slots(meta, k_cache.shape[1], q.device, window)
         rows = k_cache if index.numel() * k_cache.shape[1] == mask.shape[0] * mask.shape[-1] else None
         if rows is not None:  # whole blocks (block_size a multiple of 16): a few long copies
             k, v = k_cache.index_select(0, index), v_cache.index_select(0, index)
@@ -213,15 +246,16 @@ class CpuOps:
             v = v_cache.view(-1, num_kv_heads, d).index_select(0, index)
         k, v = (t.view(b, -1, num_kv_heads, d).transpose(1, 2) for t in (k, v))  # [B, Hkv, L, D]
         f32 = torch.float32
-        out = _decode_sdpa(_as(q, f32)[:, :, None], _as(k, f32), _as(v, f32), mask, scale, group)  # [B, H, 1, D]
+        out = _decode_sdpa(_as(q, f32)[:, :, None], _as(k, f32), _as(v, f32), mask, scale, group, soft_cap)  # [B, H, 1, D]
         if empty:  # a row with no context (every key masked) attends to nothing: 0, not NaN
             out = out.nan_to_num_(0.0)
         return _as(out.view(b, num_heads, d), q.dtype)
 
-    def _decode_slots(self, meta: AttentionMetadata, block_size: int, device) -> tuple:
-        """What every layer's decode attention gathers, once per step: the context's cache blocks
-        [B * L / block_size] when block_size is a multiple of 16 (else its slots, [B * L]), the
-        padding mask [B, 1, 1, L] (0 / -inf) and whether a row is empty. L is the longest
+    def _decode_slots(self, meta: AttentionMetadata, block_size: int, device, window: int | None = None) -> tuple:
+        """What every layer's decode attention gathers, once per step (and window): the context's
+        cache blocks [B * L / block_size] when block_size is a multiple of 16 (else its slots, [B * L]),
+        the padding mask [B, 1, 1, L] (0 / -inf; with a window, keys before the window are masked
+        too) and whether a row is empty. L is the longest
         context rounded up to a multiple of 16, and the mask is always applied: a row then gives
         bit-identical results alone or in any batch (SDPA's sums over L differ only by whole vectors
         of exact zeros; unpadded, rows came out ~1e-7 apart, enough to flip near-tied greedy picks).
@@ -239,15 +273,21 @@ class CpuOps:
             else:
                 offsets = torch.arange(block_size, device=device)
                 index, length = (tables[:, :, None] * block_size + offsets).flatten(1)[:, :padded], padded
-            valid = torch.arange(length, device=device) < meta.context_lens.to(torch.long)[:, None]
+            keys = torch.arange(length, device=device)
+            ctx = meta.context_lens.to(torch.long)[:, None]
+            valid = keys < ctx
+            if window is not None:
+                valid &= keys >= ctx - window
             if block_size % 16:
-                index = index.masked_fill(~valid, 0).flatten()
+                index = index.masked_fill(keys >= ctx, 0).flatten()
             return index, _additive_mask(valid), min(meta.context_lens_cpu) == 0
 
-        return self._decode_plan.get((meta.block_tables, meta.context_lens), (block_size,), compute)
+        memo = self._decode_plans.setdefault(window, _StepMemo())
+        return memo.get((meta.block_tables, meta.context_lens), (block_size,), compute)
 
     @staticmethod
-    def _causal_attention(q, k, v, group: int, scale: float) -> torch.Tensor:
+    def _causal_attention(q, k, v, group: int, scale: float, window: int | None = None,
+                          soft_cap: float | None = None) -> torch.Tensor:
         """q: [n, H, D] (the last n positions); k, v: [ctx, Hkv, D]. Float32 softmax (torch's SDPA:
         flash attention on the CPU, GQA without repeating K/V)."""
         n, ctx = q.shape[0], k.shape[0]
@@ -255,13 +295,12 @@ class CpuOps:
             # result does not depend on whether its step also held a prefill
             padded = -(-ctx // 16) * 16
             k, v = (F.pad(t, (0, 0, 0, 0, 0, padded - ctx)) for t in (k, v))
-            mask = _additive_mask((torch.arange(padded, device=q.device) < ctx)[None])
+            mask = _additive_mask(_visible(ctx, 1, window, padded, q.device))
             qh, kh, vh = (t.float().transpose(0, 1)[None] for t in (q, k, v))
-            return _decode_sdpa(qh, kh, vh, mask, scale, group)[0].transpose(0, 1).to(q.dtype)
+            return _decode_sdpa(qh, kh, vh, mask, scale, group, soft_cap)[0].transpose(0, 1).to(q.dtype)
         qh, kh, vh = (t.float().transpose(0, 1)[None] for t in (q, k, v))  # [1, heads, len, D]
-        if n == ctx:  # no cached prefix: the usual top-left causal mask
+        if n == ctx and window is None and soft_cap is None:  # no cached prefix: the usual top-left causal mask
             out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=n > 1, scale=scale, enable_gqa=group > 1)
         else:  # query i sits at position ctx - n + i
-            mask = torch.arange(ctx, device=q.device) <= torch.arange(ctx - n, ctx, device=q.device)[:, None]
-            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=group > 1)
+            out = _sdpa(qh, kh, vh, _visible(ctx, n, window, ctx, q.device), scale, group, soft_cap)
         return out[0].transpose(0, 1).to(q.dtype)

@@ -8,8 +8,9 @@ Attention:
     (forge/kernels/paged_attention.cu), graph-capturable;
   * prefill / mixed steps: each sequence's K/V is gathered from the paged cache and run through
     torch's varlen flash attention (bottom-right-aligned causal, checked once at first use
-    against a reference), or per-sequence SDPA with an explicit bottom-right causal mask where
-    varlen is unavailable, misaligned, or the dtype is float32.
+    against a reference; a sliding window is its window_size), or per-sequence SDPA with an
+    explicit bottom-right causal mask where varlen is unavailable, misaligned, the dtype is
+    float32, or the scores are soft-capped (Gemma 2: flash attention here has no soft-cap).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 
 from forge.kernels import activation, norm, paged_attention, rope_cache
 from forge.ops import moe
-from forge.ops.cpu import CpuOps
+from forge.ops.cpu import CpuOps, _sdpa, _visible
 from forge.ops.metadata import AttentionMetadata
 
 log = logging.getLogger("forge")
@@ -69,11 +70,21 @@ class CudaOps(CpuOps):
             return super().silu_mul(gate_up)
         return activation.silu_mul(gate_up)
 
+    def gelu_tanh_mul(self, gate_up):
+        if not gate_up.is_cuda:
+            return super().gelu_tanh_mul(gate_up)
+        return activation.gelu_tanh_mul(gate_up)
+
     def moe_experts(self, x, weights, expert_ids, gate_up, down):
-        """Two grouped GEMMs (torch's CUTLASS kernel for bfloat16 on sm90; for other dtypes torch loops
-        over the groups after reading the offsets on the host, so those steps cannot be graph-captured)."""
+        """Decode-sized steps (at most MOE_KERNEL_MAX_PAIRS (token, expert) pairs) and every float16 /
+        float32 step: forge's expert-by-expert kernel (forge/kernels/moe.cu), which reads each picked
+        expert's weights once; larger bfloat16 steps: two grouped GEMMs (torch's CUTLASS kernel, sm90).
+        Neither syncs with the host, so decode steps capture into CUDA graphs."""
         if not _is_cuda(x, gate_up):
             return super().moe_experts(x, weights, expert_ids, gate_up, down)
+        if x.dtype != torch.bfloat16 or expert_ids.numel() <= MOE_KERNEL_MAX_PAIRS:
+            order, ends = moe.sort_by_expert(expert_ids, gate_up.shape[0])
+            return moe_kernel.moe_experts(x, weights, order, ends, gate_up, down)
         return moe.experts_grouped_mm(self, x, weights, expert_ids, gate_up, down)
 
     def qkv_rope_cache(self, qkv, positions, cos_sin_cache, k_cache, v_cache, slot_mapping,
@@ -86,24 +97,28 @@ class CudaOps(CpuOps):
 
     # ---- attention -----------------------------------------------------------------------
     def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                  meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                  meta: AttentionMetadata, scale: float, window: int | None = None,
+                  soft_cap: float | None = None) -> torch.Tensor:
         if not _is_cuda(q, k_cache):
-            return super().attention(q, k_cache, v_cache, meta, scale)
+            return super().attention(q, k_cache, v_cache, meta, scale, window, soft_cap)
         if meta.is_decode_only:
             self._log_once("decode", "forge attention: decode steps use the paged decode kernel (split-K)")
             max_ctx = self.decode_max_context_len or meta.max_context_len
             return paged_attention.paged_decode_attention(
-                q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale, max_context_len=max_ctx
+                q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale, max_context_len=max_ctx,
+                window=window, soft_cap=soft_cap,
             )
-        return self.prefill_attention(q, k_cache, v_cache, meta, scale)
+        return self.prefill_attention(q, k_cache, v_cache, meta, scale, window, soft_cap)
 
-    def prefill_attention(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def prefill_attention(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float,
+                          window: int | None = None, soft_cap: float | None = None) -> torch.Tensor:
         k, v, cu_k = self.gather_kv(k_cache, v_cache, meta)
         backend = self._backend_for(q.dtype, q.shape[-1])
-        if backend.startswith("varlen"):
+        if backend.startswith("varlen") and soft_cap is None:
             max_k = max(meta.context_lens_cpu) if meta.context_lens_cpu else 0
-            return self._run_varlen(backend, q, k, v, meta.query_start_loc, cu_k, meta.max_query_len, max_k, scale)
-        return self._sdpa_per_sequence(q, k, v, meta.query_lens_cpu, meta.context_lens_cpu, scale)
+            return self._run_varlen(backend, q, k, v, meta.query_start_loc, cu_k, meta.max_query_len, max_k, scale,
+                                    window)
+        return self._sdpa_per_sequence(q, k, v, meta.query_lens_cpu, meta.context_lens_cpu, scale, window, soft_cap)
 
     @staticmethod
     def gather_kv(k_cache, v_cache, meta: AttentionMetadata):
@@ -126,8 +141,9 @@ class CudaOps(CpuOps):
         v = v_cache.view(-1, hkv, d).index_select(0, slots)
         return k, v, cu_k
 
-    def _run_varlen(self, backend, q, k, v, cu_q, cu_k, max_q, max_k, scale):
-        kwargs = dict(scale=scale, window_size=(-1, 0))
+    def _run_varlen(self, backend, q, k, v, cu_q, cu_k, max_q, max_k, scale, window: int | None = None):
+        # (left, right) keys around the bottom-right-aligned diagonal: -1 = unbounded
+        kwargs = dict(scale=scale, window_size=(-1 if window is None else window - 1, 0))
         if backend == "varlen":
             kwargs["enable_gqa"] = True
         elif backend == "varlen-repeat" and k.shape[1] != q.shape[1]:
@@ -137,7 +153,8 @@ class CudaOps(CpuOps):
         return _varlen_attn(q.contiguous(), k, v, cu_q.to(torch.int32), cu_k, max_q, max_k, **kwargs)
 
     @staticmethod
-    def _sdpa_per_sequence(q, k, v, query_lens, context_lens, scale):
+    def _sdpa_per_sequence(q, k, v, query_lens, context_lens, scale, window: int | None = None,
+                           soft_cap: float | None = None):
         out = torch.empty_like(q)
         qs = ks = 0
         group = q.shape[1] // k.shape[1]
@@ -145,16 +162,20 @@ class CudaOps(CpuOps):
             qi = q[qs:qs + n].transpose(0, 1)[None]  # [1, H, n, D]
             ki = k[ks:ks + ctx].transpose(0, 1)[None]  # [1, Hkv, ctx, D]
             vi = v[ks:ks + ctx].transpose(0, 1)[None]
-            if group > 1:
-                ki = ki.repeat_interleave(group, dim=1)
-                vi = vi.repeat_interleave(group, dim=1)
-            if n == ctx:
-                o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale)
-            elif n == 1:
-                o = F.scaled_dot_product_attention(qi, ki, vi, scale=scale)
+            if window is not None or soft_cap is not None:  # the CPU reference's math, in float32
+                o = _sdpa(qi.float(), ki.float(), vi.float(), _visible(ctx, n, window, ctx, q.device), scale, group,
+                          soft_cap).to(q.dtype)
             else:
-                mask = _causal_mask(n, ctx, q.device)
-                o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale)
+                if group > 1:
+                    ki = ki.repeat_interleave(group, dim=1)
+                    vi = vi.repeat_interleave(group, dim=1)
+                if n == ctx:
+                    o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale)
+                elif n == 1:
+                    o = F.scaled_dot_product_attention(qi, ki, vi, scale=scale)
+                else:
+                    mask = _causal_mask(n, ctx, q.device)
+                    o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale)
             out[qs:qs + n] = o[0].transpose(0, 1)
             qs += n
             ks += ctx

@@ -370,3 +370,64 @@ def test_apply_token_bitmask(vocab, batch, rows):
     assert torch.equal(out.cpu(), ref)
     untouched = [r for r in range(batch) if r not in rows]
     assert torch.equal(out.cpu()[untouched], logits[untouched])
+
+
+# ---- sliding window, soft-cap, GeGLU (issue 14's families) ----------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("t,inter", [(1, 1536), (33, 1001)])
+def test_gelu_tanh_mul(dtype, t, inter):
+    x = (torch.randn(t, 2 * inter, generator=gen(t + inter)) * 3).to(dtype)
+    ref = CPU.gelu_tanh_mul(x)
+    poison_allocator()
+    assert rel_err(cuda_ops().gelu_tanh_mul(x.cuda()), ref) < TOL[dtype]
+
+
+WINDOW_CASES = [
+    # (H, Hkv, D, block_size, context_lens, window, soft_cap)
+    (8, 2, 64, 16, [1, 17, 100, 1000, 0, 700], 64, None),
+    (8, 2, 128, 16, [5, 300, 2000], 513, None),  # (several splits inside the window)
+    (16, 8, 256, 16, [90, 513, 1], None, 5.0),
+    (8, 4, 64, 32, [33, 250, 600], 100, 30.0),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", WINDOW_CASES, ids=lambda c: f"D{c[2]}w{c[5]}cap{c[6]}")
+@pytest.mark.parametrize("num_splits", [None, 1, 5])
+def test_paged_decode_attention_window_and_soft_cap(dtype, case, num_splits):
+    from forge.kernels.paged_attention import paged_decode_attention
+
+    h, hkv, d, bs, lens, window, cap = case
+    k_cache, v_cache, tables = make_paged(lens, hkv, d, bs, dtype, seed=d + bs)
+    q = (torch.randn(len(lens), h, d, generator=gen(5)) * 3).to(dtype)  # (scores large enough for the cap to bite)
+    scale = d ** -0.5
+    ref = CPU.attention(q.float(), k_cache.float(), v_cache.float(), make_meta([1] * len(lens), lens, tables), scale,
+                        window=window, soft_cap=cap)
+    full = CPU.attention(q.float(), k_cache.float(), v_cache.float(), make_meta([1] * len(lens), lens, tables), scale)
+    assert rel_err(full, ref) > 0.05  # (the window / cap changes the result)
+    poison_allocator()
+    out = paged_decode_attention(q.cuda(), k_cache.cuda(), v_cache.cuda(), tables.cuda(),
+                                 torch.tensor(lens, dtype=torch.int32).cuda(), scale, num_splits=num_splits,
+                                 window=window, soft_cap=cap)
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("window,cap", [(7, None), (30, None), (None, 4.0), (9, 4.0)])
+def test_cuda_ops_attention_prefill_window_and_soft_cap(dtype, window, cap):
+    """Cached prefixes, a decode row and full prefills through a sliding window (varlen's window_size)
+    and soft-capped scores (the per-sequence path)."""
+    h, hkv, d, bs, qlens, lens = 8, 2, 64, 16, [5, 1, 40, 70], [20, 9, 40, 300]
+    k_cache, v_cache, tables = make_paged(lens, hkv, d, bs, dtype, seed=7)
+    q = (torch.randn(sum(qlens), h, d, generator=gen(13)) * 3).to(dtype)
+    scale = d ** -0.5
+    ref = CPU.attention(q.float(), k_cache.float(), v_cache.float(), make_meta(qlens, lens, tables), scale,
+                        window=window, soft_cap=cap)
+    ops = cuda_ops()
+    poison_allocator()
+    out = ops.attention(q.cuda(), k_cache.cuda(), v_cache.cuda(), make_meta(qlens, lens, tables, "cuda"), scale,
+                        window=window, soft_cap=cap)
+    err = rel_err(out, ref)
+    print(f"prefill backend {ops._prefill_backend}, window {window}, cap {cap}: rel err {err:.2e}")
+    assert err < TOL[dtype] * 2
