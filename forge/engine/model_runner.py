@@ -15,6 +15,7 @@ from forge.engine.plan import StepPlan
 from forge.models.decoder import DecoderModel
 from forge.ops import get_ops
 from forge.ops.metadata import AttentionMetadata
+from forge.quant import GroupQuantized
 
 logger = logging.getLogger("forge")
 
@@ -156,7 +157,9 @@ class ModelRunner:
         self.dtype = resolve_dtype(config.dtype, config.device)
         self.block_size = config.block_size
         self.max_model_len = max_model_len
-        self.ops = get_ops(config.device)
+        # Quantized matrices (kept from a GGUF, or quantized at load) take the CPU fast path's ops.
+        quantized = config.quantization in ("int8", "int4") or any(isinstance(w, GroupQuantized) for w in weights.values())
+        self.ops = get_ops(config.device, quantized=quantized)
         if self.device.type == "cpu":
             torch.set_num_threads(config.threads or default_cpu_threads())
         self.long_stager = HostStager(torch.long, self.device)  # input ids, positions, slots, rows

@@ -47,9 +47,6 @@ class GroupQuantized:
         # Same two roundings as the gguf package's `d * q + m` (no fused multiply-add).
         return (q * self.scale[..., None] + self.offset[..., None]).view(n, k)
 
-    def pack(self) -> "Int4Weight":
-        return Int4Weight.from_groups(self)
-
 
 def cat_groups(parts: list[GroupQuantized]) -> GroupQuantized:
     """Stack weights along the output dimension (fused q/k/v, gate/up)."""
@@ -200,7 +197,96 @@ class Int8Weight:
         return self.codes.float() * self.scales.float()[:, None]
 
 
-QuantizedWeight = Int4Weight | Int8Weight
+class Q32Weight:
+    """forge's own AVX-512 VNNI layout (forge/native/q32_gemm.cpp, loaded by forge.native):
+    4-bit codes (GGUF Q4_0/Q4_1/Q4_K, int4) or 8-bit codes (Q8_0, Q5_x, the requantized K-quants),
+    one float16 (scale, offset) per 32 inputs, w = scale * q + offset, interleaved 16 rows at a
+    time (the .cpp's comment draws the bytes). The kernel quantizes activations per 32 inputs to int8.
+
+    Exact for GGUF Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 (their scales are float16 already); Q4_K/Q5_K
+    scales (a float16 times a 6-bit integer) round to float16, relative error <= 2^-11.
+    Bytes per weight: 0.625 (4-bit, the same as GGUF Q4_1) or 1.125 (8-bit: Q8_0's 1.0625 + offsets).
+    """
+
+    def __init__(self, data: torch.Tensor, shape: tuple[int, int], bits: int, lib):
+        self.data = data  # uint8 [N_pad / 16, K / 32, group block bytes]; N_pad = N rounded up to 16
+        self.shape = shape  # (N, K)
+        self.bits = bits
+        self._lib = lib
+        self._n_pad = data.shape[0] * Q32_TILE
+
+    @classmethod
+    def from_groups(cls, g: GroupQuantized, lib) -> "Q32Weight | None":
+        """None when a scale or offset does not fit float16 (the caller keeps torch's layout)."""
+        if g.bits > 8:
+            raise ValueError(f"Q32Weight holds codes of at most 8 bits, got {g.bits}")
+        scale, offset = g.scale.to(torch.float16), g.offset.to(torch.float16)
+        if not (torch.isfinite(scale).all() and torch.isfinite(offset).all()):
+            return None
+        bits = 4 if g.bits <= 4 else 8
+        return cls(pack_q32(g.codes, scale, offset, bits), g.shape, bits, lib)
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel()
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., K] -> float32 [..., N]."""
+        lead, (n, k) = x.shape[:-1], self.shape
+        x = x.reshape(-1, k)
+        if x.dtype != torch.float32 or not x.is_contiguous():
+            x = x.float().contiguous()
+        y = torch.empty(x.shape[0], self._n_pad)
+        self._lib.fq_linear(x.data_ptr(), x.shape[0], k, self.data.data_ptr(), self.bits, self._n_pad, y.data_ptr(),
+                            torch.get_num_threads())
+        if self._n_pad != n:
+            y = y[:, :n]
+        return y.view(*lead, n)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Dequantized rows `ids` of the weight, [len(ids), K] float32."""
+        ids = ids.reshape(-1).long().contiguous()
+        n, k = self.shape
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= n):
+            raise IndexError(f"row ids must be in [0, {n})")
+        out = torch.empty(ids.numel(), k)
+        self._lib.fq_dequantize_rows(self.data.data_ptr(), self.bits, self._n_pad, k, ids.data_ptr(), ids.numel(),
+                                     out.data_ptr())
+        return out
+
+    def row_dots(self, ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """x[i] . row ids[i, j] in float32, [n, k] (see Int4Weight.row_dots)."""
+        n, k = ids.shape
+        w = self.rows(ids.flatten()).view(n, k, -1)
+        return torch.bmm(w, x.float().view(n, -1, 1))[..., 0]
+
+    def dequantize(self) -> torch.Tensor:
+        return self.rows(torch.arange(self.shape[0]))
+
+
+Q32_TILE = 16  # rows interleaved per tile (one int32 lane each in the kernel)
+
+
+def pack_q32(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes [N, K] and float16 scale/offset [N, K / 32] -> q32_gemm.cpp's bytes, [N_pad / 16, K / 32, block]:
+    per tile of 16 rows and group of 32 inputs, 8 steps of 64 bytes (step j: codes 4j .. 4j + 3 of
+    each row in turn; 4-bit codes put step j + 4 in the high nibble of step j), then the 16 rows'
+    scales and their 16 offsets."""
+    n, k = codes.shape
+    pad = -n % Q32_TILE
+    if pad:
+        codes = torch.cat([codes, codes.new_zeros(pad, k)])
+        scale = torch.cat([scale, scale.new_zeros(pad, scale.shape[1])])
+        offset = torch.cat([offset, offset.new_zeros(pad, offset.shape[1])])
+    tiles, groups = (n + pad) // Q32_TILE, k // GROUP
+    steps = codes.view(tiles, Q32_TILE, groups, 8, 4).permute(0, 2, 3, 1, 4).reshape(tiles, groups, 8, 64)
+    if bits == 4:
+        steps = steps[:, :, :4] | (steps[:, :, 4:] << 4)
+    per_tile = lambda t: t.view(tiles, Q32_TILE, groups).transpose(1, 2).contiguous().view(torch.uint8)  # noqa: E731
+    return torch.cat([steps.reshape(tiles, groups, -1), per_tile(scale), per_tile(offset)], -1).contiguous()
+
+
+QuantizedWeight = Int4Weight | Int8Weight | Q32Weight
 
 
 def quantize_groups(weight: torch.Tensor, bits: int) -> GroupQuantized:

@@ -1,0 +1,234 @@
+// The small per-layer ops of a CPU forward step, float32, one call each instead of torch's 5-15
+// dispatched ops (NativeCpuOps, forge/ops/cpu_native.py; CpuOps is the reference they are tested
+// against in tests/test_native_cpu.py). Every op is row-independent: a row's result does not depend
+// on the other rows of its batch (batch == sequential).
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace {
+
+// exp(x) for 16 floats: 2^(x log2 e) = 2^n * 2^f, f in [-0.5, 0.5], 2^f by a degree-6 polynomial
+// (relative error < 2e-7, about 2 ulp); x below -87 gives 0, above 88 gives +inf.
+inline __m512 exp16(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.7f));
+    const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(t, n);
+    __m512 p = _mm512_set1_ps(1.5353362e-4f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3398874e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6180717e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5503340e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022652e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1); }
+
+inline float dot(const float* a, const float* b, int64_t d) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t i = 0; i < d; i += 16) {
+        const __mmask16 k = tail_mask(d - i);
+        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, a + i), _mm512_maskz_loadu_ps(k, b + i), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
+// out = x * rsqrt(mean(x^2) + eps) * w for one row of h values.
+inline void rms_norm_row(const float* x, const float* w, int64_t h, float eps, float* out) {
+    __m512 ss = _mm512_setzero_ps();
+    for (int64_t i = 0; i < h; i += 16) {
+        const __m512 v = _mm512_maskz_loadu_ps(tail_mask(h - i), x + i);
+        ss = _mm512_fmadd_ps(v, v, ss);
+    }
+    const __m512 inv = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(ss) / (float)h + eps));
+    for (int64_t i = 0; i < h; i += 16) {
+        const __mmask16 k = tail_mask(h - i);
+        const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, x + i), inv);
+        _mm512_mask_storeu_ps(out + i, k, _mm512_mul_ps(v, _mm512_maskz_loadu_ps(k, w + i)));
+    }
+}
+
+thread_local std::vector<float> scores;
+
+// Walks a sequence's key positions in order, yielding each one's cache slot through its block table
+// (one division up front instead of one per key).
+struct SlotWalker {
+    const int32_t* table;
+    int64_t block_size, block, offset;
+    SlotWalker(const int32_t* t, int64_t bs, int64_t first) : table(t), block_size(bs), block(first / bs), offset(first % bs) {}
+    int64_t next() {
+        const int64_t slot = (int64_t)table[block] * block_size + offset;
+        if (++offset == block_size) offset = 0, ++block;
+        return slot;
+    }
+};
+
+}  // namespace
+
+extern "C" {
+
+void fq_rms_norm(const float* x, const float* w, int64_t t, int64_t h, float eps, float* out) {
+    for (int64_t i = 0; i < t; ++i) rms_norm_row(x + i * h, w, h, eps, out + i * h);
+}
+
+// residual_out = x + residual; out = rms_norm(residual_out) * w.
+void fq_add_rms_norm(const float* x, const float* residual, const float* w, int64_t t, int64_t h, float eps,
+                     float* out, float* residual_out) {
+    for (int64_t i = 0; i < t; ++i) {
+        for (int64_t j = 0; j < h; j += 16) {
+            const __mmask16 k = tail_mask(h - j);
+            const __m512 s = _mm512_add_ps(_mm512_maskz_loadu_ps(k, x + i * h + j), _mm512_maskz_loadu_ps(k, residual + i * h + j));
+            _mm512_mask_storeu_ps(residual_out + i * h + j, k, s);
+        }
+        rms_norm_row(residual_out + i * h, w, h, eps, out + i * h);
+    }
+}
+
+// gate_up [T, 2I] (gate, then up) -> out [T, I] = silu(gate) * up = gate / (1 + exp(-gate)) * up.
+void fq_silu_mul(const float* gate_up, int64_t t, int64_t inter, float* out) {
+    for (int64_t i = 0; i < t; ++i) {
+        const float* g = gate_up + i * 2 * inter;
+        for (int64_t j = 0; j < inter; j += 16) {
+            const __mmask16 k = tail_mask(inter - j);
+            const __m512 gv = _mm512_maskz_loadu_ps(k, g + j), uv = _mm512_maskz_loadu_ps(k, g + inter + j);
+            const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+            const __m512 silu = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+            _mm512_mask_storeu_ps(out + i * inter + j, k, _mm512_mul_ps(silu, uv));
+        }
+    }
+}
+
+// Split qkv [T, (H + 2 Hkv) D]; rotate q and k by neox RoPE (cos_sin [max_pos, D]: D/2 cos, then D/2
+// sin); q -> q_out [T, H, D]; k, v -> their cache slots (caches [blocks, block_size, Hkv, D]). A
+// block whose first slot is written is zeroed first (see CpuOps._fresh_blocks: padding reads zeros).
+void fq_qkv_rope_cache(const float* qkv, int64_t t, const int64_t* positions, const float* cos_sin, int64_t heads,
+                       int64_t kv_heads, int64_t d, float* k_cache, float* v_cache, const int64_t* slots,
+                       int64_t block_size, float* q_out) {
+    const int64_t half = d / 2, width = (heads + 2 * kv_heads) * d, slot_floats = kv_heads * d;
+    for (int64_t i = 0; i < t; ++i) {
+        const float* row = qkv + i * width;
+        const float* cs = cos_sin + positions[i] * d;
+        const int64_t slot = slots[i];
+        if (slot % block_size == 0) {
+            memset(k_cache + slot * slot_floats, 0, block_size * slot_floats * sizeof(float));
+            memset(v_cache + slot * slot_floats, 0, block_size * slot_floats * sizeof(float));
+        }
+        for (int64_t h = 0; h < heads + kv_heads; ++h) {
+            const float* x = row + h * d;
+            float* o = h < heads ? q_out + (i * heads + h) * d : k_cache + slot * slot_floats + (h - heads) * d;
+            for (int64_t j = 0; j < half; j += 16) {
+                const __mmask16 k = tail_mask(half - j);
+                const __m512 x1 = _mm512_maskz_loadu_ps(k, x + j), x2 = _mm512_maskz_loadu_ps(k, x + half + j);
+                const __m512 c = _mm512_maskz_loadu_ps(k, cs + j), s = _mm512_maskz_loadu_ps(k, cs + half + j);
+                _mm512_mask_storeu_ps(o + j, k, _mm512_sub_ps(_mm512_mul_ps(x1, c), _mm512_mul_ps(x2, s)));
+                _mm512_mask_storeu_ps(o + half + j, k, _mm512_add_ps(_mm512_mul_ps(x2, c), _mm512_mul_ps(x1, s)));
+            }
+        }
+        memcpy(v_cache + slot * slot_floats, row + (heads + kv_heads) * d, slot_floats * sizeof(float));
+    }
+}
+
+}  // extern "C"
+
+namespace {
+
+// One query per sequence (at position context_len - 1) over its paged context: q [B, H, D] ->
+// out [B, H, D]. window > 0: only the last `window` keys (the query's own included); soft_cap > 0:
+// scores become soft_cap * tanh(score / soft_cap). Float32 softmax; a sequence with no keys gives 0.
+// Work item = (sequence, KV head): its `group` query heads share every K and V row load; with
+// D = 16 * CHUNKS the V accumulators stay in registers (CHUNKS = 0: any D, accumulated in memory).
+template <int CHUNKS>
+void attend(const float* q, const float* k_cache, const float* v_cache, const int32_t* table, int64_t ctx,
+            int64_t heads, int64_t kv_heads, int64_t d, int64_t block_size, float scale, int64_t window,
+            float soft_cap, int64_t s, int64_t kvh, float* out) {
+    constexpr int MAX_GROUP = 64, REGISTER_GROUP = 8;  // query heads per KV head: any / in registers
+    const int64_t group = heads / kv_heads, slot_floats = kv_heads * d;
+    const int64_t first = window > 0 ? std::max<int64_t>(0, ctx - window) : 0, n = ctx - first;
+    if ((int64_t)scores.size() < group * n) scores.resize(group * n);
+    float mx[MAX_GROUP];
+    for (int64_t g = 0; g < group; ++g) mx[g] = -INFINITY;
+    SlotWalker keys(table, block_size, first);
+    for (int64_t p = first; p < ctx; ++p) {  // scores: one K row load for the group's heads
+        const float* kp = k_cache + keys.next() * slot_floats + kvh * d;
+        for (int64_t g = 0; g < group; ++g) {
+            float v = dot(q + (s * heads + kvh * group + g) * d, kp, d) * scale;
+            if (soft_cap > 0) v = soft_cap * tanhf(v / soft_cap);
+            scores[g * n + p - first] = v;
+            mx[g] = std::max(mx[g], v);
+        }
+    }
+    float inv_total[MAX_GROUP];
+    for (int64_t g = 0; g < group; ++g) {  // exp(score - max), vectorised
+        float* sc = scores.data() + g * n;
+        const __m512 mv = _mm512_set1_ps(mx[g]);
+        __m512 tv = _mm512_setzero_ps();
+        for (int64_t p = 0; p < n; p += 16) {
+            const __mmask16 k = tail_mask(n - p);
+            const __m512 e = _mm512_maskz_mov_ps(k, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, sc + p), mv)));
+            _mm512_mask_storeu_ps(sc + p, k, e);
+            tv = _mm512_add_ps(tv, e);
+        }
+        inv_total[g] = n > 0 ? 1.0f / _mm512_reduce_add_ps(tv) : 0.0f;
+    }
+    if (CHUNKS > 0) {
+        __m512 acc[REGISTER_GROUP][CHUNKS > 0 ? CHUNKS : 1];
+        for (int64_t g = 0; g < group; ++g)
+            for (int j = 0; j < CHUNKS; ++j) acc[g][j] = _mm512_setzero_ps();
+        SlotWalker values(table, block_size, first);
+        for (int64_t p = first; p < ctx; ++p) {
+            const float* vp = v_cache + values.next() * slot_floats + kvh * d;
+            __m512 v[CHUNKS > 0 ? CHUNKS : 1];
+            for (int j = 0; j < CHUNKS; ++j) v[j] = _mm512_loadu_ps(vp + 16 * j);
+            for (int64_t g = 0; g < group; ++g) {
+                const __m512 w = _mm512_set1_ps(scores[g * n + p - first]);
+                for (int j = 0; j < CHUNKS; ++j) acc[g][j] = _mm512_fmadd_ps(w, v[j], acc[g][j]);
+            }
+        }
+        for (int64_t g = 0; g < group; ++g) {
+            float* o = out + (s * heads + kvh * group + g) * d;
+            for (int j = 0; j < CHUNKS; ++j) _mm512_storeu_ps(o + 16 * j, _mm512_mul_ps(acc[g][j], _mm512_set1_ps(inv_total[g])));
+        }
+        return;
+    }
+    for (int64_t g = 0; g < group; ++g) {
+        float* o = out + (s * heads + kvh * group + g) * d;
+        memset(o, 0, d * sizeof(float));
+        SlotWalker values(table, block_size, first);
+        for (int64_t p = first; p < ctx; ++p) {
+            const float* vp = v_cache + values.next() * slot_floats + kvh * d;
+            const __m512 w = _mm512_set1_ps(scores[g * n + p - first] * inv_total[g]);
+            for (int64_t j = 0; j < d; j += 16) {
+                const __mmask16 k = tail_mask(d - j);
+                _mm512_mask_storeu_ps(o + j, k, _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(k, vp + j), _mm512_maskz_loadu_ps(k, o + j)));
+            }
+        }
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
+void fq_decode_attention(const float* q, const float* k_cache, const float* v_cache, const int32_t* block_tables,
+                         int64_t table_stride, const int32_t* context_lens, int64_t b, int64_t heads,
+                         int64_t kv_heads, int64_t d, int64_t block_size, float scale, int64_t window,
+                         float soft_cap, float* out, int threads) {
+    const int64_t group = heads / kv_heads;  // <= 64 (NativeCpuOps checks)
+    auto fn = group > 8 ? attend<0> : d == 64 ? attend<4> : d == 128 ? attend<8> : attend<0>;
+    const bool parallel = threads > 1 && b * kv_heads >= 2 && b > 1;
+#pragma omp parallel for collapse(2) schedule(static) num_threads(threads) if (parallel)
+    for (int64_t s = 0; s < b; ++s)
+        for (int64_t kvh = 0; kvh < kv_heads; ++kvh)
+            fn(q, k_cache, v_cache, block_tables + s * table_stride, context_lens[s], heads, kv_heads, d, block_size,
+               scale, window, soft_cap, s, kvh, out);
+}
+
+}  // extern "C"

@@ -1,0 +1,97 @@
+"""CpuOps with forge's own C++ kernels (forge/native/decode_ops.cpp) for the float32 per-layer ops.
+
+A batch-1 decode step of a small quantized model is bound by how many ops it dispatches, not by
+arithmetic: torch spends ~1-3 us on each of ~200 ops per layer-step. Each op here is one ctypes
+call. Chosen by `forge.ops.get_ops` for quantized CPU models (the fast path); `CpuOps` stays the
+exact reference, which these ops are tested against (tests/test_native_cpu.py). Anything the kernels
+do not cover (another dtype, non-contiguous inputs, partial rotary, prefill attention rows) goes to
+CpuOps unchanged.
+"""
+
+import torch
+
+from forge.ops.cpu import CpuOps
+from forge.ops.metadata import AttentionMetadata
+
+_F32 = torch.float32
+
+
+def _plain(*tensors: torch.Tensor) -> bool:
+    for t in tensors:
+        if t.dtype != _F32 or not t.is_contiguous():
+            return False
+    return True
+
+
+class NativeCpuOps(CpuOps):
+    name = "cpu-native"
+
+    def __init__(self, lib):
+        super().__init__()
+        self.lib = lib
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        if not _plain(x, weight):
+            return super().rms_norm(x, weight, eps)
+        h = x.shape[-1]
+        out = torch.empty_like(x)
+        self.lib.fq_rms_norm(x.data_ptr(), weight.data_ptr(), x.numel() // h, h, eps, out.data_ptr())
+        return out
+
+    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+        if not _plain(x, residual, weight) or x.shape != residual.shape:
+            return super().add_rms_norm(x, residual, weight, eps)
+        h = x.shape[-1]
+        out, new_residual = torch.empty_like(x), torch.empty_like(x)
+        self.lib.fq_add_rms_norm(x.data_ptr(), residual.data_ptr(), weight.data_ptr(), x.numel() // h, h, eps,
+                                 out.data_ptr(), new_residual.data_ptr())
+        return out, new_residual
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        if not _plain(gate_up):
+            return super().silu_mul(gate_up)
+        inter = gate_up.shape[-1] // 2
+        out = gate_up.new_empty(*gate_up.shape[:-1], inter)
+        self.lib.fq_silu_mul(gate_up.data_ptr(), gate_up.numel() // (2 * inter), inter, out.data_ptr())
+        return out
+
+    def qkv_rope_cache(self, qkv, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads,
+                       head_dim):
+        if not (_plain(qkv, cos_sin_cache, k_cache, v_cache) and cos_sin_cache.shape[-1] == head_dim
+                and positions.dtype == slot_mapping.dtype == torch.int64 and positions.is_contiguous()
+                and slot_mapping.is_contiguous()):
+            return super().qkv_rope_cache(qkv, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, num_heads,
+                                          num_kv_heads, head_dim)
+        t = qkv.shape[0]
+        q = qkv.new_empty(t, num_heads, head_dim)
+        self.lib.fq_qkv_rope_cache(qkv.data_ptr(), t, positions.data_ptr(), cos_sin_cache.data_ptr(), num_heads,
+                                   num_kv_heads, head_dim, k_cache.data_ptr(), v_cache.data_ptr(),
+                                   slot_mapping.data_ptr(), k_cache.shape[1], q.data_ptr())
+        return q
+
+    def attention(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float, window: int | None = None,
+                  soft_cap: float | None = None):
+        """Decode rows (one query) in C, all at once; a step with prefill rows keeps CpuOps' path for
+        them and runs its decode rows here one by one, so a decode row's result is the same in any step."""
+        tables, lens = meta.block_tables, meta.context_lens
+        if not (_plain(q, k_cache, v_cache) and tables.dtype == lens.dtype == torch.int32 and tables.is_contiguous()
+                and lens.is_contiguous() and q.shape[1] // k_cache.shape[2] <= 64):
+            return super().attention(q, k_cache, v_cache, meta, scale, window, soft_cap)
+        if meta.max_query_len == 1:
+            out = torch.empty_like(q)
+            self._decode(q, k_cache, v_cache, tables, lens, scale, window, soft_cap, out)
+            return out
+        out = super().attention(q, k_cache, v_cache, meta, scale, window, soft_cap)
+        start = 0
+        for i, n in enumerate(meta.query_lens_cpu):
+            if n == 1:
+                self._decode(q[start : start + 1], k_cache, v_cache, tables[i : i + 1], lens[i : i + 1], scale, window,
+                             soft_cap, out[start : start + 1])
+            start += n
+        return out
+
+    def _decode(self, q, k_cache, v_cache, tables, lens, scale, window, soft_cap, out) -> None:
+        b, heads, d = q.shape
+        self.lib.fq_decode_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
+                                     tables.stride(0), lens.data_ptr(), b, heads, k_cache.shape[2], d, k_cache.shape[1],
+                                     scale, window or 0, soft_cap or 0.0, out.data_ptr(), torch.get_num_threads())
