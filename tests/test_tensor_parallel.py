@@ -34,6 +34,13 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {
     "gqa2-odd-vocab": dict(vocab_size=1001, num_heads=4, num_kv_heads=2),
     "kv1-tied": dict(vocab_size=999, num_heads=4, num_kv_heads=1, tie_word_embeddings=True),
+    # families (forge.models.families): biases cut by heads, per-head norms replicated, fused checkpoint
+    # matrices cut part by part, windows and soft-caps per rank
+    "qwen2-bias": dict(vocab_size=1001, family="qwen2"),
+    "gemma3-window": dict(vocab_size=1001, family="gemma3", sliding_window=8, rope_local_theta=10000.0,
+                          layer_types=("sliding_attention", "full_attention"), query_pre_attn_scalar=24,
+                          attn_logit_softcap=3.0, final_logit_softcap=5.0),
+    "phi3-fused": dict(vocab_size=1001, family="phi3"),
 }
 PROMPT = [3, 17, 256, 998, 5, 42, 77, 1000 % 999, 600, 12, 9, 31, 400, 2, 88, 19, 250, 7]
 NEXT_TOKEN = 123
