@@ -37,7 +37,7 @@ class RopeScaling:
 
 @dataclass
 class ModelConfig:
-    """The shape of a Llama-family decoder."""
+    """The shape of a decoder of one of forge's families (forge.models.families)."""
 
     vocab_size: int
     hidden_size: int
@@ -64,10 +64,21 @@ class ModelConfig:
     query_pre_attn_scalar: float | None = None  # attention scale = this ** -0.5 (Gemma); None: head_dim
     attn_logit_softcap: float | None = None  # scores -> cap * tanh(scores / cap) (Gemma 2)
     final_logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap) (Gemma 2/3)
+    # Mixture of experts (Qwen3-MoE, Mixtral; 0 experts: a dense MLP): every layer's MLP is
+    # num_experts SwiGLU experts of width moe_intermediate_size, num_experts_per_tok picked per token by
+    # a softmax router; norm_topk_prob rescales the picked weights to sum to 1.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        if self.num_experts and not (0 < self.num_experts_per_tok <= self.num_experts and self.moe_intermediate_size > 0):
+            raise ValueError(f"a mixture of experts needs 0 < num_experts_per_tok ({self.num_experts_per_tok}) <= "
+                             f"num_experts ({self.num_experts}) and a positive moe_intermediate_size "
+                             f"({self.moe_intermediate_size})")
         if self.layer_types is not None:
             self.layer_types = tuple(self.layer_types)
             if len(self.layer_types) != self.num_layers or not set(self.layer_types) <= set(LAYER_TYPES):

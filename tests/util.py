@@ -42,8 +42,9 @@ def random_weights(config: ModelConfig, seed: int = 0, scale: float = 0.05) -> d
 def write_tiny_gguf(path: Path, config: ModelConfig, weights: dict[str, torch.Tensor], metadata_source: Path) -> Path:
     """A float32 GGUF written the way llama.cpp's converter writes the config's family: its
     architecture, metadata keys and tensor names (the schema's), Q/K rows permuted for the "llama"
-    arch's interleaved RoPE, Gemma's norms stored as 1 + w, LongRoPE factors as tensors; with the
-    tokenizer metadata of `metadata_source` (a GGUF whose vocabulary fits the config)."""
+    arch's interleaved RoPE, Gemma's norms stored as 1 + w, LongRoPE factors as tensors, MoE experts
+    stacked (ffn_*_exps) with the expert_* keys; with the tokenizer metadata of `metadata_source` (a
+    GGUF whose vocabulary fits the config)."""
     import numpy as np
     from gguf import GGUFWriter, RopeScalingType
 
@@ -66,6 +67,11 @@ def write_tiny_gguf(path: Path, config: ModelConfig, weights: dict[str, torch.Te
     w.add_value_length(config.head_dim)
     w.add_rope_freq_base(config.rope_theta)
     w.add_layer_norm_rms_eps(config.rms_norm_eps)
+    if config.num_experts:  # (MoE: llama.cpp's expert keys; the experts' tensors are stacked, [E, out, in])
+        w.add_expert_count(config.num_experts)
+        w.add_expert_used_count(config.num_experts_per_tok)
+        w.add_expert_feed_forward_length(config.moe_intermediate_size)
+        w.add_expert_weights_norm(config.norm_topk_prob)
     if config.sliding_window is not None:
         w.add_sliding_window(config.sliding_window)
         if config.layer_types is not None:

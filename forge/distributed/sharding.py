@@ -28,6 +28,7 @@ class ShardPlan:
     vocab_size: int  # global (unpadded) vocabulary
     vocab_per_rank: int  # rows of this rank's embedding / lm_head shard (padded)
     total_kv_heads: int  # global KV heads
+    moe_intermediate_size: int = 0  # local width of each expert (every rank holds every expert)
 
     @property
     def vocab_start(self) -> int:
@@ -41,7 +42,8 @@ class ShardPlan:
     def local_config(self, config: ModelConfig) -> ModelConfig:
         """The shape of this rank's shard, as a ModelConfig (for random dummy weights)."""
         return dataclasses.replace(config, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
-                                   intermediate_size=self.intermediate_size, vocab_size=self.vocab_per_rank)
+                                   intermediate_size=self.intermediate_size, vocab_size=self.vocab_per_rank,
+                                   moe_intermediate_size=self.moe_intermediate_size)
 
 
 def plan_shard(config: ModelConfig, rank: int, world_size: int) -> ShardPlan:
@@ -53,7 +55,11 @@ def plan_shard(config: ModelConfig, rank: int, world_size: int) -> ShardPlan:
     h, hkv = config.num_heads, config.num_kv_heads
     if h % tp:
         raise _cannot_split(f"tensor_parallel_size {tp} must divide the number of attention heads ({h})")
-    if config.intermediate_size % tp:
+    if config.num_experts:  # (no dense MLP: its intermediate_size is unused)
+        if config.moe_intermediate_size % tp:
+            raise _cannot_split(f"tensor_parallel_size {tp} must divide the experts' width moe_intermediate_size "
+                                f"({config.moe_intermediate_size})")
+    elif config.intermediate_size % tp:
         raise _cannot_split(f"tensor_parallel_size {tp} must divide intermediate_size ({config.intermediate_size})")
     if hkv >= tp:
         if hkv % tp:
@@ -67,6 +73,7 @@ def plan_shard(config: ModelConfig, rank: int, world_size: int) -> ShardPlan:
         rank=rank, world_size=tp, num_heads=h // tp, num_kv_heads=local_kv, head_start=rank * (h // tp),
         kv_head_start=kv_start, intermediate_size=config.intermediate_size // tp, vocab_size=config.vocab_size,
         vocab_per_rank=-(-config.vocab_size // tp), total_kv_heads=hkv,
+        moe_intermediate_size=config.moe_intermediate_size // tp,
     )
     return plan
 
@@ -102,6 +109,8 @@ def shard_ranges(spec: WeightSpec, config: ModelConfig, plan: ShardPlan) -> list
         return [heads, (q + kv_heads[0], kv_heads[1]), (q + kv + kv_heads[0], kv_heads[1])]
     if spec.split == "gate_up":
         return [width, (config.intermediate_size + width[0], width[1])]
+    if spec.split == "experts":
+        return [(plan.rank * plan.moe_intermediate_size, plan.moe_intermediate_size)]
     raise ValueError(f"{spec.hf_name}: a {spec.shard} shard needs a split unit, not {spec.split!r}")
 
 
@@ -113,15 +122,18 @@ def _cut(t: torch.Tensor, dim: int, ranges: list[tuple[int, int]]) -> torch.Tens
 
 def shard_tensor(name: str, t: torch.Tensor, config: ModelConfig, plan: ShardPlan) -> torch.Tensor:
     """This rank's slice of one HF-named weight, by its schema rule (a new tensor, so the full one can
-    be freed). The loaders call it on each tensor as it is read, so a rank never holds the checkpoint."""
+    be freed). The loaders call it on each tensor as it is read, so a rank never holds the checkpoint.
+    Stacked experts [E, out, in] are cut per expert (dims 1 / 2; one expert's [out, in], as the HF
+    loader reads them, dims 0 / 1)."""
     spec = spec_of(name, schema_of(config))
     rule = spec.shard if spec is not None else "replicated"
+    stacked = t.dim() == 3
     if rule == "vocab":
         return _vocab_rows(t, plan)
     if rule == "column":
-        return _cut(t, 0, shard_ranges(spec, config, plan))
+        return _cut(t, 1 if stacked else 0, shard_ranges(spec, config, plan))
     if rule == "row":
-        return _cut(t, 1, shard_ranges(spec, config, plan))
+        return _cut(t, 2 if stacked else 1, shard_ranges(spec, config, plan))
     return t
 
 

@@ -43,10 +43,12 @@ _GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 def config_from_metadata(meta: dict, tensors: dict | None = None) -> ModelConfig:
     """tensors: name -> float32 tensor of the small ones read with the metadata (LongRoPE's factors)."""
     arch = meta.get("general.architecture")
-    family = family_for_gguf(arch)
 
     def get(key, default=None):
         return meta.get(f"{arch}.{key}", default)
+
+    num_experts = get("expert_count", 0) or 0
+    family = family_for_gguf(arch, num_experts)
 
     for key in ("attention.head_count", "embedding_length", "feed_forward_length", "block_count"):
         if not isinstance(get(key), int) or get(key) < 1:
@@ -92,6 +94,11 @@ def config_from_metadata(meta: dict, tensors: dict | None = None) -> ModelConfig
         query_pre_attn_scalar=query_pre_attn_scalar,
         attn_logit_softcap=get("attn_logit_softcapping") or None,
         final_logit_softcap=get("final_logit_softcapping") or None,
+        # (llama.cpp renormalizes the picked experts' weights unless {arch}.expert_weights_norm says not)
+        num_experts=num_experts,
+        num_experts_per_tok=get("expert_used_count", 0) if num_experts else 0,
+        moe_intermediate_size=(get("expert_feed_forward_length") or get("feed_forward_length")) if num_experts else 0,
+        norm_topk_prob=bool(get("expert_weights_norm", True)) if num_experts else False,
     )
 
 

@@ -13,7 +13,7 @@ from forge.config import ModelConfig
 from forge.distributed.sharding import tensor_sharder
 from forge.errors import ModelLoadError
 from forge.loader.progress import load_progress
-from forge.models.schema import schema_of, spec_of
+from forge.models.schema import ExpertStacker, schema_of, spec_of, unstack_experts
 
 
 def load_hf_config(path: Path) -> ModelConfig:
@@ -41,6 +41,7 @@ def load_hf_dir(path: Path, shard: tuple[int, int] | None = None):
     cut = tensor_sharder(config, shard)
     schema = schema_of(config)
     weights: dict[str, torch.Tensor] = {}
+    experts = ExpertStacker(config, schema, cut)  # (MoE checkpoints: one tensor per expert, stacked per layer)
     with ThreadPoolExecutor(1) as background, ExitStack() as files_open:
         # The tokenizer is built while the tensors are read (the Rust tokenizer and the copies release the GIL).
         tokenizer = background.submit(Tokenizer.from_hf_dir, path)
@@ -56,10 +57,14 @@ def load_hf_dir(path: Path, shard: tuple[int, int] | None = None):
                     for name in st.keys():
                         if spec_of(name, schema) is not None:  # (not e.g. old checkpoints' rotary_emb.inv_freq)
                             weights[name] = cut(name, st.get_tensor(name))
+                        else:
+                            experts.add(name, lambda st=st, name=name: st.get_tensor(name), weights)
                         bar.update()
                 except Exception as e:
                     raise ModelLoadError(f"cannot read {f}: {e}".split("\n")[0]) from None
         tokenizer = tokenizer.result()
+    if experts.missing():
+        raise ModelLoadError(f"{path} is missing {len(experts.missing())} expert tensors (first: {experts.missing()[0]})")
     if "lm_head.weight" not in weights:
         config.tie_word_embeddings = True
     from forge.loader.gguf import _check_complete
@@ -69,11 +74,12 @@ def load_hf_dir(path: Path, shard: tuple[int, int] | None = None):
 
 
 def save_hf_dir(path: Path, config: ModelConfig, weights: dict[str, torch.Tensor], tokenizer=None) -> None:
-    """Write an HF-layout directory (used to convert a GGUF and by tests)."""
+    """Write an HF-layout directory (used to convert a GGUF and by tests); MoE experts one tensor per
+    expert, as transformers writes them."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cfg = config.to_hf_dict()
-    tensors = {k: v.contiguous() for k, v in weights.items()}
+    tensors = {k: v.contiguous() for k, v in unstack_experts(weights, schema_of(config)).items()}
     if config.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})

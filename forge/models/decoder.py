@@ -2,8 +2,9 @@
 
 Llama is the plain case; a family (forge.models.families) adds parts that its schema holds: q/k/v
 biases (Qwen2), per-head q/k RMSNorm (Qwen3, Gemma 3), norms after attention and after the MLP
-(Gemma 2/3); and switches: GeGLU, scaled embeddings, (1 + w) norms. Per-layer sliding windows, the
-attention scale and soft-caps come from the ModelConfig.
+(Gemma 2/3), a mixture of experts in place of the MLP (Qwen3-MoE, Mixtral); and switches: GeGLU,
+scaled embeddings, (1 + w) norms. Per-layer sliding windows, the attention scale and soft-caps come
+from the ModelConfig.
 
 Weights are held fused: q/k/v as one matrix and gate/up as one, so each is a single GEMM; the
 `qkv_rope_cache` op splits the result, applies RoPE and writes K/V into the paged cache. Which HF
@@ -33,8 +34,11 @@ class LayerWeights:
     qkv_proj: torch.Tensor  # [q_size + 2 kv_size, hidden]
     o_proj: torch.Tensor  # [hidden, q_size]
     mlp_norm: torch.Tensor  # [hidden]
-    gate_up_proj: torch.Tensor  # [2 intermediate, hidden]
-    down_proj: torch.Tensor  # [hidden, intermediate]
+    gate_up_proj: torch.Tensor | None = None  # [2 intermediate, hidden] (a dense MLP)
+    down_proj: torch.Tensor | None = None  # [hidden, intermediate]
+    router: torch.Tensor | None = None  # [experts, hidden] (a mixture of experts instead)
+    experts_gate_up: torch.Tensor | None = None  # [experts, 2 expert width, hidden]
+    experts_down: torch.Tensor | None = None  # [experts, hidden, expert width]
     qkv_bias: torch.Tensor | None = None  # [q_size + 2 kv_size]
     q_norm: torch.Tensor | None = None  # [head_dim]
     k_norm: torch.Tensor | None = None  # [head_dim]
@@ -73,6 +77,9 @@ class DecoderModel:
                 return (weights.pop(specs[0].hf(layer)).float() + self.family.norm_offset).to(self.device, dtype)
             if specs[0].kind == "bias":
                 return torch.cat([weights.pop(s.hf(layer)) for s in specs]).to(self.device, dtype)
+            if specs[0].kind in ("router", "experts"):  # float (routing is sensitive; experts are 3-D);
+                # an expert's gate rows, then its up rows: [E, 2 width, hidden]
+                return torch.cat([weights.pop(s.hf(layer)) for s in specs], dim=1).to(self.device, dtype)
             return runtime_weight([weights.pop(s.hf(layer)) for s in specs], quantization, self.device, dtype,
                                   embedding=specs[0].kind == "embedding")
 
@@ -159,10 +166,21 @@ class DecoderModel:
         return torch.cat([q, k, v.to(q.dtype)], dim=-1)
 
     def mlp(self, i: int, layer: LayerWeights, x: torch.Tensor) -> torch.Tensor:
-        """Layer i's gated MLP (SwiGLU or GeGLU) -> [T, hidden] (all-reduced)."""
+        """Layer i's gated MLP (SwiGLU or GeGLU) or mixture of experts -> [T, hidden] (all-reduced)."""
+        if layer.router is not None:
+            return self.moe(layer, x)
         gate_up = self.ops.linear(x, layer.gate_up_proj)
         act = self.ops.gelu_tanh_mul(gate_up) if self.family.activation == "gelu_tanh" else self.ops.silu_mul(gate_up)
         return self.tp.all_reduce(self.ops.linear(act, layer.down_proj))
+
+    def moe(self, layer: LayerWeights, x: torch.Tensor) -> torch.Tensor:
+        """Each token through the num_experts_per_tok experts its router picks, summed with the router's
+        weights (forge.ops.moe). Under tensor parallelism every rank routes alike (the router is
+        replicated) and holds a slice of every expert's width, so one all-reduce sums the slices."""
+        cfg = self.config
+        weights, expert_ids = self.ops.moe_route(self.ops.linear(x, layer.router), cfg.num_experts_per_tok,
+                                                 cfg.norm_topk_prob)
+        return self.tp.all_reduce(self.ops.moe_experts(x, weights, expert_ids, layer.experts_gate_up, layer.experts_down))
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[n, hidden] -> float32 logits [n, vocab]."""

@@ -18,8 +18,10 @@ from forge.models.schema import (
     GEMMA2_SCHEMA,
     GEMMA3_SCHEMA,
     LLAMA_SCHEMA,
+    MIXTRAL_SCHEMA,
     PHI3_SCHEMA,
     QWEN2_SCHEMA,
+    QWEN3_MOE_SCHEMA,
     QWEN3_SCHEMA,
     WeightSpec,
 )
@@ -38,6 +40,7 @@ class Family:
     window_pattern: int | None = None  # no layer_types given: layer i is windowed unless (i + 1) % pattern == 0
     gguf_permute_qk: bool = False  # llama.cpp stores Q/K rows interleaved for its "llama" RoPE ("llama" arch only)
     rope_theta: float = 10000.0  # when the config names none
+    moe: bool = False  # every layer's MLP is a mixture of experts (the schema's router and experts)
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -49,6 +52,10 @@ FAMILIES: tuple[Family, ...] = (
     Family("gemma3", ("gemma3_text",), "Gemma3ForCausalLM", "gemma3", GEMMA3_SCHEMA, norm_offset=1.0,
            activation="gelu_tanh", scale_embeddings=True, window_pattern=6, rope_theta=1_000_000.0),
     Family("phi3", ("phi3",), "Phi3ForCausalLM", "phi3", PHI3_SCHEMA),
+    Family("qwen3_moe", ("qwen3_moe",), "Qwen3MoeForCausalLM", "qwen3moe", QWEN3_MOE_SCHEMA, moe=True),
+    # (llama.cpp writes Mixtral as its "llama" architecture with experts)
+    Family("mixtral", ("mixtral",), "MixtralForCausalLM", "llama", MIXTRAL_SCHEMA, gguf_permute_qk=True,
+           rope_theta=1_000_000.0, moe=True),
 )
 _BY_NAME = {f.name: f for f in FAMILIES}
 
@@ -80,10 +87,14 @@ def family_for_hf(cfg: dict) -> Family:
     raise UnsupportedModelError(f"unsupported architecture {model_type or archs!r}{hint}; {supported()}")
 
 
-def family_for_gguf(arch) -> Family:
+def family_for_gguf(arch, num_experts: int = 0) -> Family:
+    """The family of a GGUF's general.architecture and {arch}.expert_count ("llama" with experts: Mixtral)."""
     for family in FAMILIES:
-        if family.gguf_arch == arch:
+        if family.gguf_arch == arch and family.moe == (num_experts > 0):
             return family
+    if any(f.gguf_arch == arch for f in FAMILIES):
+        kind = f"with {num_experts} experts" if num_experts else "without experts"
+        raise UnsupportedModelError(f"unsupported GGUF architecture {arch!r} {kind}; {supported()}")
     raise UnsupportedModelError(f"unsupported GGUF architecture {arch!r}; {supported()}")
 
 
@@ -147,6 +158,20 @@ def _layer_types(cfg: dict, family: Family, num_layers: int, window: int | None)
     return window_layer_types(family, num_layers, cfg.get("sliding_window_pattern"))
 
 
+def _moe(cfg: dict, family: Family) -> dict:
+    """The mixture-of-experts fields (Qwen3-MoE: num_experts, moe_intermediate_size, norm_topk_prob;
+    Mixtral: num_local_experts, intermediate_size, always renormalized)."""
+    if not family.moe:
+        return {}
+    if cfg.get("mlp_only_layers") or cfg.get("decoder_sparse_step", 1) != 1:
+        raise UnsupportedModelError("MoE models with dense layers among the expert layers (mlp_only_layers, "
+                                    "decoder_sparse_step != 1) are not supported")
+    return dict(num_experts=cfg.get("num_experts") or cfg["num_local_experts"],
+                num_experts_per_tok=cfg["num_experts_per_tok"],
+                moe_intermediate_size=cfg.get("moe_intermediate_size") or cfg["intermediate_size"],
+                norm_topk_prob=bool(cfg.get("norm_topk_prob", family.name == "mixtral")))
+
+
 def config_from_hf(cfg: dict) -> ModelConfig:
     family = family_for_hf(cfg)
     num_heads = cfg["num_attention_heads"]
@@ -179,6 +204,7 @@ def config_from_hf(cfg: dict) -> ModelConfig:
         query_pre_attn_scalar=cfg.get("query_pre_attn_scalar"),
         attn_logit_softcap=cfg.get("attn_logit_softcapping"),
         final_logit_softcap=cfg.get("final_logit_softcapping"),
+        **_moe(cfg, family),
     )
 
 
@@ -211,6 +237,13 @@ def config_to_hf(config: ModelConfig) -> dict:
                 "attn_logit_softcapping": config.attn_logit_softcap,
                 "final_logit_softcapping": config.final_logit_softcap}
     d.update({k: v for k, v in optional.items() if v is not None})
+    if family.name == "qwen3_moe":
+        d.update(num_experts=config.num_experts, num_experts_per_tok=config.num_experts_per_tok,
+                 moe_intermediate_size=config.moe_intermediate_size, norm_topk_prob=config.norm_topk_prob,
+                 decoder_sparse_step=1, mlp_only_layers=[])
+    elif family.name == "mixtral":
+        d.update(num_local_experts=config.num_experts, num_experts_per_tok=config.num_experts_per_tok,
+                 intermediate_size=config.moe_intermediate_size)
     rs = config.rope_scaling
     if rs and rs.rope_type == "llama3":
         d["rope_scaling"] = {"rope_type": "llama3", "factor": rs.factor, "low_freq_factor": rs.low_freq_factor,

@@ -4,7 +4,8 @@ sharding and the tests all read it; the quant layer (forge.quant) decides how a 
 
 Shard rules (Megatron-style):
 * "column": rows (output features) split; `split` says in what units: query heads, KV heads (or
-  the one KV head a rank's query heads use when there are fewer KV heads than ranks), or MLP width;
+  the one KV head a rank's query heads use when there are fewer KV heads than ranks), MLP width, or
+  expert width (every rank holds every expert, cut along its width);
 * "row": columns (input features) split the same way, one all-reduce after the matmul;
 * "vocab": rows split by vocabulary, padded with zero rows to a multiple of the world size;
 * "replicated": every rank holds all of it (norms, rope_freqs).
@@ -30,11 +31,17 @@ class WeightSpec:
     gguf_name: str
     shape: Callable[[ModelConfig], tuple[int, ...]]
     shard: str  # one of SHARD_RULES
-    # "heads" | "kv_heads" | "intermediate": the units a column/row shard is cut in; "qkv" / "gate_up": a
-    # checkpoint's fused matrix, cut part by part (q by heads, k and v by KV heads; gate and up by width)
+    # "heads" | "kv_heads" | "intermediate" | "experts" (each expert's width): the units a column/row shard
+    # is cut in; "qkv" / "gate_up": a checkpoint's fused matrix, cut part by part (q by heads, k and v by KV
+    # heads; gate and up by width)
     split: str | None = None
-    model_field: str = ""  # the model attribute it becomes; specs sharing one are stacked along dim 0 (fusion)
-    kind: str = "matrix"  # "matrix" | "embedding" | "norm" | "bias" (how it is stored and initialised)
+    # the model attribute it becomes; specs sharing one are stacked along dim 0 (fusion), or for
+    # "experts" along dim 1 (each expert's gate rows, then its up rows)
+    model_field: str = ""
+    # how it is stored and initialised: "matrix" | "embedding" | "norm" | "bias" | "router" (an MoE
+    # router, kept float) | "experts" (one [E, out, in] tensor for all experts, kept float; checkpoints
+    # hold one tensor per expert, named with the expert's index after "experts.": see ExpertStacker)
+    kind: str = "matrix"
     required: bool = True  # lm_head is absent when tied, rope_freqs is only in some GGUFs
 
     @property
@@ -119,6 +126,27 @@ FUSED_QKV = _layer("self_attn.qkv_proj.weight", "attn_qkv.weight", lambda c: (c.
 FUSED_GATE_UP = _layer("mlp.gate_up_proj.weight", "ffn_up.weight",  # Phi-3 (llama.cpp keeps it fused as ffn_up)
                        lambda c: (2 * c.intermediate_size, c.hidden_size), "column", "gate_up", model_field="gate_up_proj")
 
+
+def moe_specs(block: str, gate: str, up: str, down: str) -> tuple[WeightSpec, ...]:
+    """A mixture-of-experts MLP under `block` (HF's module name) with its expert matrices' names: the
+    router [E, hidden] and the experts stacked [E, width, hidden] (gate, up) and [E, hidden, width]
+    (down); llama.cpp stores them stacked as ffn_{gate,up,down}_exps."""
+    def experts(c):
+        return (c.num_experts, c.moe_intermediate_size, c.hidden_size)
+
+    return (
+        _layer(f"{block}.gate.weight", "ffn_gate_inp.weight", lambda c: (c.num_experts, c.hidden_size), "replicated",
+               model_field="router", kind="router"),
+        _layer(f"{block}.experts.{gate}.weight", "ffn_gate_exps.weight", experts, "column", "experts",
+               model_field="experts_gate_up", kind="experts"),
+        _layer(f"{block}.experts.{up}.weight", "ffn_up_exps.weight", experts, "column", "experts",
+               model_field="experts_gate_up", kind="experts"),
+        _layer(f"{block}.experts.{down}.weight", "ffn_down_exps.weight",
+               lambda c: (c.num_experts, c.hidden_size, c.moe_intermediate_size), "row", "experts",
+               model_field="experts_down", kind="experts"),
+    )
+
+
 # (per-layer order: the order tests/util.random_weights draws them in)
 LLAMA_SCHEMA: tuple[WeightSpec, ...] = TOP + (INPUT_NORM, MLP_NORM) + QKV + (O_PROJ,) + GATE_UP + (DOWN,)
 QWEN2_SCHEMA = LLAMA_SCHEMA + QKV_BIAS
@@ -126,6 +154,9 @@ QWEN3_SCHEMA = LLAMA_SCHEMA + QK_NORM
 GEMMA2_SCHEMA = TOP + (INPUT_NORM,) + SANDWICH_NORMS + QKV + (O_PROJ,) + GATE_UP + (DOWN,)
 GEMMA3_SCHEMA = GEMMA2_SCHEMA + QK_NORM
 PHI3_SCHEMA = TOP + (INPUT_NORM, MLP_NORM, FUSED_QKV, O_PROJ, FUSED_GATE_UP, DOWN)
+QWEN3_MOE_SCHEMA = TOP + (INPUT_NORM, MLP_NORM) + QKV + (O_PROJ,) + QK_NORM + moe_specs("mlp", "gate_proj", "up_proj",
+                                                                                         "down_proj")
+MIXTRAL_SCHEMA = TOP + (INPUT_NORM, MLP_NORM) + QKV + (O_PROJ,) + moe_specs("block_sparse_moe", "w1", "w3", "w2")
 
 
 @dataclass(frozen=True)
@@ -185,6 +216,64 @@ def hf_name_of_gguf(gguf_name: str, schema=LLAMA_SCHEMA) -> str | None:
         if m:
             return spec.hf(int(m.group(1)) if spec.per_layer else None)
     return None
+
+
+def _expert_pattern(spec: WeightSpec) -> re.Pattern:
+    """A checkpoint's per-expert name of a stacked spec (groups: layer, expert)."""
+    head, tail = re.escape(spec.hf_name).split(re.escape("experts."), 1)
+    return re.compile(f"{head}experts\\.(?P<expert>\\d+)\\.{tail}$".replace(re.escape("{layer}"), r"(?P<layer>\d+)"))
+
+
+class ExpertStacker:
+    """HF checkpoints hold one tensor per expert (`mlp.experts.{e}.gate_proj.weight`), the schema one
+    stacked [E, ...] tensor (`mlp.experts.gate_proj.weight`): collects each layer's experts as the
+    loader reads them (each cut for this rank by `cut`, as a 2-D tensor) and stacks them once all E
+    are in, so at most one layer's unstacked copies are held."""
+
+    def __init__(self, config: ModelConfig, schema: tuple[WeightSpec, ...], cut):
+        self.num_experts = config.num_experts
+        self.patterns = [(_expert_pattern(s), s) for s in schema if s.kind == "experts"]
+        self.cut = cut
+        self.pending: dict[str, dict[int, torch.Tensor]] = {}
+
+    def add(self, name: str, read, weights: dict) -> bool:
+        """If `name` is one expert's tensor: read() it, keep it, and put the stacked tensor into `weights`
+        once its last expert arrives. False: not an expert tensor of the schema."""
+        for pattern, spec in self.patterns:
+            m = pattern.match(name)
+            if m:
+                expert = int(m.group("expert"))
+                if expert >= self.num_experts:
+                    raise ValueError(f"{name}: expert {expert} of a model with {self.num_experts} experts")
+                stacked = spec.hf(int(m.group("layer")))
+                parts = self.pending.setdefault(stacked, {})
+                parts[expert] = self.cut(stacked, read())
+                if len(parts) == self.num_experts:
+                    weights[stacked] = torch.stack([parts[e] for e in range(self.num_experts)])
+                    del self.pending[stacked]
+                return True
+        return False
+
+    def missing(self) -> list[str]:
+        """Per-expert names still missing (a checkpoint that lacks some experts of a layer)."""
+        return [_expert_name(stacked, e) for stacked, parts in self.pending.items()
+                for e in range(self.num_experts) if e not in parts]
+
+
+def _expert_name(stacked: str, expert: int) -> str:
+    return stacked.replace("experts.", f"experts.{expert}.", 1)
+
+
+def unstack_experts(weights: dict[str, torch.Tensor], schema: tuple[WeightSpec, ...]) -> dict[str, torch.Tensor]:
+    """The checkpoint's names back: each stacked experts tensor as one tensor per expert (save_hf_dir)."""
+    out = {}
+    for name, t in weights.items():
+        spec = spec_of(name, schema)
+        if spec is not None and spec.kind == "experts":
+            out.update({_expert_name(name, e): t[e] for e in range(t.shape[0])})
+        else:
+            out[name] = t
+    return out
 
 
 def field_specs(model_field: str, schema=LLAMA_SCHEMA) -> list[WeightSpec]:
