@@ -52,7 +52,8 @@ class Case:
         self.llm = self.engine()
 
     def engine(self, path=None, **kwargs) -> LLM:
-        return LLM(str(path or self.path), quantization="none", max_model_len=MAX_MODEL_LEN, num_kv_blocks=64, **kwargs)
+        kwargs = {"quantization": "none", "max_model_len": MAX_MODEL_LEN, "num_kv_blocks": 64} | kwargs
+        return LLM(str(path or self.path), **kwargs)
 
     @staticmethod
     def greedy(llm: LLM, prompts: list[list[int]], n: int = NEW_TOKENS) -> list[list[int]]:
@@ -102,6 +103,25 @@ def test_gguf_loads_to_the_same_logits(case, tmp_path, default_model_path):
     got = forward_logits(from_gguf.llm_engine.runner, case.prompt)
     ref = forward_logits(case.llm.llm_engine.runner, case.prompt)
     assert (got - ref).abs().max().item() <= 1e-6
+
+
+@families("qwen3_moe")
+def test_quantized_gguf_keeps_experts_float(case, tmp_path, default_model_path):
+    """A Q8_0 GGUF with quantization=auto: attention matrices stay in blocks, the router (2-D blocks) and
+    the stacked experts are dequantized to float; the logits stay close to the float model's."""
+    from forge.loader import load_model
+    from forge.quant import GroupQuantized
+
+    loaded = load_model(case.path)
+    gguf = write_tiny_gguf(tmp_path / "q8.gguf", loaded.config, loaded.weights, default_model_path, q8_0=True)
+    llm = case.engine(gguf, quantization="auto")
+    layer = llm.llm_engine.runner.model.layers[0]
+    assert not isinstance(layer.qkv_proj, torch.Tensor)  # (a quantized layout)
+    assert isinstance(layer.router, torch.Tensor) and layer.experts_gate_up.dtype == torch.float32
+    assert not any(isinstance(t, GroupQuantized) for t in vars(layer).values())
+    got = forward_logits(llm.llm_engine.runner, case.prompt)
+    ref = forward_logits(case.llm.llm_engine.runner, case.prompt)
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
 
 
 @pytest.mark.parametrize("family, arch", [("qwen3_moe", "QWEN3MOE"), ("mixtral", "LLAMA")])

@@ -39,12 +39,13 @@ def random_weights(config: ModelConfig, seed: int = 0, scale: float = 0.05) -> d
     return dummy_weights(config, "cpu", torch.float32, seed, scale=scale, embedding_scale=10, norm_noise=True)
 
 
-def write_tiny_gguf(path: Path, config: ModelConfig, weights: dict[str, torch.Tensor], metadata_source: Path) -> Path:
+def write_tiny_gguf(path: Path, config: ModelConfig, weights: dict[str, torch.Tensor], metadata_source: Path,
+                    q8_0: bool = False) -> Path:
     """A float32 GGUF written the way llama.cpp's converter writes the config's family: its
     architecture, metadata keys and tensor names (the schema's), Q/K rows permuted for the "llama"
     arch's interleaved RoPE, Gemma's norms stored as 1 + w, LongRoPE factors as tensors, MoE experts
     stacked (ffn_*_exps) with the expert_* keys; with the tokenizer metadata of `metadata_source` (a
-    GGUF whose vocabulary fits the config)."""
+    GGUF whose vocabulary fits the config). q8_0: the decoder's matrices (not the embeddings) in Q8_0 blocks."""
     import numpy as np
     from gguf import GGUFWriter, RopeScalingType
 
@@ -109,7 +110,14 @@ def write_tiny_gguf(path: Path, config: ModelConfig, weights: dict[str, torch.Te
             t = permute(t, config.num_kv_heads)
         elif tensor.spec.kind == "norm":
             t = t + family.norm_offset
-        w.add_tensor(tensor.gguf_name, np.ascontiguousarray(t.numpy().astype(np.float32)))
+        array = np.ascontiguousarray(t.numpy().astype(np.float32))
+        if q8_0 and tensor.spec.kind in ("matrix", "router", "experts") and array.shape[-1] % 32 == 0:
+            from gguf import GGMLQuantizationType
+            from gguf.quants import quantize
+
+            w.add_tensor(tensor.gguf_name, quantize(array, GGMLQuantizationType.Q8_0), raw_dtype=GGMLQuantizationType.Q8_0)
+        else:
+            w.add_tensor(tensor.gguf_name, array)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

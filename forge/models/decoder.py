@@ -22,7 +22,7 @@ from forge.models.families import family_of
 from forge.models.rope import build_cos_sin_cache
 from forge.models.schema import field_specs
 from forge.ops.metadata import AttentionMetadata
-from forge.quant import runtime_weight, weight_nbytes
+from forge.quant import GroupQuantized, runtime_weight, weight_nbytes
 
 
 @dataclass
@@ -79,7 +79,9 @@ class DecoderModel:
                 return torch.cat([weights.pop(s.hf(layer)) for s in specs]).to(self.device, dtype)
             if specs[0].kind in ("router", "experts"):  # float (routing is sensitive; experts are 3-D);
                 # an expert's gate rows, then its up rows: [E, 2 width, hidden]
-                return torch.cat([weights.pop(s.hf(layer)) for s in specs], dim=1).to(self.device, dtype)
+                parts = [weights.pop(s.hf(layer)) for s in specs]
+                parts = [p.dequantize() if isinstance(p, GroupQuantized) else p for p in parts]  # (a GGUF router)
+                return torch.cat(parts, dim=1).to(self.device, dtype)
             return runtime_weight([weights.pop(s.hf(layer)) for s in specs], quantization, self.device, dtype,
                                   embedding=specs[0].kind == "embedding")
 

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from forge.kernels import activation, norm, paged_attention, rope_cache
+from forge.kernels import moe as moe_kernel
 from forge.ops import moe
 from forge.ops.cpu import CpuOps, _sdpa, _visible
 from forge.ops.metadata import AttentionMetadata
@@ -32,6 +33,11 @@ try:
     from torch.nn.attention.varlen import varlen_attn as _varlen_attn
 except ImportError:  # torch < 2.10
     _varlen_attn = None
+
+
+# Above this many (token, expert) pairs a bfloat16 MoE step runs as grouped GEMMs (tensor cores) rather
+# than forge's GEMV-style kernel (benchmarks/moe.py measures both).
+MOE_KERNEL_MAX_PAIRS = 64
 
 
 def _is_cuda(*tensors: torch.Tensor) -> bool:
@@ -75,16 +81,21 @@ class CudaOps(CpuOps):
             return super().gelu_tanh_mul(gate_up)
         return activation.gelu_tanh_mul(gate_up)
 
+    def moe_route(self, router_logits, top_k, normalize):
+        if not router_logits.is_cuda or router_logits.shape[-1] > moe_kernel.MAX_ROUTE_EXPERTS or top_k > 32:
+            return super().moe_route(router_logits, top_k, normalize)
+        return moe_kernel.route(router_logits, top_k, normalize)
+
     def moe_experts(self, x, weights, expert_ids, gate_up, down):
-        """Decode-sized steps (at most MOE_KERNEL_MAX_PAIRS (token, expert) pairs) and every float16 /
-        float32 step: forge's expert-by-expert kernel (forge/kernels/moe.cu), which reads each picked
+        """Decode-sized bfloat16 steps (at most MOE_KERNEL_MAX_PAIRS (token, expert) pairs) and float16 /
+        float32 steps: forge's expert-by-expert kernels (forge/kernels/moe.cu), which read each picked
         expert's weights once; larger bfloat16 steps: two grouped GEMMs (torch's CUTLASS kernel, sm90).
         Neither syncs with the host, so decode steps capture into CUDA graphs."""
         if not _is_cuda(x, gate_up):
             return super().moe_experts(x, weights, expert_ids, gate_up, down)
-        if x.dtype != torch.bfloat16 or expert_ids.numel() <= MOE_KERNEL_MAX_PAIRS:
-            order, ends = moe.sort_by_expert(expert_ids, gate_up.shape[0])
-            return moe_kernel.moe_experts(x, weights, order, ends, gate_up, down)
+        pairs = expert_ids.numel()
+        if pairs <= MOE_KERNEL_MAX_PAIRS or (x.dtype != torch.bfloat16 and pairs < 2**16):  # (grid.y: < 2^16 pairs)
+            return moe_kernel.experts(x, weights, expert_ids, gate_up, down)
         return moe.experts_grouped_mm(self, x, weights, expert_ids, gate_up, down)
 
     def qkv_rope_cache(self, qkv, positions, cos_sin_cache, k_cache, v_cache, slot_mapping,
