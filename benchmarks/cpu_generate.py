@@ -102,22 +102,42 @@ class ForgeWorker:
                 yield window, torch.log_softmax(runner.model.compute_logits(hidden).double(), -1)
 
     def profile(self, steps: int) -> dict:
-        """CPU time per batch-1 decode step (no profiler), then op counts and the matmul kernels'
-        share of op time under torch.profiler."""
+        """CPU time per batch-1 decode step (no profiler); the share of a step's wall time in the
+        matmul kernels: forge's native ones (ctypes calls, timed around each call) and torch's
+        (torch.profiler's self time of MATMUL_OPS); torch ops and native calls per step."""
         import torch
         from torch.profiler import ProfilerActivity, profile
 
         from forge import SamplingParams
+        from forge.quant import Q32Weight
 
         engine = self.llm.llm_engine
         engine.add_request({"prompt_token_ids": prompts(1, 32, 0)[0]},
-                           SamplingParams(temperature=0, max_tokens=3 * steps + 20, ignore_eos=True))
+                           SamplingParams(temperature=0, max_tokens=4 * steps + 20, ignore_eos=True))
         for _ in range(10):
             engine.step()
         start = time.process_time()
         for _ in range(steps):
             engine.step()
         ms_per_step = (time.process_time() - start) / steps * 1e3
+        native = {"seconds": 0.0, "calls": 0}
+        plain_matmul = Q32Weight.matmul
+
+        def timed(weight, x):
+            t = time.perf_counter()
+            y = plain_matmul(weight, x)
+            native["seconds"] += time.perf_counter() - t
+            native["calls"] += 1
+            return y
+
+        Q32Weight.matmul = timed
+        try:
+            wall = time.perf_counter()
+            for _ in range(steps):
+                engine.step()
+            wall = time.perf_counter() - wall
+        finally:
+            Q32Weight.matmul = plain_matmul
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(steps):
                 engine.step()
@@ -126,8 +146,12 @@ class ForgeWorker:
         matmul = sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS)
         while engine.has_unfinished_requests():
             engine.step()
-        return {"cpu_ms_per_step": round(ms_per_step, 2), "matmul_share": round(matmul / total, 3),
-                "ops_per_step": round(sum(e.count for e in events) / steps), "threads": torch.get_num_threads()}
+        return {"cpu_ms_per_step": round(ms_per_step, 2),
+                "matmul_share": round(native["seconds"] / wall + matmul / total, 3),
+                "native_matmul_ms_per_step": round(native["seconds"] / steps * 1e3, 2),
+                "torch_ops_per_step": round(sum(e.count for e in events) / steps),
+                "native_matmuls_per_step": round(native["calls"] / steps), "ops": self.llm.llm_engine.runner.ops.name,
+                "threads": torch.get_num_threads()}
 
 
 MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::_weight_int4pack_mm_for_cpu", "aten::_weight_int8pack_mm"}
@@ -363,7 +387,7 @@ def report(threads: int, res: dict) -> None:
         print(f"KL vs exact     {k}: mean {v['mean']:.2e}  p99 {v['p99']:.2e}  top-1 agreement {v['top1_agreement']:.4f}")
     for k, v in res["profile_batch1"].items():
         print(f"decode step     {k}: {v['cpu_ms_per_step']} ms CPU, {v['matmul_share']:.0%} in matmul, "
-              f"{v['ops_per_step']} ops")
+              f"{v['torch_ops_per_step']} torch ops + {v['native_matmuls_per_step']} native matmuls ({v['ops']} ops)")
     mem = res["memory"]
     print("RSS after load  " + "  ".join(f"{k} {v['after_load']} MB (peak while serving {v['peak_rss_mb']})"
                                          for k, v in mem.items() if isinstance(v, dict)),

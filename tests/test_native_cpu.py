@@ -129,9 +129,10 @@ def _cache(blocks=12, bs=16, kv_heads=2, d=64):
     return torch.randn(blocks, bs, kv_heads, d), torch.randn(blocks, bs, kv_heads, d)
 
 
-def test_qkv_rope_cache_matches_the_reference(ops):
-    from forge.models.rope import build_cos_sin_cache  # noqa: F401  (the cache layout: cos half, sin half)
-
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+def test_qkv_rope_cache_matches_the_reference(ops, cache_dtype):
+    """q in float32; k and v in their cache slots, rounded to the cache's dtype (float16: the
+    fast path's cache, NativeCpuOps.kv_cache_dtype); blocks whose first slot is written are zeroed."""
     fast, ref = ops
     heads, kv_heads, d, bs = 6, 2, 64, 16
     qkv = torch.randn(4, (heads + 2 * kv_heads) * d)
@@ -139,13 +140,17 @@ def test_qkv_rope_cache_matches_the_reference(ops):
     slots = torch.tensor([16, 33, 47, 64])  # slot 16 and 64 start blocks: zeroed first
     angles = torch.arange(64)[:, None] * torch.rand(d // 2)
     cos_sin = torch.cat([angles.cos(), angles.sin()], -1)
-    caches = [_cache(bs=bs, kv_heads=kv_heads, d=d) for _ in range(2)]
-    caches[1] = (caches[0][0].clone(), caches[0][1].clone())
+    k_cache, v_cache = (c.to(cache_dtype) for c in _cache(bs=bs, kv_heads=kv_heads, d=d))
+    caches = [(k_cache, v_cache), (k_cache.clone(), v_cache.clone())]
     q_fast = fast.qkv_rope_cache(qkv, positions, cos_sin, *caches[0], slots, heads, kv_heads, d)
     q_ref = ref.qkv_rope_cache(qkv, positions, cos_sin, *caches[1], slots, heads, kv_heads, d)
-    torch.testing.assert_close(q_fast, q_ref, rtol=1e-5, atol=1e-6)
+    assert q_fast.dtype == torch.float32
+    torch.testing.assert_close(q_fast, q_ref.float(), **(dict(rtol=1e-5, atol=1e-6) if cache_dtype == torch.float32
+                                                         else dict(rtol=1e-3, atol=1e-3)))  # (q_ref: float16)
     for got, want in zip(caches[0], caches[1]):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got.float(), want.float(), rtol=1e-5 if cache_dtype == torch.float32 else 1e-3,
+                                   atol=1e-6 if cache_dtype == torch.float32 else 1e-3)
+    assert torch.equal(caches[0][0][1, 1:], torch.zeros_like(caches[0][0][1, 1:]))  # block 1 zeroed, then slot 16 written
 
 
 def _meta(query_lens, context_lens, tables):
@@ -158,10 +163,11 @@ def _meta(query_lens, context_lens, tables):
 
 @pytest.mark.parametrize("d, heads, kv_heads", [(64, 9, 3), (128, 4, 4), (80, 8, 2), (64, 20, 2)])
 @pytest.mark.parametrize("window, soft_cap", [(None, None), (20, None), (None, 30.0)])
-def test_decode_attention_matches_the_reference(ops, d, heads, kv_heads, window, soft_cap):
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+def test_decode_attention_matches_the_reference(ops, d, heads, kv_heads, window, soft_cap, cache_dtype):
     fast, ref = ops
     bs, lens = 16, [1, 40, 16, 77, 0]
-    k_cache, v_cache = _cache(blocks=30, kv_heads=kv_heads, d=d)
+    k_cache, v_cache = (c.to(cache_dtype) for c in _cache(blocks=30, kv_heads=kv_heads, d=d))
     k_cache[0], v_cache[0] = 0, 0  # block 0: the runner's zeroed padding block
     tables = torch.zeros(len(lens), 5, dtype=torch.int32)
     for i, n in enumerate(lens):

@@ -160,6 +160,7 @@ class ModelRunner:
         # Quantized matrices (kept from a GGUF, or quantized at load) take the CPU fast path's ops.
         quantized = config.quantization in ("int8", "int4") or any(isinstance(w, GroupQuantized) for w in weights.values())
         self.ops = get_ops(config.device, quantized=quantized)
+        self.kv_dtype = getattr(self.ops, "kv_cache_dtype", None) or self.dtype  # NativeCpuOps: float16
         if self.device.type == "cpu":
             torch.set_num_threads(config.threads or default_cpu_threads())
         self.long_stager = HostStager(torch.long, self.device)  # input ids, positions, slots, rows
@@ -195,7 +196,7 @@ class ModelRunner:
             # Left unwritten, a block's pages join the resident set only when a sequence first uses it.
             # CpuOps zeroes a block when a sequence writes its first slot, and block 0 is zeroed here:
             # the decode attention's padding reads only zeros or written values (CpuOps._decode_slots).
-            caches = [(torch.empty(shape, dtype=self.dtype), torch.empty(shape, dtype=self.dtype))
+            caches = [(torch.empty(shape, dtype=self.kv_dtype), torch.empty(shape, dtype=self.kv_dtype))
                       for _ in range(c.num_layers)]
             for k, v in caches:
                 k[0].zero_()
@@ -237,7 +238,7 @@ class ModelRunner:
     @property
     def kv_block_bytes(self) -> int:
         c = self.model_config
-        return 2 * c.num_layers * self.block_size * self.model.num_kv_heads * c.head_dim * self.dtype.itemsize
+        return 2 * c.num_layers * self.block_size * self.model.num_kv_heads * c.head_dim * self.kv_dtype.itemsize
 
     def _default_cpu_kv_bytes(self) -> int:
         """max_model_len tokens for each of min(max_num_seqs, CPU_EXPECTED_CONCURRENCY) sequences, at

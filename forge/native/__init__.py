@@ -36,9 +36,9 @@ SIGNATURES = {  # the extern "C" functions, in the order of their C parameters
     "fq_rms_norm": [_PTR, _PTR, _I64, _I64, _F32, _PTR],
     "fq_add_rms_norm": [_PTR, _PTR, _PTR, _I64, _I64, _F32, _PTR, _PTR],
     "fq_silu_mul": [_PTR, _I64, _I64, _PTR],
-    "fq_qkv_rope_cache": [_PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _I64, _PTR],
+    "fq_qkv_rope_cache": [_PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _INT],
     "fq_decode_attention": [_PTR, _PTR, _PTR, _PTR, _I64, _PTR, _I64, _I64, _I64, _I64, _I64, _F32, _I64, _F32, _PTR,
-                            _INT],
+                            _INT, _INT],
 }
 
 _lock = threading.Lock()

@@ -1,7 +1,9 @@
 // The small per-layer ops of a CPU forward step, float32, one call each instead of torch's 5-15
 // dispatched ops (NativeCpuOps, forge/ops/cpu_native.py; CpuOps is the reference they are tested
 // against in tests/test_native_cpu.py). Every op is row-independent: a row's result does not depend
-// on the other rows of its batch (batch == sequential).
+// on the other rows of its batch (batch == sequential). The KV cache is float32 or float16
+// (`cache_f16`: what NativeCpuOps allocates, half the bytes each decode step reads); values are
+// converted on store and load, arithmetic is float32.
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
@@ -32,11 +34,20 @@ inline __m512 exp16(__m512 x) {
 
 inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1); }
 
-inline float dot(const float* a, const float* b, int64_t d) {
+// Cache rows: float32, or float16 (uint16_t bits) converted to and from float32.
+inline __m512 load(const float* p, __mmask16 k) { return _mm512_maskz_loadu_ps(k, p); }
+inline __m512 load(const uint16_t* p, __mmask16 k) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, p)); }
+inline void store(float* p, __mmask16 k, __m512 v) { _mm512_mask_storeu_ps(p, k, v); }
+inline void store(uint16_t* p, __mmask16 k, __m512 v) {
+    _mm256_mask_storeu_epi16(p, k, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+template <typename C>
+inline float dot(const float* a, const C* b, int64_t d) {
     __m512 acc = _mm512_setzero_ps();
     for (int64_t i = 0; i < d; i += 16) {
         const __mmask16 k = tail_mask(d - i);
-        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, a + i), _mm512_maskz_loadu_ps(k, b + i), acc);
+        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, a + i), load(b + i, k), acc);
     }
     return _mm512_reduce_add_ps(acc);
 }
@@ -106,34 +117,66 @@ void fq_silu_mul(const float* gate_up, int64_t t, int64_t inter, float* out) {
     }
 }
 
-// Split qkv [T, (H + 2 Hkv) D]; rotate q and k by neox RoPE (cos_sin [max_pos, D]: D/2 cos, then D/2
-// sin); q -> q_out [T, H, D]; k, v -> their cache slots (caches [blocks, block_size, Hkv, D]). A
-// block whose first slot is written is zeroed first (see CpuOps._fresh_blocks: padding reads zeros).
-void fq_qkv_rope_cache(const float* qkv, int64_t t, const int64_t* positions, const float* cos_sin, int64_t heads,
-                       int64_t kv_heads, int64_t d, float* k_cache, float* v_cache, const int64_t* slots,
-                       int64_t block_size, float* q_out) {
-    const int64_t half = d / 2, width = (heads + 2 * kv_heads) * d, slot_floats = kv_heads * d;
+}  // extern "C"
+
+namespace {
+
+template <typename C>
+void qkv_rope_cache(const float* qkv, int64_t t, const int64_t* positions, const float* cos_sin, int64_t heads,
+                    int64_t kv_heads, int64_t d, C* k_cache, C* v_cache, const int64_t* slots, int64_t block_size,
+                    float* q_out) {
+    const int64_t half = d / 2, width = (heads + 2 * kv_heads) * d, slot_elems = kv_heads * d;
     for (int64_t i = 0; i < t; ++i) {
         const float* row = qkv + i * width;
         const float* cs = cos_sin + positions[i] * d;
         const int64_t slot = slots[i];
         if (slot % block_size == 0) {
-            memset(k_cache + slot * slot_floats, 0, block_size * slot_floats * sizeof(float));
-            memset(v_cache + slot * slot_floats, 0, block_size * slot_floats * sizeof(float));
+            memset(k_cache + slot * slot_elems, 0, block_size * slot_elems * sizeof(C));
+            memset(v_cache + slot * slot_elems, 0, block_size * slot_elems * sizeof(C));
         }
         for (int64_t h = 0; h < heads + kv_heads; ++h) {
             const float* x = row + h * d;
-            float* o = h < heads ? q_out + (i * heads + h) * d : k_cache + slot * slot_floats + (h - heads) * d;
             for (int64_t j = 0; j < half; j += 16) {
                 const __mmask16 k = tail_mask(half - j);
                 const __m512 x1 = _mm512_maskz_loadu_ps(k, x + j), x2 = _mm512_maskz_loadu_ps(k, x + half + j);
                 const __m512 c = _mm512_maskz_loadu_ps(k, cs + j), s = _mm512_maskz_loadu_ps(k, cs + half + j);
-                _mm512_mask_storeu_ps(o + j, k, _mm512_sub_ps(_mm512_mul_ps(x1, c), _mm512_mul_ps(x2, s)));
-                _mm512_mask_storeu_ps(o + half + j, k, _mm512_add_ps(_mm512_mul_ps(x2, c), _mm512_mul_ps(x1, s)));
+                const __m512 r1 = _mm512_sub_ps(_mm512_mul_ps(x1, c), _mm512_mul_ps(x2, s));
+                const __m512 r2 = _mm512_add_ps(_mm512_mul_ps(x2, c), _mm512_mul_ps(x1, s));
+                if (h < heads) {
+                    float* o = q_out + (i * heads + h) * d;
+                    _mm512_mask_storeu_ps(o + j, k, r1);
+                    _mm512_mask_storeu_ps(o + half + j, k, r2);
+                } else {
+                    C* o = k_cache + slot * slot_elems + (h - heads) * d;
+                    store(o + j, k, r1);
+                    store(o + half + j, k, r2);
+                }
             }
         }
-        memcpy(v_cache + slot * slot_floats, row + (heads + kv_heads) * d, slot_floats * sizeof(float));
+        const float* v = row + (heads + kv_heads) * d;
+        for (int64_t j = 0; j < slot_elems; j += 16) {
+            const __mmask16 k = tail_mask(slot_elems - j);
+            store(v_cache + slot * slot_elems + j, k, _mm512_maskz_loadu_ps(k, v + j));
+        }
     }
+}
+
+}  // namespace
+
+extern "C" {
+
+// Split qkv [T, (H + 2 Hkv) D]; rotate q and k by neox RoPE (cos_sin [max_pos, D]: D/2 cos, then D/2
+// sin); q -> q_out [T, H, D]; k, v -> their cache slots (caches [blocks, block_size, Hkv, D]). A
+// block whose first slot is written is zeroed first (see CpuOps._fresh_blocks: padding reads zeros).
+void fq_qkv_rope_cache(const float* qkv, int64_t t, const int64_t* positions, const float* cos_sin, int64_t heads,
+                       int64_t kv_heads, int64_t d, void* k_cache, void* v_cache, const int64_t* slots,
+                       int64_t block_size, float* q_out, int cache_f16) {
+    if (cache_f16)
+        qkv_rope_cache(qkv, t, positions, cos_sin, heads, kv_heads, d, (uint16_t*)k_cache, (uint16_t*)v_cache, slots,
+                       block_size, q_out);
+    else
+        qkv_rope_cache(qkv, t, positions, cos_sin, heads, kv_heads, d, (float*)k_cache, (float*)v_cache, slots,
+                       block_size, q_out);
 }
 
 }  // extern "C"
@@ -145,8 +188,8 @@ namespace {
 // scores become soft_cap * tanh(score / soft_cap). Float32 softmax; a sequence with no keys gives 0.
 // Work item = (sequence, KV head): its `group` query heads share every K and V row load; with
 // D = 16 * CHUNKS the V accumulators stay in registers (CHUNKS = 0: any D, accumulated in memory).
-template <int CHUNKS>
-void attend(const float* q, const float* k_cache, const float* v_cache, const int32_t* table, int64_t ctx,
+template <int CHUNKS, typename C>
+void attend(const float* q, const C* k_cache, const C* v_cache, const int32_t* table, int64_t ctx,
             int64_t heads, int64_t kv_heads, int64_t d, int64_t block_size, float scale, int64_t window,
             float soft_cap, int64_t s, int64_t kvh, float* out) {
     constexpr int MAX_GROUP = 64, REGISTER_GROUP = 8;  // query heads per KV head: any / in registers
@@ -157,7 +200,7 @@ void attend(const float* q, const float* k_cache, const float* v_cache, const in
     for (int64_t g = 0; g < group; ++g) mx[g] = -INFINITY;
     SlotWalker keys(table, block_size, first);
     for (int64_t p = first; p < ctx; ++p) {  // scores: one K row load for the group's heads
-        const float* kp = k_cache + keys.next() * slot_floats + kvh * d;
+        const C* kp = k_cache + keys.next() * slot_floats + kvh * d;
         for (int64_t g = 0; g < group; ++g) {
             float v = dot(q + (s * heads + kvh * group + g) * d, kp, d) * scale;
             if (soft_cap > 0) v = soft_cap * tanhf(v / soft_cap);
@@ -184,9 +227,9 @@ void attend(const float* q, const float* k_cache, const float* v_cache, const in
             for (int j = 0; j < CHUNKS; ++j) acc[g][j] = _mm512_setzero_ps();
         SlotWalker values(table, block_size, first);
         for (int64_t p = first; p < ctx; ++p) {
-            const float* vp = v_cache + values.next() * slot_floats + kvh * d;
+            const C* vp = v_cache + values.next() * slot_floats + kvh * d;
             __m512 v[CHUNKS > 0 ? CHUNKS : 1];
-            for (int j = 0; j < CHUNKS; ++j) v[j] = _mm512_loadu_ps(vp + 16 * j);
+            for (int j = 0; j < CHUNKS; ++j) v[j] = load(vp + 16 * j, (__mmask16)0xFFFF);
             for (int64_t g = 0; g < group; ++g) {
                 const __m512 w = _mm512_set1_ps(scores[g * n + p - first]);
                 for (int j = 0; j < CHUNKS; ++j) acc[g][j] = _mm512_fmadd_ps(w, v[j], acc[g][j]);
@@ -203,32 +246,46 @@ void attend(const float* q, const float* k_cache, const float* v_cache, const in
         memset(o, 0, d * sizeof(float));
         SlotWalker values(table, block_size, first);
         for (int64_t p = first; p < ctx; ++p) {
-            const float* vp = v_cache + values.next() * slot_floats + kvh * d;
+            const C* vp = v_cache + values.next() * slot_floats + kvh * d;
             const __m512 w = _mm512_set1_ps(scores[g * n + p - first] * inv_total[g]);
             for (int64_t j = 0; j < d; j += 16) {
                 const __mmask16 k = tail_mask(d - j);
-                _mm512_mask_storeu_ps(o + j, k, _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(k, vp + j), _mm512_maskz_loadu_ps(k, o + j)));
+                _mm512_mask_storeu_ps(o + j, k, _mm512_fmadd_ps(w, load(vp + j, k), _mm512_maskz_loadu_ps(k, o + j)));
             }
         }
     }
 }
 
-}  // namespace
-
-extern "C" {
-
-void fq_decode_attention(const float* q, const float* k_cache, const float* v_cache, const int32_t* block_tables,
-                         int64_t table_stride, const int32_t* context_lens, int64_t b, int64_t heads,
-                         int64_t kv_heads, int64_t d, int64_t block_size, float scale, int64_t window,
-                         float soft_cap, float* out, int threads) {
+template <typename C>
+void decode_attention(const float* q, const C* k_cache, const C* v_cache, const int32_t* block_tables,
+                      int64_t table_stride, const int32_t* context_lens, int64_t b, int64_t heads, int64_t kv_heads,
+                      int64_t d, int64_t block_size, float scale, int64_t window, float soft_cap, float* out,
+                      int threads) {
     const int64_t group = heads / kv_heads;  // <= 64 (NativeCpuOps checks)
-    auto fn = group > 8 ? attend<0> : d == 64 ? attend<4> : d == 128 ? attend<8> : attend<0>;
+    auto fn = group > 8 ? attend<0, C> : d == 64 ? attend<4, C> : d == 128 ? attend<8, C> : attend<0, C>;
     const bool parallel = threads > 1 && b * kv_heads >= 2 && b > 1;
 #pragma omp parallel for collapse(2) schedule(static) num_threads(threads) if (parallel)
     for (int64_t s = 0; s < b; ++s)
         for (int64_t kvh = 0; kvh < kv_heads; ++kvh)
             fn(q, k_cache, v_cache, block_tables + s * table_stride, context_lens[s], heads, kv_heads, d, block_size,
                scale, window, soft_cap, s, kvh, out);
+}
+
+}  // namespace
+
+extern "C" {
+
+// One query per sequence (at position context_len - 1) over its paged context (see attend).
+void fq_decode_attention(const float* q, const void* k_cache, const void* v_cache, const int32_t* block_tables,
+                         int64_t table_stride, const int32_t* context_lens, int64_t b, int64_t heads,
+                         int64_t kv_heads, int64_t d, int64_t block_size, float scale, int64_t window,
+                         float soft_cap, float* out, int threads, int cache_f16) {
+    if (cache_f16)
+        decode_attention(q, (const uint16_t*)k_cache, (const uint16_t*)v_cache, block_tables, table_stride,
+                         context_lens, b, heads, kv_heads, d, block_size, scale, window, soft_cap, out, threads);
+    else
+        decode_attention(q, (const float*)k_cache, (const float*)v_cache, block_tables, table_stride, context_lens,
+                         b, heads, kv_heads, d, block_size, scale, window, soft_cap, out, threads);
 }
 
 }  // extern "C"

@@ -6,6 +6,10 @@ call. Chosen by `forge.ops.get_ops` for quantized CPU models (the fast path); `C
 exact reference, which these ops are tested against (tests/test_native_cpu.py). Anything the kernels
 do not cover (another dtype, non-contiguous inputs, partial rotary, prefill attention rows) goes to
 CpuOps unchanged.
+
+The KV cache is float16 here (`kv_cache_dtype`, which the model runner allocates): a batch-16
+decode step read ~45 MB of float32 K/V per step at 64 tokens of context, a third of its traffic;
+float16, as llama.cpp's default cache, halves it, and the kernels compute in float32.
 """
 
 import torch
@@ -23,8 +27,14 @@ def _plain(*tensors: torch.Tensor) -> bool:
     return True
 
 
+def _cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    return (k_cache.dtype in (_F32, torch.float16) and v_cache.dtype == k_cache.dtype and k_cache.is_contiguous()
+            and v_cache.is_contiguous())
+
+
 class NativeCpuOps(CpuOps):
     name = "cpu-native"
+    kv_cache_dtype = torch.float16
 
     def __init__(self, lib):
         super().__init__()
@@ -57,16 +67,17 @@ class NativeCpuOps(CpuOps):
 
     def qkv_rope_cache(self, qkv, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads,
                        head_dim):
-        if not (_plain(qkv, cos_sin_cache, k_cache, v_cache) and cos_sin_cache.shape[-1] == head_dim
+        if not (_plain(qkv, cos_sin_cache) and _cache(k_cache, v_cache) and cos_sin_cache.shape[-1] == head_dim
                 and positions.dtype == slot_mapping.dtype == torch.int64 and positions.is_contiguous()
                 and slot_mapping.is_contiguous()):
-            return super().qkv_rope_cache(qkv, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, num_heads,
-                                          num_kv_heads, head_dim)
+            q = super().qkv_rope_cache(qkv, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, num_heads,
+                                       num_kv_heads, head_dim)
+            return q.float()  # (CpuOps returns the cache's dtype)
         t = qkv.shape[0]
         q = qkv.new_empty(t, num_heads, head_dim)
         self.lib.fq_qkv_rope_cache(qkv.data_ptr(), t, positions.data_ptr(), cos_sin_cache.data_ptr(), num_heads,
                                    num_kv_heads, head_dim, k_cache.data_ptr(), v_cache.data_ptr(),
-                                   slot_mapping.data_ptr(), k_cache.shape[1], q.data_ptr())
+                                   slot_mapping.data_ptr(), k_cache.shape[1], q.data_ptr(), k_cache.dtype == torch.float16)
         return q
 
     def attention(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float, window: int | None = None,
@@ -74,7 +85,7 @@ class NativeCpuOps(CpuOps):
         """Decode rows (one query) in C, all at once; a step with prefill rows keeps CpuOps' path for
         them and runs its decode rows here one by one, so a decode row's result is the same in any step."""
         tables, lens = meta.block_tables, meta.context_lens
-        if not (_plain(q, k_cache, v_cache) and tables.dtype == lens.dtype == torch.int32 and tables.is_contiguous()
+        if not (_plain(q) and _cache(k_cache, v_cache) and tables.dtype == lens.dtype == torch.int32 and tables.is_contiguous()
                 and lens.is_contiguous() and q.shape[1] // k_cache.shape[2] <= 64):
             return super().attention(q, k_cache, v_cache, meta, scale, window, soft_cap)
         if meta.max_query_len == 1:
@@ -94,4 +105,5 @@ class NativeCpuOps(CpuOps):
         b, heads, d = q.shape
         self.lib.fq_decode_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
                                      tables.stride(0), lens.data_ptr(), b, heads, k_cache.shape[2], d, k_cache.shape[1],
-                                     scale, window or 0, soft_cap or 0.0, out.data_ptr(), torch.get_num_threads())
+                                     scale, window or 0, soft_cap or 0.0, out.data_ptr(), torch.get_num_threads(),
+                                     k_cache.dtype == torch.float16)
