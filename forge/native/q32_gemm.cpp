@@ -38,6 +38,12 @@ constexpr int GROUP = 32;  // inputs per (scale, offset)
 constexpr int TILE = 16;   // rows per tile: one int32 lane each
 typedef int32_t word32 __attribute__((may_alias));  // 4 int8 codes read as one int32
 
+// acc += u8 codes x (4 s8 activation codes at p, broadcast to every lane): vpdpbusd with an
+// embedded-broadcast memory operand, one instruction (compilers emit a separate vpbroadcastd).
+inline void dpbusd_bcast(__m512i& acc, __m512i codes, const word32* p) {
+    asm("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(codes), "m"(*p));
+}
+
 template <int BITS>
 constexpr int64_t group_block_bytes() { return TILE * GROUP * BITS / 8 + 2 * TILE * 2; }
 
@@ -83,10 +89,10 @@ void tile(const Weights& w, const Acts& a, int64_t t, int64_t m0, float* y, int6
             __m512i hi = _mm512_setzero_si512(), lo = _mm512_setzero_si512();  // 4 chains: latency
             __m512i hi2 = _mm512_setzero_si512(), lo2 = _mm512_setzero_si512();
             for (int j = 0; j < 8; j += 2) {
-                hi = _mm512_dpbusd_epi32(hi, q[j], _mm512_set1_epi32(hi4[j]));
-                lo = _mm512_dpbusd_epi32(lo, q[j], _mm512_set1_epi32(lo4[j]));
-                hi2 = _mm512_dpbusd_epi32(hi2, q[j + 1], _mm512_set1_epi32(hi4[j + 1]));
-                lo2 = _mm512_dpbusd_epi32(lo2, q[j + 1], _mm512_set1_epi32(lo4[j + 1]));
+                dpbusd_bcast(hi, q[j], hi4 + j);
+                dpbusd_bcast(lo, q[j], lo4 + j);
+                dpbusd_bcast(hi2, q[j + 1], hi4 + j + 1);
+                dpbusd_bcast(lo2, q[j + 1], lo4 + j + 1);
             }
             hi = _mm512_add_epi32(hi, hi2);
             lo = _mm512_add_epi32(lo, lo2);
