@@ -150,3 +150,17 @@ def test_unsupported_architectures_name_the_supported_ones():
         config_from_metadata({"general.architecture": "falcon"})
     with pytest.raises(UnsupportedModelError, match="partial rotary"):
         ModelConfig.from_hf_dict({"model_type": "phi3", "partial_rotary_factor": 0.75, **shape})
+
+
+def test_gguf_names_are_llama_cpps():
+    """Every GGUF tensor name in a dense family's schema is one llama.cpp's converter writes for that architecture."""
+    from gguf.constants import MODEL_ARCH_NAMES, MODEL_TENSORS, TENSOR_NAMES
+
+    from forge.models.families import FAMILIES
+
+    archs = {name: arch for arch, name in MODEL_ARCH_NAMES.items()}
+    for family in FAMILIES:
+        known = {TENSOR_NAMES[t].format(bid="{layer}") + ".weight" for t in MODEL_TENSORS[archs[family.gguf_arch]]}
+        known |= {n.removesuffix(".weight") + ".bias" for n in known}
+        for spec in family.schema:
+            assert spec.gguf_name in known, (family.name, spec.gguf_name)

@@ -86,7 +86,8 @@ class DecoderModel:
                                   embedding=specs[0].kind == "embedding")
 
         def present(model_field: str) -> bool:
-            return all(s.hf() in weights for s in field_specs(model_field, schema))
+            specs = field_specs(model_field, schema)
+            return bool(specs) and all(s.hf() in weights for s in specs)
 
         self.embed_tokens = take("embed_tokens")
         self.layers = [LayerWeights(**{f.name: take(f.name, i) for f in fields(LayerWeights)})
@@ -96,7 +97,8 @@ class DecoderModel:
         # sqrt(hidden) in the model dtype, as HF rounds it (Gemma)
         self.embed_scale = torch.tensor(config.hidden_size ** 0.5, dtype=dtype, device=self.device) \
             if self.family.scale_embeddings else None
-        freq_factors = weights.pop(field_specs("rope_freqs", schema)[0].hf(), None)  # (float32: they divide the frequencies)
+        rope_freqs = field_specs("rope_freqs", schema)  # (GGUF Llama 3: float32 divisors of the frequencies)
+        freq_factors = weights.pop(rope_freqs[0].hf(), None) if rope_freqs else None
         self.windows = [config.layer_window(i) for i in range(config.num_layers)]
         global_rope = build_cos_sin_cache(config, max_positions, freq_factors).to(self.device)
         local_rope = global_rope if config.rope_local_theta is None else \

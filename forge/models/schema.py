@@ -74,11 +74,11 @@ TOP = (
     WeightSpec("model.embed_tokens.weight", "token_embd.weight", lambda c: (c.vocab_size, c.hidden_size),
                "vocab", model_field="embed_tokens", kind="embedding"),
     WeightSpec("model.norm.weight", "output_norm.weight", _hidden, "replicated", model_field="norm", kind="norm"),
-    WeightSpec("lm_head.weight", "output.weight", lambda c: (c.vocab_size, c.hidden_size), "vocab",
-               model_field="lm_head", kind="embedding", required=False),
-    WeightSpec("rope_freqs.weight", "rope_freqs.weight", lambda c: (c.head_dim // 2,), "replicated",
-               model_field="rope_freqs", kind="norm", required=False),
 )
+LM_HEAD = WeightSpec("lm_head.weight", "output.weight", lambda c: (c.vocab_size, c.hidden_size), "vocab",
+                     model_field="lm_head", kind="embedding", required=False)  # (absent: tied to the embeddings)
+ROPE_FREQS = WeightSpec("rope_freqs.weight", "rope_freqs.weight", lambda c: (c.head_dim // 2,), "replicated",
+                        model_field="rope_freqs", kind="norm", required=False)  # (some Llama-3 GGUFs: RoPE divisors)
 INPUT_NORM = _layer("input_layernorm.weight", "attn_norm.weight", _hidden, "replicated", model_field="input_norm",
                     kind="norm")
 MLP_NORM = _layer("post_attention_layernorm.weight", "ffn_norm.weight", _hidden, "replicated", model_field="mlp_norm",
@@ -148,12 +148,12 @@ def moe_specs(block: str, gate: str, up: str, down: str) -> tuple[WeightSpec, ..
 
 
 # (per-layer order: the order tests/util.random_weights draws them in)
-LLAMA_SCHEMA: tuple[WeightSpec, ...] = TOP + (INPUT_NORM, MLP_NORM) + QKV + (O_PROJ,) + GATE_UP + (DOWN,)
+LLAMA_SCHEMA: tuple[WeightSpec, ...] = TOP + (LM_HEAD, ROPE_FREQS, INPUT_NORM, MLP_NORM) + QKV + (O_PROJ,) + GATE_UP + (DOWN,)
 QWEN2_SCHEMA = LLAMA_SCHEMA + QKV_BIAS
 QWEN3_SCHEMA = LLAMA_SCHEMA + QK_NORM
-GEMMA2_SCHEMA = TOP + (INPUT_NORM,) + SANDWICH_NORMS + QKV + (O_PROJ,) + GATE_UP + (DOWN,)
-GEMMA3_SCHEMA = GEMMA2_SCHEMA + QK_NORM
-PHI3_SCHEMA = TOP + (INPUT_NORM, MLP_NORM, FUSED_QKV, O_PROJ, FUSED_GATE_UP, DOWN)
+GEMMA2_SCHEMA = TOP + (INPUT_NORM,) + SANDWICH_NORMS + QKV + (O_PROJ,) + GATE_UP + (DOWN,)  # (always tied)
+GEMMA3_SCHEMA = GEMMA2_SCHEMA + (LM_HEAD,) + QK_NORM
+PHI3_SCHEMA = TOP + (LM_HEAD, INPUT_NORM, MLP_NORM, FUSED_QKV, O_PROJ, FUSED_GATE_UP, DOWN)
 QWEN3_MOE_SCHEMA = TOP + (INPUT_NORM, MLP_NORM) + QKV + (O_PROJ,) + QK_NORM + moe_specs("mlp", "gate_proj", "up_proj",
                                                                                          "down_proj")
 MIXTRAL_SCHEMA = TOP + (INPUT_NORM, MLP_NORM) + QKV + (O_PROJ,) + moe_specs("block_sparse_moe", "w1", "w3", "w2")
