@@ -260,6 +260,12 @@ ENV_VARS = {
                                      "(default: half the hardware threads)",
     "FORGE_STRUCTURED_OVERLAP": "structured outputs: 1/0 forces filling grammar masks on a worker thread while the "
                                 "forward pass runs on or off (default: on for the CPU when a core is spare)",
+    "FORGE_NATIVE": "CPU: 0 turns forge's own C++ kernels (forge/native: the quantized matmul and the per-layer "
+                    "ops) off, so torch's kernels run instead (default: on where the CPU has AVX-512 VNNI and a "
+                    "C++ compiler is found)",
+    "FORGE_CACHE_DIR": "CPU: where the native kernels' build is cached (default: `$XDG_CACHE_HOME/forge`, else "
+                       "`~/.cache/forge`)",
+    "CXX": "CPU: the C++ compiler that builds forge's native kernels (default: c++, g++, then clang++)",
     "FORGE_CUDA_INCLUDE": "CUDA: a folder with cuda_bf16.h / cuda_fp16.h for NVRTC, tried first",
     "CUDA_HOME / CUDA_PATH / CUDA_ROOT": "CUDA: toolkit folders whose include/ is tried next (then pip's nvidia "
                                          "packages)",
