@@ -52,6 +52,18 @@ inline float dot(const float* a, const C* b, int64_t d) {
     return _mm512_reduce_add_ps(acc);
 }
 
+// The same for d = 16 * CHUNKS known at compile time: unmasked, unrolled, two accumulators.
+template <int CHUNKS, typename C>
+inline float dot_fixed(const float* a, const C* b) {
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    for (int j = 0; j < CHUNKS; j += 2) {
+        acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + 16 * j), load(b + 16 * j, (__mmask16)0xFFFF), acc0);
+        if (j + 1 < CHUNKS)
+            acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + 16 * j + 16), load(b + 16 * j + 16, (__mmask16)0xFFFF), acc1);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+}
+
 // out = x * rsqrt(mean(x^2) + eps) * w for one row of h values.
 inline void rms_norm_row(const float* x, const float* w, int64_t h, float eps, float* out) {
     __m512 ss = _mm512_setzero_ps();
@@ -196,21 +208,23 @@ void attend(const float* q, const C* k_cache, const C* v_cache, const int32_t* t
     const int64_t group = heads / kv_heads, slot_floats = kv_heads * d;
     const int64_t first = window > 0 ? std::max<int64_t>(0, ctx - window) : 0, n = ctx - first;
     if ((int64_t)scores.size() < group * n) scores.resize(group * n);
+    float* const sc_all = scores.data();  // (one thread-local lookup, not one per key)
     float mx[MAX_GROUP];
     for (int64_t g = 0; g < group; ++g) mx[g] = -INFINITY;
     SlotWalker keys(table, block_size, first);
     for (int64_t p = first; p < ctx; ++p) {  // scores: one K row load for the group's heads
         const C* kp = k_cache + keys.next() * slot_floats + kvh * d;
         for (int64_t g = 0; g < group; ++g) {
-            float v = dot(q + (s * heads + kvh * group + g) * d, kp, d) * scale;
+            const float* qh = q + (s * heads + kvh * group + g) * d;
+            float v = (CHUNKS > 0 ? dot_fixed<CHUNKS>(qh, kp) : dot(qh, kp, d)) * scale;
             if (soft_cap > 0) v = soft_cap * tanhf(v / soft_cap);
-            scores[g * n + p - first] = v;
+            sc_all[g * n + p - first] = v;
             mx[g] = std::max(mx[g], v);
         }
     }
     float inv_total[MAX_GROUP];
     for (int64_t g = 0; g < group; ++g) {  // exp(score - max), vectorised
-        float* sc = scores.data() + g * n;
+        float* sc = sc_all + g * n;
         const __m512 mv = _mm512_set1_ps(mx[g]);
         __m512 tv = _mm512_setzero_ps();
         for (int64_t p = 0; p < n; p += 16) {
@@ -231,7 +245,7 @@ void attend(const float* q, const C* k_cache, const C* v_cache, const int32_t* t
             __m512 v[CHUNKS > 0 ? CHUNKS : 1];
             for (int j = 0; j < CHUNKS; ++j) v[j] = load(vp + 16 * j, (__mmask16)0xFFFF);
             for (int64_t g = 0; g < group; ++g) {
-                const __m512 w = _mm512_set1_ps(scores[g * n + p - first]);
+                const __m512 w = _mm512_set1_ps(sc_all[g * n + p - first]);
                 for (int j = 0; j < CHUNKS; ++j) acc[g][j] = _mm512_fmadd_ps(w, v[j], acc[g][j]);
             }
         }
@@ -247,7 +261,7 @@ void attend(const float* q, const C* k_cache, const C* v_cache, const int32_t* t
         SlotWalker values(table, block_size, first);
         for (int64_t p = first; p < ctx; ++p) {
             const C* vp = v_cache + values.next() * slot_floats + kvh * d;
-            const __m512 w = _mm512_set1_ps(scores[g * n + p - first] * inv_total[g]);
+            const __m512 w = _mm512_set1_ps(sc_all[g * n + p - first] * inv_total[g]);
             for (int64_t j = 0; j < d; j += 16) {
                 const __mmask16 k = tail_mask(d - j);
                 _mm512_mask_storeu_ps(o + j, k, _mm512_fmadd_ps(w, load(vp + j, k), _mm512_maskz_loadu_ps(k, o + j)));
