@@ -59,6 +59,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "dequantizes to float (exact); int8/int4 quantize float weights at load (default: auto)")
     g.add_argument("--threads", type=int, default=E.threads,
                    help="CPU compute threads (default: physical cores - 1, at least 1)")
+    g.add_argument("--speculative-config", default=E.speculative_config, metavar="JSON",
+                   help='speculative decoding, as vLLM\'s: \'{"method": "ngram", "num_speculative_tokens": 4, '
+                        '"prompt_lookup_max": 4, "prompt_lookup_min": 2}\' or \'{"method": "draft_model", "model": '
+                        'PATH, "num_speculative_tokens": 4}\' (default: off)')
     g.add_argument("--kv-cache-memory", default=E.kv_cache_memory,
                    help="CPU KV-cache size: bytes, or e.g. 512MiB, 2GB (default: max-model-len x min(max-num-seqs, "
                         "4) tokens, at most 1/4 of RAM; pages become resident as sequences fill them)")
@@ -106,7 +110,7 @@ def engine_config(args):
         enable_prefix_caching=not args.no_prefix_caching, enforce_eager=args.enforce_eager,
         async_scheduling=args.async_scheduling, tensor_parallel_size=getattr(args, "tensor_parallel_size", 1),
         max_logprobs=args.max_logprobs, quantization=args.quantization, threads=args.threads,
-        kv_cache_memory=args.kv_cache_memory,
+        kv_cache_memory=args.kv_cache_memory, speculative_config=args.speculative_config,
     )
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from forge.errors import InvalidRequestError
 from forge.sampling_params import MAX_LOGPROBS
+from forge.spec_decode.config import SpeculativeConfig
 from forge.validation import INT64_MAX, INT64_MIN, check_bool, check_float, check_int
 
 DEVICE_PATTERN = re.compile(r"cpu|cuda(:[0-9]+)?")
@@ -162,6 +163,9 @@ class EngineConfig:
     quantization: str = "auto"
     seed: int = 0
     max_logprobs: int = MAX_LOGPROBS  # most logprobs a request may ask for (-1: the whole vocabulary), as vLLM
+    # vLLM's speculative_config: {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": n,
+    # "prompt_lookup_min": m} or {"method": "draft_model", "model": PATH, ...} (or its JSON); forge.spec_decode
+    speculative_config: "dict | str | SpeculativeConfig | None" = None
 
     def __post_init__(self):
         self.validate()
@@ -214,3 +218,4 @@ class EngineConfig:
                                       f"bfloat16: use auto or none)", param="quantization")
         self.max_logprobs = check_int(self.max_logprobs, "max_logprobs (-1 = the whole vocabulary)", -1,
                                       param="max_logprobs")
+        self.speculative_config = SpeculativeConfig.parse(self.speculative_config)

@@ -51,6 +51,12 @@ class RequestMetrics:
     last_token_time: float | None = None
     finished_time: float | None = None
     time_in_queue: float | None = None  # first_scheduled_time - arrival_time
+    # Speculative decoding (forge.spec_decode), over the request's sequences:
+    spec_num_drafts: int = 0  # verify steps that carried draft tokens
+    spec_num_draft_tokens: int = 0  # draft tokens verified
+    spec_num_accepted_tokens: int = 0  # of those, accepted
+    spec_acceptance_rate: float | None = None  # accepted / drafted; None without drafts
+    spec_mean_accepted_length: float | None = None  # tokens per verify step: accepted drafts + 1; None without drafts
 
     def __post_init__(self):
         if self.time_in_queue is None and self.first_scheduled_time is not None:

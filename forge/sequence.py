@@ -56,6 +56,13 @@ class Sequence:
         # neither on the batch nor on the device. Each of the request's n completions (`index`)
         # gets its own stream from the request's seed.
         self.sampling_key = stream_key(params.seed, index)
+        # Speculative decoding (forge.spec_decode): this step's draft tokens (verified, never part of
+        # token_ids until accepted), the adaptive rule's state, and counts for RequestOutput.metrics.
+        self.spec_token_ids: list[int] = []
+        self.spec_gate = None  # forge.spec_decode.adaptive.AcceptanceGate
+        self.spec_num_drafts = 0  # verify steps that carried drafts
+        self.spec_num_draft_tokens = 0
+        self.spec_num_accepted_tokens = 0
         self.structured = None  # a forge.structured matcher when the request is constrained
         self.reasoning_gate = None  # forge.structured.reasoning_gate: the matcher, until the reasoning ends
         # Output state.

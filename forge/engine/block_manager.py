@@ -107,6 +107,18 @@ class BlockManager:
         for _ in range(need):
             seq.block_table.append(self._take_free_block())
 
+    def trim(self, seq: Sequence, num_tokens: int) -> None:
+        """Give back seq's blocks beyond its first num_tokens tokens (slots reserved for draft tokens
+        that were rejected: never hashed, so they go first in line for reuse)."""
+        keep = self.blocks_needed(num_tokens)
+        while len(seq.block_table) > keep:
+            block_id = seq.block_table.pop()
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free_blocks[block_id] = None
+                self.free_blocks.move_to_end(block_id, last=False)
+
     def _take_free_block(self) -> int:
         block_id, _ = self.free_blocks.popitem(last=False)
         block = self.blocks[block_id]

@@ -8,6 +8,11 @@ One step (`EngineCore._step`):
     sample    -> token ids on the device                    (Sampler: the same draws on every device)
     update    -> each token joins its sequence, stop checks (OutputProcessor), outputs
 
+With speculative decoding (forge.spec_decode) a proposer first sets each running sequence's draft
+tokens; the scheduler plans 1 + k tokens for it, the forward pass returns k + 1 logits rows, the
+sampler draws a token at each (with the noise plain decoding would use there) and `_read` appends
+them while they equal the drafts. Speculation runs synchronously (no async scheduling).
+
 With async scheduling (a scheduler mode, forge.engine.scheduler) the same path reads a step's
 tokens one step late: step t+1 is launched before step t's tokens are read back (its inputs take
 them on the device), so the host's update of step t overlaps the device's step t+1.
@@ -33,6 +38,8 @@ from forge.errors import InvalidRequestError, RequestFailure
 from forge.loader import LoadedModel
 from forge.outputs import RequestOutput
 from forge.sequence import Request, Sequence
+from forge.spec_decode.decoder import SpeculativeDecoder
+from forge.spec_decode.proposers import make_proposer
 
 logger = logging.getLogger("forge")
 
@@ -41,8 +48,9 @@ logger = logging.getLogger("forge")
 class InFlight:
     """A step whose sampled tokens are on the device and not read back yet (async scheduling)."""
 
-    seqs: list[Sequence]  # the sampled rows, in order
+    seqs: list[Sequence]  # the sampled sequences, in order
     pending: PendingSample
+    drafts: list[list[int]] | None = None  # a verify step: each sequence's drafts (its rows: 1 + len)
 
 
 class EngineCore:
@@ -64,7 +72,10 @@ class EngineCore:
 
             self.tp = TensorParallelExecutor(config, max_model_len, loaded.config)
             weakref.finalize(self, self.tp.shutdown)  # workers exit with the engine (or at interpreter exit)
+        self.spec = None  # forge.spec_decode.SpeculativeDecoder
         try:
+            # (a draft model first: on a GPU the target's KV cache takes the memory left after it)
+            proposer = make_proposer(config, loaded, max_model_len)
             self.runner = ModelRunner(loaded.config, loaded.weights, config, max_model_len,
                                       tp=self.tp.group if self.tp is not None else None,
                                       weights_sharded=loaded.shard is not None)
@@ -72,6 +83,10 @@ class EngineCore:
                 self.runner.step_hook = self.tp.broadcast_step
             self.max_model_len = self._fit_context(max_model_len)
             self.async_scheduling = self._async_scheduling()
+            if config.speculative_config is not None:
+                self.spec = SpeculativeDecoder(config.speculative_config, proposer, self.max_model_len,
+                                               frozenset(loaded.tokenizer.stop_token_ids),
+                                               measure_steps=not config.device.startswith("cuda"))
         except BaseException:
             self.shutdown()
             raise
@@ -105,6 +120,11 @@ class EngineCore:
 
     def _async_scheduling(self) -> bool:
         wanted = self.config.async_scheduling
+        if self.config.speculative_config is not None:
+            if wanted:
+                raise InvalidRequestError("async scheduling does not support speculative decoding: its steps run "
+                                          "synchronously (leave async_scheduling unset)", param="async_scheduling")
+            return False
         if wanted is None:  # on by default where the host's work can overlap a device
             return self.config.device.startswith("cuda") and self.tp is None
         if wanted and self.tp is not None:
@@ -141,11 +161,13 @@ class EngineCore:
     def make_matcher(self, spec, compiled=None):
         return self.structured_backend.matcher(spec, compiled)
 
-    def _begin_masks(self, seqs: list[Sequence]):
+    def _begin_masks(self, seqs: list[Sequence], drafts: list[list[int]] | None = None):
         """The step's grammar masks (None: no sampled row is constrained); filled on the backend's
-        thread from now until they are applied."""
+        thread from now until they are applied. drafts: a verify step's (a row per position)."""
         if self._structured is None or not seqs:  # no request ever asked for structured outputs
             return None
+        if drafts is not None:
+            return self._structured.begin_verify_step(seqs, drafts)
         return self._structured.begin_step(seqs)
 
     # -- requests ------------------------------------------------------------------------------------
@@ -206,11 +228,19 @@ class EngineCore:
 
     def _step(self, emit: str) -> list[RequestOutput]:
         prev = self.in_flight  # async scheduling: the last step's tokens, still on the device
+        if self.spec is not None:
+            self.spec.propose(self.scheduler.running)  # each running sequence's drafts, often none
         sched = self.scheduler.schedule()
-        seqs = [item.seq for item in sched.scheduled if item.samples]
+        sampling = [item for item in sched.scheduled if item.samples]
+        seqs = [item.seq for item in sampling]
+        drafts = [item.drafts for item in sampling] if any(item.num_drafts for item in sampling) else None
         # Grammars that hold every token so far get their masks filled while the forward pass runs.
-        masks = self._begin_masks(seqs) if prev is None else None
+        masks = self._begin_masks(seqs, drafts) if prev is None else None
+        started = time.perf_counter()
         logits = self.runner.execute(sched.plan, prev.pending.token_ids if prev else None) if sched else None
+        if self.spec is not None and sched and len(sampling) == len(sched.scheduled) and \
+                all(item.num_new_tokens - item.num_drafts == 1 for item in sampling):  # decode and verify rows only
+            self.spec.observe_step(sched.num_tokens, time.perf_counter() - started)
         touched = self._read(prev) if prev is not None else {}  # step t-1, read while step t computes
         self.in_flight = None
         if sched:
@@ -221,10 +251,11 @@ class EngineCore:
         if seqs:
             if prev is not None:
                 masks = self._begin_masks(seqs)  # the grammars needed step t-1's tokens
-            logits = apply_logit_bias(logits, seqs)
+            rows, offsets = (seqs, None) if drafts is None else verify_rows(seqs, drafts)
+            logits = apply_logit_bias(logits, rows)
             if masks is not None:
                 logits = masks.apply(logits)
-            sampled = InFlight(seqs, self.sampler.sample_async(logits, seqs))
+            sampled = InFlight(seqs, self.sampler.sample_async(logits, rows, offsets), drafts)
             overlap = self.async_scheduling and not self.isolation.isolating  # (failure trials run in order)
             if overlap and self.scheduler.add_placeholders(seqs):
                 self.in_flight = sampled  # read at the next step, after it is launched
@@ -238,11 +269,35 @@ class EngineCore:
         results = step.pending.results()
         touched: dict[str, Request] = {}
         now = time.monotonic()
-        for seq, result in zip(step.seqs, results):
+        if step.drafts is None:
+            for seq, result in zip(step.seqs, results):
+                if self.scheduler.drop_placeholder(seq):
+                    self._append_token(seq, result, now)
+                    touched[seq.request_id] = self.requests[seq.request_id]
+            return touched
+        row = 0
+        for seq, drafts in zip(step.seqs, step.drafts):
+            group = results[row : row + 1 + len(drafts)]
+            row += len(group)
             if self.scheduler.drop_placeholder(seq):
-                self._append_token(seq, result, now)
+                self._append_verified(seq, group, drafts, now)
                 touched[seq.request_id] = self.requests[seq.request_id]
         return touched
+
+    def _append_verified(self, seq: Sequence, results: list[SampleResult], drafts: list[int], now: float) -> None:
+        """A verify step's tokens for `seq`: the drawn token at each position joins it while the
+        draft there equals it; the first that differs (or the one after every draft) is the last.
+        A stop ends the run wherever it falls."""
+        accepted = 0
+        for result, draft in zip(results, [*drafts, None]):
+            self._append_token(seq, result, now)
+            matched = result.token_id == draft
+            accepted += matched
+            if seq.is_finished or not matched:
+                break
+        if drafts:
+            self.spec.record(seq, len(drafts), accepted)
+        self.scheduler.accept_drafts(seq, accepted)
 
     def _append_token(self, seq: Sequence, result: SampleResult, now: float) -> None:
         """Add a sampled token and run the sequence's checks (stop conditions, its grammar, logprob
@@ -267,6 +322,16 @@ class EngineCore:
             if req.finished:
                 del self.requests[req.request_id]
         return outputs
+
+
+def verify_rows(seqs: list[Sequence], drafts: list[list[int]]) -> tuple[list[Sequence], list[int]]:
+    """A verify step's sampled rows: each sequence once per position (its last token, then each
+    draft), with the offset of the token drawn there past the sequence's last one."""
+    rows, offsets = [], []
+    for seq, d in zip(seqs, drafts):
+        rows += [seq] * (1 + len(d))
+        offsets += range(1 + len(d))
+    return rows, offsets
 
 
 def _context_limit(config: EngineConfig, model_context: int, max_model_len: int, num_kv_blocks: int) -> str:

@@ -170,22 +170,22 @@ class PerRequestSampler:
     def __init__(self, sampler):
         self.sampler = sampler
 
-    def sample_async(self, logits: torch.Tensor, seqs: list[Sequence]):
+    def sample_async(self, logits: torch.Tensor, seqs: list[Sequence], offsets: list[int] | None = None):
         try:
-            return self.sampler.sample_async(logits, seqs)
+            return self.sampler.sample_async(logits, seqs, offsets)
         except Exception as exc:
             failed = {}
             for i, seq in enumerate(seqs):
                 try:
-                    self.sampler.sample_async(logits[i : i + 1], [seq]).results()
+                    self.sampler.sample_async(logits[i : i + 1], [seq], offsets[i : i + 1] if offsets else None).results()
                 except Exception as e:
                     failed[seq.request_id] = _sampling_cause(e, logits[i], seq)
             if not failed:
                 raise
             raise RequestFailure(failed) from exc
 
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]):
-        return self.sample_async(logits, seqs).results()
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence], offsets: list[int] | None = None):
+        return self.sample_async(logits, seqs, offsets).results()
 
 
 def _sampling_cause(exc: Exception, row: torch.Tensor, seq: Sequence) -> BaseException:

@@ -121,6 +121,11 @@ class LLMEngine:
         return self.block_manager.usage
 
     @property
+    def spec_stats(self):
+        """Speculative decoding's counts (forge.spec_decode.decoder.SpecStats), None without speculative_config."""
+        return self.core.spec.stats if self.core.spec is not None else None
+
+    @property
     def prefix_cache_hit_rate(self) -> float:
         return self.block_manager.prefix_hit_rate
 

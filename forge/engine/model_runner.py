@@ -120,6 +120,7 @@ class StepInputs:
     logits_rows: torch.Tensor | None  # [R] int64: the positions whose logits are returned; None: all
 
 
+MAX_FLAT_VERIFY = 65  # tokens of a row that a verify step may flatten into decode rows (ModelRunner._flat_verify)
 CPU_EXPECTED_CONCURRENCY = 4  # full-length sequences the default CPU KV cache holds (--kv-cache-memory overrides)
 
 
@@ -163,6 +164,10 @@ class ModelRunner:
         self.kv_dtype = getattr(self.ops, "kv_cache_dtype", None) or self.dtype  # NativeCpuOps: float16
         if self.device.type == "cpu":
             torch.set_num_threads(config.threads or default_cpu_threads())
+        # Verify steps as decode rows (_flat_verify) where decode attention reads the paged cache in
+        # place (the CUDA kernel, forge's native CPU kernel); CpuOps' would gather each context once per
+        # query, so there a row keeps its queries together (CpuOps._causal_attention gives them decode numerics).
+        self.flat_verify = self.ops.name in ("cuda", "cpu-native")
         self.long_stager = HostStager(torch.long, self.device)  # input ids, positions, slots, rows
         self.int_stager = HostStager(torch.int32, self.device)  # query starts, context lengths, block tables
         self.tp = tp  # forge.distributed.TPGroup (tensor parallelism) or None
@@ -186,7 +191,10 @@ class ModelRunner:
         if self.device.type == "cuda" and not config.enforce_eager:
             from forge.engine.cuda_graphs import DecodeGraphs
 
-            self.graphs = DecodeGraphs(self.model, self.kv_caches, config.max_num_seqs, max_model_len, self.block_size)
+            # (speculative decoding: a verify step runs as a decode step of one row per token, _flat_verify)
+            spec = config.speculative_config
+            rows = config.max_num_seqs * (1 + spec.num_speculative_tokens) if spec is not None else config.max_num_seqs
+            self.graphs = DecodeGraphs(self.model, self.kv_caches, rows, max_model_len, self.block_size)
             self.graphs.capture()
 
     def _allocate_kv_caches(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -264,6 +272,15 @@ class ModelRunner:
         cap = self.config.max_num_seqs * -(-self.max_model_len // self.block_size)
         return max(1, min(int(budget // self.kv_block_bytes), cap))
 
+    def _flat_verify(self, plan: StepPlan) -> bool:
+        """On a GPU, a step whose rows are decodes and verify rows (forge.spec_decode: a few tokens after
+        a cached prefix, each returning logits) runs as a decode step of one row per token: query j of a
+        row is a decode at its position, over the row's blocks. The paged decode kernel then serves it
+        (the queries' K/V are all written before any attends) and so do the decode CUDA graphs."""
+        return self.flat_verify and plan.num_tokens > plan.num_rows and all(
+            n == k and (n == 1 or start > 0) and n <= MAX_FLAT_VERIFY
+            for n, k, start in zip(plan.query_lens, plan.num_logits, plan.starts))
+
     def prepare_inputs(self, plan: StepPlan, prev_sampled: torch.Tensor | None = None) -> StepInputs:
         """The plan's inputs as named views of two staging buffers (int64, int32): two host->device
         copies per step.
@@ -277,6 +294,8 @@ class ModelRunner:
         longs = self.long_stager.host(input_ids=(num_tokens,), positions=(num_tokens,), slot_mapping=(num_tokens,),
                                       logits_rows=(len(logits_rows or ()),), fill_dst=(len(fills),),
                                       fill_src=(len(fills),))
+        if self._flat_verify(plan):
+            return self._flat_inputs(plan, longs, width, prev_sampled)
         ints = self.int_stager.host(query_start_loc=(num_rows + 1,), context_lens=(num_rows,),
                                     block_tables=(num_rows, width))
         longs["input_ids"][:] = plan.token_ids
@@ -314,12 +333,46 @@ class ModelRunner:
             query_lens_cpu=plan.query_lens,
             context_lens_cpu=context_lens_cpu,
         )
+        return StepInputs(self._input_ids(longs, fills, prev_sampled), meta,
+                          longs["logits_rows"] if logits_rows is not None else None)
+
+    def _flat_inputs(self, plan: StepPlan, longs: dict, width: int, prev_sampled) -> StepInputs:
+        """prepare_inputs of a _flat_verify step: a decode row per token (every position returns logits)."""
+        num_tokens, bs = plan.num_tokens, self.block_size
+        ints = self.int_stager.host(query_start_loc=(num_tokens + 1,), context_lens=(num_tokens,),
+                                    block_tables=(num_tokens, width))
+        row = np.repeat(np.arange(plan.num_rows), plan.query_lens)
+        first = np.repeat(np.cumsum(plan.query_lens) - plan.query_lens - plan.starts, plan.query_lens)
+        positions = longs["positions"]
+        np.subtract(np.arange(num_tokens), first, out=positions)
+        longs["input_ids"][:] = plan.token_ids
+        tables = ints["block_tables"]
+        tables[:] = np.array([t + [0] * (width - len(t)) for t in plan.block_tables], dtype=np.int32)[row]
+        longs["slot_mapping"][:] = tables[np.arange(num_tokens), positions // bs] * bs + positions % bs
+        ints["query_start_loc"][:] = np.arange(num_tokens + 1)
+        ints["context_lens"][:] = positions + 1
+        context_lens_cpu = (positions + 1).tolist()
+        fills = plan.from_prev_step
+        if fills:
+            longs["fill_dst"][:] = [dst for dst, _ in fills]
+            longs["fill_src"][:] = [src for _, src in fills]
+        longs, ints = self.long_stager.upload(), self.int_stager.upload()
+        meta = AttentionMetadata(
+            positions=longs["positions"], slot_mapping=longs["slot_mapping"], query_start_loc=ints["query_start_loc"],
+            context_lens=ints["context_lens"], block_tables=ints["block_tables"], max_query_len=1,
+            max_context_len=max(context_lens_cpu), query_lens_cpu=[1] * num_tokens, context_lens_cpu=context_lens_cpu,
+        )
+        return StepInputs(self._input_ids(longs, fills, prev_sampled), meta, None)
+
+    @staticmethod
+    def _input_ids(longs: dict, fills: list, prev_sampled) -> torch.Tensor:
+        """The step's input ids on the device, with the tokens still there from the previous step copied in."""
         input_ids = longs["input_ids"]
         if fills:
             if prev_sampled is None:
                 raise RuntimeError("the step plan reads tokens sampled by the previous step, but none were given")
             input_ids.index_copy_(0, longs["fill_dst"], prev_sampled.index_select(0, longs["fill_src"]))
-        return StepInputs(input_ids, meta, longs["logits_rows"] if logits_rows is not None else None)
+        return input_ids
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan, prev_sampled: torch.Tensor | None = None) -> torch.Tensor:
@@ -329,7 +382,7 @@ class ModelRunner:
             self.step_hook(plan)
         inputs = self.prepare_inputs(plan, prev_sampled)
         rows = inputs.logits_rows
-        if self.graphs is not None and self.graphs.can_run(plan.num_rows, inputs.meta):
+        if self.graphs is not None and self.graphs.can_run(inputs.meta.num_seqs, inputs.meta):
             logits = self.graphs.run(inputs.input_ids, inputs.meta)
             return logits if rows is None else logits[rows]
         hidden = self.model.forward(inputs.input_ids, inputs.meta, self.kv_caches)

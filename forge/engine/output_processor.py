@@ -103,9 +103,9 @@ class OutputProcessor:
         for item in scheduled:
             seq = item.seq
             if not item.wants_prompt_logprobs:
-                if item.samples:
-                    keep.append(row)
-                    row += 1
+                if item.samples:  # (a verify step's row: 1 + num_drafts logits)
+                    keep.extend(range(row, row + 1 + item.num_drafts))
+                    row += 1 + item.num_drafts
                 continue
             start, n = seq.num_computed_tokens, item.num_new_tokens
             # The row of position p predicts token p + 1. Record prompt tokens not recorded yet
@@ -171,10 +171,18 @@ def request_metrics(req: Request) -> RequestMetrics:
         return pick(known) + _EPOCH_OFFSET if known else None
 
     last_token = epoch([s.last_token_time for s in req.seqs], max)
+    drafts = sum(s.spec_num_drafts for s in req.seqs)
+    draft_tokens = sum(s.spec_num_draft_tokens for s in req.seqs)
+    accepted = sum(s.spec_num_accepted_tokens for s in req.seqs)
     return RequestMetrics(
         arrival_time=req.arrival_time + _EPOCH_OFFSET,
         first_scheduled_time=epoch([s.first_scheduled_time for s in req.seqs], min),
         first_token_time=epoch([s.first_token_time for s in req.seqs], min),
         last_token_time=last_token,
         finished_time=last_token if req.finished else None,
+        spec_num_drafts=drafts,
+        spec_num_draft_tokens=draft_tokens,
+        spec_num_accepted_tokens=accepted,
+        spec_acceptance_rate=accepted / draft_tokens if draft_tokens else None,
+        spec_mean_accepted_length=1 + accepted / drafts if drafts else None,
     )

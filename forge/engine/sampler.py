@@ -10,7 +10,9 @@ Steps, in order (the batched math is forge.kernels.sampling):
      for any accepted T; greedy rows (T < GREEDY_TEMPERATURE or top_k 1) take the argmax;
   5. filters: top-k, then top-p, then min-p, as one threshold per row (the top token always stays);
   6. the draw: Gumbel-max with noise keyed by (the sequence's stream key, its output position), so a
-     request's tokens depend neither on the batch it ran in nor on the device.
+     request's tokens depend neither on the batch it ran in nor on the device. A verify step
+     (forge.spec_decode) gives a sequence several rows, at output positions num_output_tokens + offset:
+     each draws what plain decoding would draw there, given the same preceding tokens.
 A row with no finite logit at all (every token masked) gives token 0. The device's draw (the CUDA
 kernel, or torch on the CPU) is chosen once, when the sampler is built.
 """
@@ -81,12 +83,14 @@ class Sampler:
         self.device = torch.device(device)
         self.draw = select_draw(self.device)
 
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampleResult]:
-        return self.sample_async(logits, seqs).results()
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence], offsets: list[int] | None = None) -> list[SampleResult]:
+        return self.sample_async(logits, seqs, offsets).results()
 
-    def sample_async(self, logits: torch.Tensor, seqs: list[Sequence]) -> PendingSample:
+    def sample_async(self, logits: torch.Tensor, seqs: list[Sequence], offsets: list[int] | None = None) -> PendingSample:
         """logits: [len(seqs), vocab] (already masked by any structured-output constraint). Only
-        token ids and requested logprobs cross to the host, after the returned object is asked."""
+        token ids and requested logprobs cross to the host, after the returned object is asked.
+        offsets: per row, how many tokens past the sequence's last one it draws (a verify step's rows;
+        None: 0 for every row). Rows with an offset never carry penalties (forge.spec_decode)."""
         params = [s.params for s in seqs]
         clean = sanitize_logits(logits)
         if all(p.greedy and p.logprobs is None and not p.has_penalties for p in params):
@@ -101,8 +105,9 @@ class Sampler:
         vocab = clean.shape[-1]  # (a top_k beyond the vocabulary keeps every token, and must fit int64)
         floats = self._to_device(torch.tensor([[0.0 if p.greedy else p.temperature, p.top_p, p.min_p] for p in params],
                                               dtype=torch.float64))
-        ints = self._to_device(torch.tensor([[min(p.top_k, vocab), s.sampling_key, s.num_output_tokens]
-                                             for p, s in zip(params, seqs)], dtype=torch.int64))
+        offsets = offsets or [0] * len(seqs)
+        ints = self._to_device(torch.tensor([[min(p.top_k, vocab), s.sampling_key, s.num_output_tokens + o]
+                                             for p, s, o in zip(params, seqs, offsets)], dtype=torch.int64))
         # (how many tokens top-k / top-p can keep in any row: topk, not a full sort, finds them)
         widths = [p.top_k if 0 < p.top_k < vocab else vocab for p in params
                   if not p.greedy and (0 < p.top_k < vocab or p.top_p < 1.0)]

@@ -15,6 +15,12 @@ back. Each sequence sampled in step t holds a PLACEHOLDER for its token meanwhil
 step", which the model runner fills in on the device; the placeholder goes when the token is read
 (`drop_placeholder`), one step late. A sequence whose in-flight token is its last one allowed
 (max_tokens, context) is not scheduled again before that token is read.
+
+Speculative decoding (forge.spec_decode): a decoding sequence with draft tokens
+(`Sequence.spec_token_ids`) is scheduled for 1 + k tokens, its KV slots reserved for all of them
+(fewer drafts, or none, when the budget or the pool is short: drafts never preempt anyone); its
+plan row returns k + 1 logits. After the verify step `accept_drafts` counts the accepted drafts as
+computed and gives back the blocks that only rejected drafts used.
 """
 
 import time
@@ -29,12 +35,17 @@ from forge.sequence import PLACEHOLDER, Sequence, SequenceStatus
 @dataclass
 class ScheduledSeq:
     seq: Sequence
-    num_new_tokens: int
+    num_new_tokens: int  # including the drafts
+    num_drafts: int = 0  # speculative decoding: draft tokens verified after the sequence's last token
 
     @property
     def samples(self) -> bool:
         """This step completes the sequence's known tokens, so it produces the next token."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+        return self.seq.num_computed_tokens + self.num_new_tokens - self.num_drafts == self.seq.num_tokens
+
+    @property
+    def drafts(self) -> list[int]:
+        return self.seq.spec_token_ids[: self.num_drafts]
 
     @property
     def wants_prompt_logprobs(self) -> bool:
@@ -95,6 +106,7 @@ class Scheduler:
                 i += 1
                 continue
             n = min(seq.num_uncomputed_tokens, budget)
+            k = self._num_drafts(seq, n, budget)
             while not bm.can_append(seq, n):
                 victim = self.running[-1]
                 self.preempt(victim)
@@ -103,9 +115,9 @@ class Scheduler:
                     break
             if seq.status != SequenceStatus.RUNNING:
                 break  # seq itself was preempted: nothing after it is left either
-            bm.append_slots(seq, n)
-            out.scheduled.append(ScheduledSeq(seq, n))
-            budget -= n
+            bm.append_slots(seq, n + k)
+            out.scheduled.append(ScheduledSeq(seq, n + k, k))
+            budget -= n + k
             i += 1
 
         # 2. Waiting sequences, in order, unless this step already had to preempt.
@@ -128,12 +140,24 @@ class Scheduler:
         out.plan = self.make_plan(out.scheduled)
         return out
 
+    def _num_drafts(self, seq: Sequence, n: int, budget: int) -> int:
+        """How many of seq's drafts this step verifies: those the budget and the free blocks take
+        after its own token (the rest are dropped, never a reason to preempt)."""
+        drafts = seq.spec_token_ids
+        if not drafts:
+            return 0
+        k = min(len(drafts), budget - n) if n == seq.num_uncomputed_tokens else 0
+        while k > 0 and not self.block_manager.can_append(seq, n + k):
+            k -= 1
+        return k
+
     def make_plan(self, scheduled: list[ScheduledSeq]) -> StepPlan:
         """The step as plain data for the model runner (forge.engine.plan)."""
         plan = StepPlan()
         token_ids, num_sampled, sampled_index = plan.token_ids, plan.num_sampled, {}
         for item in scheduled:
-            seq, n = item.seq, item.num_new_tokens
+            seq, k = item.seq, item.num_drafts
+            n = item.num_new_tokens - k  # the sequence's own tokens
             start, tokens = seq.num_computed_tokens, seq.token_ids
             if n == 1:
                 token_ids.append(tokens[start])
@@ -143,7 +167,9 @@ class Scheduler:
                 if seq.num_inflight:  # its last token is still on the device
                     plan.from_prev_step.append((len(token_ids) - 1, self.sampled_index[seq.seq_id]))
                 sampled_index[seq.seq_id] = len(sampled_index)
-                num_sampled.append(1)
+                if k:  # verify: a token is drawn after its last token and after each draft
+                    token_ids.extend(item.drafts)
+                num_sampled.append(1 + k)
             else:
                 num_sampled.append(0)
             wants_prompt_logprobs = seq.prompt_logprobs is not None and item.wants_prompt_logprobs
@@ -151,7 +177,7 @@ class Scheduler:
             plan.seq_ids.append(seq.seq_id)
             plan.request_ids.append(seq.request_id)
             plan.starts.append(start)
-            plan.query_lens.append(n)
+            plan.query_lens.append(n + k)
             plan.block_tables.append(list(seq.block_table))
         self.sampled_index = sampled_index
         return plan
@@ -160,6 +186,7 @@ class Scheduler:
         self.running.remove(seq)
         self.block_manager.free(seq)
         seq.status = SequenceStatus.WAITING
+        seq.spec_token_ids = []
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
@@ -168,8 +195,19 @@ class Scheduler:
         """Advance computed-token counts after the forward pass and register full blocks (their
         tokens must be real: in async mode, after the previous step's tokens were read back)."""
         for item in out.scheduled:
-            item.seq.num_computed_tokens += item.num_new_tokens
+            item.seq.num_computed_tokens += item.num_new_tokens - item.num_drafts  # drafts: accept_drafts
             self.block_manager.register_full_blocks(item.seq)
+
+    def accept_drafts(self, seq: Sequence, num_accepted: int) -> None:
+        """After a verify step whose tokens joined `seq`: its first `num_accepted` drafts (now its
+        tokens) have their KV in the cache; the slots of the rejected ones are given back (whole
+        blocks beyond what the sequence's tokens need)."""
+        seq.spec_token_ids = []
+        if seq.is_finished:
+            return
+        seq.num_computed_tokens += num_accepted
+        self.block_manager.register_full_blocks(seq)
+        self.block_manager.trim(seq, seq.num_tokens)
 
     def add_placeholders(self, seqs: list[Sequence]) -> bool:
         """Async mode: the step that samples `seqs` was launched and is not read back; each one still

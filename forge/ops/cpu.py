@@ -72,6 +72,7 @@ class _StepMemo:
         return self.value
 
 
+VERIFY_QUERIES = 17  # rows of fewer queries after a cached prefix are attended query by query as decodes (CpuOps._causal_attention)
 LOGITS_REFINED = 32  # top logits per row recomputed in float32 after a quantized lm_head (CpuOps.logits)
 
 
@@ -291,13 +292,15 @@ class CpuOps:
         """q: [n, H, D] (the last n positions); k, v: [ctx, Hkv, D]. Float32 softmax (torch's SDPA:
         flash attention on the CPU, GQA without repeating K/V)."""
         n, ctx = q.shape[0], k.shape[0]
-        if n == 1:  # a decode row in a mixed step: exactly _decode_attention's padded, masked call, so its
-            # result does not depend on whether its step also held a prefill
+        if n == 1 or n < min(ctx, VERIFY_QUERIES):  # a decode row in a mixed step, or a verify row (a few
+            # queries after a cached prefix, forge.spec_decode): exactly _decode_attention's padded,
+            # masked, one-thread call, so each query's result is the one a decode step gives it
             padded = -(-ctx // 16) * 16
             k, v = (F.pad(t, (0, 0, 0, 0, 0, padded - ctx)) for t in (k, v))
-            mask = _additive_mask(_visible(ctx, 1, window, padded, q.device))
-            qh, kh, vh = (t.float().transpose(0, 1)[None] for t in (q, k, v))
-            return _decode_sdpa(qh, kh, vh, mask, scale, group, soft_cap)[0].transpose(0, 1).to(q.dtype)
+            mask = _additive_mask(_visible(ctx, n, window, padded, q.device))  # [n, 1, 1, L]
+            kh, vh = (t.float().transpose(0, 1)[None].expand(n, -1, -1, -1) for t in (k, v))  # (one SDPA batch row
+            # per query: several queries in one row are blocked differently, ~2e-7 apart)
+            return _decode_sdpa(q.float()[:, :, None], kh, vh, mask, scale, group, soft_cap)[:, :, 0].to(q.dtype)
         qh, kh, vh = (t.float().transpose(0, 1)[None] for t in (q, k, v))  # [1, heads, len, D]
         if n == ctx and window is None and soft_cap is None:  # no cached prefix: the usual top-left causal mask
             out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=n > 1, scale=scale, enable_gqa=group > 1)

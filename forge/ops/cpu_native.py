@@ -14,7 +14,7 @@ float16, as llama.cpp's default cache, halves it, and the kernels compute in flo
 
 import torch
 
-from forge.ops.cpu import CpuOps
+from forge.ops.cpu import VERIFY_QUERIES, CpuOps
 from forge.ops.metadata import AttentionMetadata
 
 _F32 = torch.float32
@@ -94,10 +94,14 @@ class NativeCpuOps(CpuOps):
             return out
         out = super().attention(q, k_cache, v_cache, meta, scale, window, soft_cap)
         start = 0
-        for i, n in enumerate(meta.query_lens_cpu):
+        for i, (n, ctx) in enumerate(zip(meta.query_lens_cpu, meta.context_lens_cpu)):
             if n == 1:
                 self._decode(q[start : start + 1], k_cache, v_cache, tables[i : i + 1], lens[i : i + 1], scale, window,
                              soft_cap, out[start : start + 1])
+            elif n < min(ctx, VERIFY_QUERIES):  # a verify row (forge.spec_decode): each query as its decode
+                own = torch.arange(ctx - n + 1, ctx + 1, dtype=torch.int32)
+                self._decode(q[start : start + n], k_cache, v_cache, tables[i : i + 1].expand(n, -1), own, scale,
+                             window, soft_cap, out[start : start + n])
             start += n
         return out
 

@@ -50,6 +50,12 @@ class EngineSnapshot:
     prefix_cache_queries: int = 0  # tokens
     prefix_cache_hits: int = 0
     num_preemptions: int = 0
+    # speculative decoding (forge.spec_decode.decoder.SpecStats): verify rows with drafts, draft tokens,
+    # accepted ones, and accepted ones by draft position
+    spec_decode_num_drafts: int = 0
+    spec_decode_num_draft_tokens: int = 0
+    spec_decode_num_accepted_tokens: int = 0
+    spec_decode_accepted_per_pos: tuple[int, ...] = ()
 
 
 class RequestStream:
@@ -311,6 +317,12 @@ class AsyncEngine:
             prompt_tokens=e.stats["prompt_tokens"], generation_tokens=e.stats["generation_tokens"],
             prefix_cache_queries=e.block_manager.prefix_queries, prefix_cache_hits=e.block_manager.prefix_hits,
             num_preemptions=e.scheduler.num_preemptions)
+        spec = e.spec_stats
+        if spec is not None:
+            s = self.snapshot
+            s.spec_decode_num_drafts, s.spec_decode_num_draft_tokens = spec.num_drafts, spec.num_draft_tokens
+            s.spec_decode_num_accepted_tokens = spec.num_accepted_tokens
+            s.spec_decode_accepted_per_pos = tuple(spec.accepted_per_pos)
 
 
 def _client_error(cause: BaseException) -> BaseException:

@@ -31,6 +31,11 @@ ENGINE_COUNTERS = {
     "prefix_cache_hits": ("forge:prefix_cache_hits", "Prompt tokens found in the prefix cache"),
     "num_preemptions": ("forge:num_preemptions",
                         "Sequences preempted (KV blocks freed, recomputed later) since the engine started"),
+    "spec_decode_num_drafts": ("forge:spec_decode_num_drafts",
+                               "Speculative decoding: verify steps of a sequence that carried draft tokens"),
+    "spec_decode_num_draft_tokens": ("forge:spec_decode_num_draft_tokens", "Speculative decoding: draft tokens verified"),
+    "spec_decode_num_accepted_tokens": ("forge:spec_decode_num_accepted_tokens",
+                                        "Speculative decoding: draft tokens accepted"),
 }
 
 
@@ -44,6 +49,14 @@ class _EngineCounters:
         engine = self.metrics.async_engine
         for field, (name, doc) in ENGINE_COUNTERS.items():
             yield CounterMetricFamily(name, doc, value=getattr(engine.snapshot, field) if engine is not None else 0)
+        per_pos = engine.snapshot.spec_decode_accepted_per_pos if engine is not None else ()
+        if per_pos:
+            family = CounterMetricFamily("forge:spec_decode_num_accepted_tokens_per_pos",
+                                         "Speculative decoding: draft tokens accepted, by their position in the draft "
+                                         "(0 = first)", labels=["position"])
+            for pos, count in enumerate(per_pos):
+                family.add_metric([str(pos)], count)
+            yield family
 
 
 class ServerMetrics:

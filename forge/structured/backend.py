@@ -423,6 +423,41 @@ class StructuredBackend:
             self._in_flight = step
         return step
 
+    def begin_verify_step(self, seqs, drafts: list[list[int]]) -> "StepMasks | None":
+        """The masks of a verify step (forge.spec_decode), whose rows are each sampled sequence's
+        1 + len(drafts[i]) positions in turn: a constrained sequence's row j gets the mask after its
+        first j drafts. Filled when applied, on the engine's thread."""
+        first_rows, row = [], 0
+        for d in drafts:
+            first_rows.append(row)
+            row += 1 + len(d)
+        constrained = [i for i, s in enumerate(seqs) if s.structured is not None and not s.structured.is_terminated()]
+        if not constrained:
+            return None
+        self._finish_in_flight()
+        rows = [first_rows[i] + j for i in constrained for j in range(1 + len(drafts[i]))]
+        step = StepMasks(self, [seqs[i].structured for i in constrained], rows, self._bitmask(len(rows)),
+                         [seqs[i].request_id for i in constrained])
+        step.drafts = [drafts[i] for i in constrained]
+        return step
+
+    def _fill_along_drafts(self, step: "StepMasks") -> None:
+        failed, row = {}, 0
+        for m, drafts, request_id in zip(step.matchers, step.drafts, step.request_ids):
+            try:
+                m._catch_up()
+                m.fill_masks_along(drafts, step.host, row)
+            except Exception as e:
+                failed[request_id] = e
+            row += 1 + len(drafts)
+        if failed:
+            raise RequestFailure(failed)
+        dead_ends = (~_rows_allowing_something(step.host, self.vocab_size)).nonzero().flatten().tolist()
+        if dead_ends:
+            owners = [rid for rid, d in zip(step.request_ids, step.drafts) for _ in range(1 + len(d))]
+            raise RequestFailure({owners[j]: InvalidRequestError(
+                "the grammar allows no next token (it has a rule that can never end)", param=PARAM) for j in dead_ends})
+
     def _finish_in_flight(self) -> None:
         """Wait for a fill a failed step left behind: it writes into the buffer the next step reuses."""
         step, self._in_flight = self._in_flight, None
@@ -495,7 +530,9 @@ class StructuredBackend:
 
     def _apply(self, logits: torch.Tensor, step: "StepMasks") -> torch.Tensor:
         start = time.perf_counter()
-        if step.future is None:  # not overlapped: fill now (on a GPU the forward pass is still running)
+        if step.drafts is not None:
+            self._fill_along_drafts(step)
+        elif step.future is None:  # not overlapped: fill now (on a GPU the forward pass is still running)
             self._fill(step)
         else:
             t0 = time.perf_counter()
@@ -541,6 +578,9 @@ class StepMasks:
         self.host = host
         self.request_ids = request_ids
         self.future = None  # the worker's fill, when overlapped
+        # A verify step (forge.spec_decode): each matcher's drafts; its rows are the masks after
+        # 0 .. len(drafts) of them, consecutive from its first row.
+        self.drafts: list[list[int]] | None = None
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         """Set the forbidden logits of the constrained rows to -inf (in place, on logits' device)."""
@@ -600,6 +640,40 @@ class Matcher:
         self.num_accepted -= num_tokens
         self._terminated = self.xgr_matcher.is_terminated()
         self._rejected = None
+
+    # -- speculative decoding (forge.spec_decode) ---------------------------------------------------
+    def valid_prefix_len(self, tokens: list[int]) -> int:
+        """How many of `tokens` the grammar accepts in turn from here (up to one that ends it); the
+        state is rolled back after."""
+        self._catch_up()
+        if self._terminated:
+            return 0
+        m, n = self.xgr_matcher, 0
+        for token in tokens:
+            if not m.accept_token(int(token)):
+                break
+            n += 1
+            if m.is_terminated():
+                break
+        if n:
+            m.rollback(n)
+        return n
+
+    def fill_masks_along(self, tokens: list[int], bitmask: torch.Tensor, first_row: int) -> None:
+        """bitmask[first_row + j] = the next-token mask after the first j of `tokens` (j = 0 .. len),
+        which the grammar must accept (valid_prefix_len); the state is rolled back after."""
+        m = self.xgr_matcher
+        accepted = 0
+        try:
+            for j, token in enumerate(tokens):
+                m.fill_next_token_bitmask(bitmask, first_row + j)
+                if not m.accept_token(int(token)):
+                    raise RuntimeError(f"draft token {token} is not allowed by the grammar")
+                accepted += 1
+            m.fill_next_token_bitmask(bitmask, first_row + len(tokens))
+        finally:
+            if accepted:
+                m.rollback(accepted)
 
     # -- internals ---------------------------------------------------------------------------------
     def _catch_up(self) -> None:
