@@ -36,6 +36,10 @@ namespace {
 
 constexpr int GROUP = 32;  // inputs per (scale, offset)
 constexpr int TILE = 16;   // rows per tile: one int32 lane each
+// Each group block is prefetched this far ahead of its use: the hardware prefetcher alone kept one
+// core at ~25 GB/s on the default model's 98 MB of weights; 8 KB ahead measured ~32 GB/s at batch 1
+// (1-4 KB: 24-28; 16 KB: 26), and batch-16 token matmuls went from 20 to 13 ms.
+constexpr int64_t PF_BYTES = 8192;
 typedef int32_t word32 __attribute__((may_alias));  // 4 int8 codes read as one int32
 
 // acc += u8 codes x (4 s8 activation codes at p, broadcast to every lane): vpdpbusd with an
@@ -70,6 +74,8 @@ void tile(const Weights& w, const Acts& a, int64_t t, int64_t m0, float* y, int6
     for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
     const __m512i low_nibble = _mm512_set1_epi8(15);
     for (int64_t g = 0; g < groups; ++g, block += GB) {
+        for (int64_t off = 0; off < GB; off += 64) _mm_prefetch((const char*)block + PF_BYTES + off, _MM_HINT_T0);
+        // (past the weight's end this prefetches unrelated memory, which is harmless: prefetches never fault)
         __m512i q[8];
         if (BITS == 4) {
             for (int j = 0; j < 4; ++j) {
