@@ -228,6 +228,7 @@ class EngineCore:
 
     def _step(self, emit: str) -> list[RequestOutput]:
         prev = self.in_flight  # async scheduling: the last step's tokens, still on the device
+        started = time.perf_counter()
         if self.spec is not None:
             self.spec.propose(self.scheduler.running)  # each running sequence's drafts, often none
         sched = self.scheduler.schedule()
@@ -236,11 +237,7 @@ class EngineCore:
         drafts = [item.drafts for item in sampling] if any(item.num_drafts for item in sampling) else None
         # Grammars that hold every token so far get their masks filled while the forward pass runs.
         masks = self._begin_masks(seqs, drafts) if prev is None else None
-        started = time.perf_counter()
         logits = self.runner.execute(sched.plan, prev.pending.token_ids if prev else None) if sched else None
-        if self.spec is not None and sched and len(sampling) == len(sched.scheduled) and \
-                all(item.num_new_tokens - item.num_drafts == 1 for item in sampling):  # decode and verify rows only
-            self.spec.observe_step(sched.num_tokens, time.perf_counter() - started)
         touched = self._read(prev) if prev is not None else {}  # step t-1, read while step t computes
         self.in_flight = None
         if sched:
@@ -261,6 +258,9 @@ class EngineCore:
                 self.in_flight = sampled  # read at the next step, after it is launched
             elif not overlap:
                 touched.update(self._read(sampled))
+        if self.spec is not None and sched and len(sampling) == len(sched.scheduled) and \
+                all(item.num_new_tokens - item.num_drafts == 1 for item in sampling):  # decode and verify rows only
+            self.spec.observe_step(sched.num_tokens, time.perf_counter() - started)  # (whole step: proposal to tokens)
         return self._outputs(touched, emit)
 
     def _read(self, step: InFlight) -> dict[str, Request]:
