@@ -74,8 +74,9 @@ def families(*names):
 @families()
 @torch.inference_mode()
 def test_logits_match_transformers(case):
-    config = case.llm.llm_engine.runner.model_config
+    config, model = case.llm.llm_engine.runner.model_config, case.llm.llm_engine.runner.model
     assert config.num_experts == 4 and config.num_experts_per_tok == 2
+    assert not config.tie_word_embeddings and model.lm_head is not model.embed_tokens  # (the checkpoint's lm_head)
     ref = case.hf(torch.tensor([case.prompt])).logits[0]
     got = forward_logits(case.llm.llm_engine.runner, case.prompt)
     diff = (got - ref).abs().max().item()

@@ -154,9 +154,10 @@ QWEN3_SCHEMA = LLAMA_SCHEMA + QK_NORM
 GEMMA2_SCHEMA = TOP + (INPUT_NORM,) + SANDWICH_NORMS + QKV + (O_PROJ,) + GATE_UP + (DOWN,)  # (always tied)
 GEMMA3_SCHEMA = GEMMA2_SCHEMA + (LM_HEAD,) + QK_NORM
 PHI3_SCHEMA = TOP + (LM_HEAD, INPUT_NORM, MLP_NORM, FUSED_QKV, O_PROJ, FUSED_GATE_UP, DOWN)
-QWEN3_MOE_SCHEMA = TOP + (INPUT_NORM, MLP_NORM) + QKV + (O_PROJ,) + QK_NORM + moe_specs("mlp", "gate_proj", "up_proj",
-                                                                                         "down_proj")
-MIXTRAL_SCHEMA = TOP + (INPUT_NORM, MLP_NORM) + QKV + (O_PROJ,) + moe_specs("block_sparse_moe", "w1", "w3", "w2")
+QWEN3_MOE_SCHEMA = TOP + (LM_HEAD, INPUT_NORM, MLP_NORM) + QKV + (O_PROJ,) + QK_NORM + moe_specs(
+    "mlp", "gate_proj", "up_proj", "down_proj")
+MIXTRAL_SCHEMA = TOP + (LM_HEAD, ROPE_FREQS, INPUT_NORM, MLP_NORM) + QKV + (O_PROJ,) + moe_specs(
+    "block_sparse_moe", "w1", "w3", "w2")
 
 
 @dataclass(frozen=True)
