@@ -171,13 +171,15 @@ class PerRequestSampler:
         self.sampler = sampler
 
     def sample_async(self, logits: torch.Tensor, seqs: list[Sequence], offsets: list[int] | None = None):
+        # (offsets, a verify step's, only when given: the wrapped sampler may take (logits, seqs) alone)
+        extra = (offsets,) if offsets is not None else ()
         try:
-            return self.sampler.sample_async(logits, seqs, offsets)
+            return self.sampler.sample_async(logits, seqs, *extra)
         except Exception as exc:
             failed = {}
             for i, seq in enumerate(seqs):
                 try:
-                    self.sampler.sample_async(logits[i : i + 1], [seq], offsets[i : i + 1] if offsets else None).results()
+                    self.sampler.sample_async(logits[i : i + 1], [seq], *((offsets[i : i + 1],) if extra else ())).results()
                 except Exception as e:
                     failed[seq.request_id] = _sampling_cause(e, logits[i], seq)
             if not failed:
