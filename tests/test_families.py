@@ -9,8 +9,7 @@ import dataclasses
 import pytest
 import torch
 
-from forge import LLM, SamplingParams
-from tests.util import default_tokenizer, forward_logits, write_tiny_gguf
+from tests.util import TinyHFModel, default_tokenizer, forward_logits, write_tiny_gguf
 
 transformers = pytest.importorskip("transformers")
 
@@ -44,36 +43,13 @@ CASES = {
 NEW_TOKENS = 32
 
 
-class Case:
-    """One family's tiny HF model (transformers' class, saved to `path`) and its forge engine."""
+class Case(TinyHFModel):
+    """One family's tiny HF model and its forge engine."""
 
     def __init__(self, name: str, root, tokenizer):
-        cls_name, kwargs, self.prompt_len, self.max_model_len = CASES[name]
+        cls_name, kwargs, prompt_len, max_model_len = CASES[name]
         config = getattr(transformers, cls_name)(vocab_size=tokenizer.vocab_size, **(BASE | kwargs))
-        config._attn_implementation = "eager"  # (soft-capping; and the plainest reference)
-        torch.manual_seed(0)
-        model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
-        g = torch.Generator().manual_seed(1)
-        with torch.no_grad():  # norms and biases away from their 1 / 0 initial values
-            for p in model.parameters():
-                if p.ndim == 1:
-                    p.add_(torch.randn(p.shape, generator=g) * 0.2)
-        model.generation_config.eos_token_id = None  # 32 tokens whatever they are
-        self.path = root / name
-        model.save_pretrained(self.path)
-        tokenizer.save_hf_dir(self.path)
-        self.hf = model
-        self.prompt = torch.randint(3, tokenizer.vocab_size, (self.prompt_len,), generator=g).tolist()
-        self.llm = self.engine()
-
-    def engine(self, path=None, **kwargs) -> LLM:
-        return LLM(str(path or self.path), quantization="none", max_model_len=self.max_model_len, num_kv_blocks=64,
-                   **kwargs)
-
-    def greedy(self, llm: LLM, prompts: list[list[int]], n: int = NEW_TOKENS) -> list[list[int]]:
-        params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        return [o.outputs[0].token_ids for o in outs]
+        super().__init__(name, config, root, tokenizer, prompt_len, max_model_len)
 
 
 @pytest.fixture(scope="module")

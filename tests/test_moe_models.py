@@ -9,8 +9,7 @@ import dataclasses
 import pytest
 import torch
 
-from forge import LLM, SamplingParams
-from tests.util import default_tokenizer, forward_logits, write_tiny_gguf
+from tests.util import TinyHFModel, default_tokenizer, forward_logits, write_tiny_gguf
 
 transformers = pytest.importorskip("transformers")
 
@@ -30,36 +29,13 @@ CASES = {
 PROMPT_LEN, MAX_MODEL_LEN, NEW_TOKENS = 40, 128, 32
 
 
-class Case:
-    """One family's tiny HF model (transformers' class, saved to `path`) and its forge engine."""
+class Case(TinyHFModel):
+    """One family's tiny HF model (its per-expert tensors) and its forge engine."""
 
     def __init__(self, name: str, root, tokenizer):
         cls_name, kwargs = CASES[name]
         config = getattr(transformers, cls_name)(vocab_size=tokenizer.vocab_size, **(BASE | kwargs))
-        torch.manual_seed(0)
-        model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
-        g = torch.Generator().manual_seed(1)
-        with torch.no_grad():  # norms away from 1
-            for p in model.parameters():
-                if p.ndim == 1:
-                    p.add_(torch.randn(p.shape, generator=g) * 0.2)
-        model.generation_config.eos_token_id = None  # 32 tokens whatever they are
-        self.path = root / name
-        model.save_pretrained(self.path)
-        tokenizer.save_hf_dir(self.path)
-        self.hf = model
-        self.prompt = torch.randint(3, tokenizer.vocab_size, (PROMPT_LEN,), generator=g).tolist()
-        self.llm = self.engine()
-
-    def engine(self, path=None, **kwargs) -> LLM:
-        kwargs = {"quantization": "none", "max_model_len": MAX_MODEL_LEN, "num_kv_blocks": 64} | kwargs
-        return LLM(str(path or self.path), **kwargs)
-
-    @staticmethod
-    def greedy(llm: LLM, prompts: list[list[int]], n: int = NEW_TOKENS) -> list[list[int]]:
-        params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        return [o.outputs[0].token_ids for o in outs]
+        super().__init__(name, config, root, tokenizer, PROMPT_LEN, MAX_MODEL_LEN)
 
 
 @pytest.fixture(scope="module")

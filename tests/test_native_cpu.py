@@ -203,7 +203,7 @@ def test_families_run_the_native_ops_like_the_reference_ops(family, tmp_path, mo
     rounding boundary in the next matmul (a step of dx / 508): measured up to 8e-4 nats; a missing
     window or soft-cap moves these logits by 6-11."""
     import forge.engine.model_runner as model_runner
-    from forge import LLM, SamplingParams
+    from forge import SamplingParams
     from forge.ops import get_ops
     from tests.test_families import Case
     from tests.util import default_tokenizer
@@ -213,8 +213,7 @@ def test_families_run_the_native_ops_like_the_reference_ops(family, tmp_path, mo
     prompt = [{"prompt_token_ids": case.prompt}]
 
     def run():
-        llm = LLM(str(case.path), quantization="int8", max_model_len=case.max_model_len, num_kv_blocks=64)
-        out = llm.generate(prompt, params, use_tqdm=False)[0].outputs[0]
+        out = case.engine(quantization="int8").generate(prompt, params, use_tqdm=False)[0].outputs[0]
         return out.token_ids, [{t: lp.logprob for t, lp in step.items()} for step in out.logprobs]
 
     from forge.ops.cpu_native import NativeCpuOps

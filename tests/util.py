@@ -141,6 +141,46 @@ def make_random_model_dir(path: Path, tokenizer, seed: int = 0, **overrides) -> 
     return path
 
 
+class TinyHFModel:
+    """A tiny random-weight model made with transformers' own class (`config`), saved with
+    save_pretrained under root/name with the default model's tokenizer, and its forge engine: the
+    reference the family tests (tests/test_families.py, tests/test_moe_models.py) compare against."""
+
+    def __init__(self, name: str, config, root: Path, tokenizer, prompt_len: int, max_model_len: int):
+        import transformers
+
+        self.prompt_len, self.max_model_len = prompt_len, max_model_len
+        config._attn_implementation = "eager"  # (soft-capping; and the plainest reference)
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():  # norms and biases away from their 1 / 0 initial values
+            for p in model.parameters():
+                if p.ndim == 1:
+                    p.add_(torch.randn(p.shape, generator=g) * 0.2)
+        model.generation_config.eos_token_id = None  # 32 tokens whatever they are
+        self.path = root / name
+        model.save_pretrained(self.path)
+        tokenizer.save_hf_dir(self.path)
+        self.hf = model
+        self.prompt = torch.randint(3, tokenizer.vocab_size, (prompt_len,), generator=g).tolist()
+        self.llm = self.engine()
+
+    def engine(self, path=None, **kwargs):
+        from forge import LLM
+
+        kwargs = {"quantization": "none", "max_model_len": self.max_model_len, "num_kv_blocks": 64} | kwargs
+        return LLM(str(path or self.path), **kwargs)
+
+    @staticmethod
+    def greedy(llm, prompts: list[list[int]], n: int = 32) -> list[list[int]]:
+        from forge import SamplingParams
+
+        params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        return [o.outputs[0].token_ids for o in outs]
+
+
 def single_sequence_metadata(num_tokens: int, block_size: int):
     """Attention metadata for one fresh sequence occupying blocks 0, 1, 2, ... of the cache."""
     from forge.ops.metadata import AttentionMetadata
