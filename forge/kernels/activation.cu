@@ -8,16 +8,30 @@
 //
 // Bytes moved: read 2*T*I + write T*I elements = 3*T*I*sizeof(scalar_t); no reuse, so the
 // kernel is purely bandwidth-bound (ceiling: ~2.94 TB/s on H100 SXM).
-// Arithmetic is in float32; silu(g) = g / (1 + exp(-g)), rounded once to scalar_t like torch
-// (F.silu(gate) rounds to scalar_t, then * up rounds again: we reproduce both roundings).
+// Arithmetic is in float32; the activation is rounded once to scalar_t like torch (F.silu(gate)
+// rounds to scalar_t, then * up rounds again: we reproduce both roundings).
 #include "common.cuh"
 
 #ifndef VEC
 #define VEC ((int)(16 / sizeof(scalar_t)))
 #endif
 
-extern "C" __global__ void __launch_bounds__(256) silu_mul_kernel(
-    scalar_t* __restrict__ out, const scalar_t* __restrict__ gate_up, long long inter) {
+// The two activations, in float32: silu(g) = g / (1 + exp(-g)); gelu_tanh(g) = 0.5 g (1 + tanh(
+// sqrt(2/pi) (g + 0.044715 g^3))) (torch's approximate="tanh").
+struct Silu {
+    static __device__ __forceinline__ float apply(float g) { return g / (1.f + expf(-g)); }
+};
+struct GeluTanh {
+    static __device__ __forceinline__ float apply(float g) {
+        const float k_beta = 0.7978845608028654f;  // sqrt(2 / pi)
+        return 0.5f * g * (1.f + tanhf(k_beta * (g + 0.044715f * g * g * g)));
+    }
+};
+
+// One thread: VEC elements of row blockIdx.x's gate half and the matching VEC of its up half.
+template <typename Act>
+__device__ __forceinline__ void gated_mul(scalar_t* __restrict__ out, const scalar_t* __restrict__ gate_up,
+                                          long long inter) {
     const long long row = blockIdx.x;
     const long long i = ((long long)blockIdx.y * blockDim.x + threadIdx.x) * VEC;
     if (i >= inter) return;
@@ -28,36 +42,20 @@ extern "C" __global__ void __launch_bounds__(256) silu_mul_kernel(
     Vec<scalar_t, VEC> o;
 #pragma unroll
     for (int e = 0; e < VEC; ++e) {
-        const float gf = to_float(g.v[e]);
-        const scalar_t s = from_float<scalar_t>(gf / (1.f + expf(-gf)));
-        o.v[e] = from_float<scalar_t>(to_float(s) * to_float(u.v[e]));
+        const scalar_t a = from_float<scalar_t>(Act::apply(to_float(g.v[e])));
+        o.v[e] = from_float<scalar_t>(to_float(a) * to_float(u.v[e]));
     }
     store_vec<scalar_t, VEC>(out + row * inter + i, o);
 }
 
+extern "C" __global__ void __launch_bounds__(256) silu_mul_kernel(
+    scalar_t* __restrict__ out, const scalar_t* __restrict__ gate_up, long long inter) {
+    gated_mul<Silu>(out, gate_up, inter);
+}
+
 // gelu_tanh_mul: out[t, i] = gelu_tanh(gate_up[t, i]) * gate_up[t, I + i]   (GeGLU: Gemma's MLP)
-//
-// The same layout and bytes as silu_mul above (grid = (T, ceil(I / (VEC * 256))), 256 threads,
-// VEC elements of each half per thread; 3*T*I*sizeof(scalar_t) bytes, bandwidth-bound).
-// gelu_tanh(g) = 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))) in float32 (torch's
-// approximate="tanh"), rounded to scalar_t, then times up, rounded again, as torch's two ops do.
+// The same layout, bytes and roundings as silu_mul (the comment at the top).
 extern "C" __global__ void __launch_bounds__(256) gelu_tanh_mul_kernel(
     scalar_t* __restrict__ out, const scalar_t* __restrict__ gate_up, long long inter) {
-    const long long row = blockIdx.x;
-    const long long i = ((long long)blockIdx.y * blockDim.x + threadIdx.x) * VEC;
-    if (i >= inter) return;
-    const scalar_t* g_ptr = gate_up + row * 2 * inter + i;
-    const scalar_t* u_ptr = g_ptr + inter;
-    Vec<scalar_t, VEC> g = load_vec<scalar_t, VEC>(g_ptr);
-    Vec<scalar_t, VEC> u = load_vec<scalar_t, VEC>(u_ptr);
-    Vec<scalar_t, VEC> o;
-    const float k_beta = 0.7978845608028654f;  // sqrt(2 / pi)
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) {
-        const float gf = to_float(g.v[e]);
-        const float inner = k_beta * (gf + 0.044715f * gf * gf * gf);
-        const scalar_t a = from_float<scalar_t>(0.5f * gf * (1.f + tanhf(inner)));
-        o.v[e] = from_float<scalar_t>(to_float(a) * to_float(u.v[e]));
-    }
-    store_vec<scalar_t, VEC>(out + row * inter + i, o);
+    gated_mul<GeluTanh>(out, gate_up, inter);
 }
