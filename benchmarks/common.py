@@ -89,3 +89,32 @@ def run_batches(engine, batch_sizes, prompt_len: int, output_len: int) -> dict:
         results[bs] = {"tok_s": bs * output_len / (end - start), "decode_tok_s": decode_tok_s,
                        "ms_per_step": 1000 * bs / decode_tok_s}
     return results
+
+
+def offline_requests(n: int, vocab: int, lo: int, hi: int, seed: int = 0) -> list:
+    """n (random prompt, greedy SamplingParams) pairs, prompt and output lengths uniform in [lo, hi]."""
+    import random
+
+    from forge import SamplingParams
+
+    rng = random.Random(seed)
+    return [([rng.randrange(vocab) for _ in range(rng.randint(lo, hi))],
+             SamplingParams(temperature=0, max_tokens=rng.randint(lo, hi), ignore_eos=True)) for _ in range(n)]
+
+
+def run_offline(engine, offline: list, synchronize=lambda: None) -> dict:
+    """Offline throughput: one warm-up request, then every request of `offline` at once (ignore_eos,
+    so each generates its max_tokens); output and total (prompt included) tokens per second."""
+    engine.add_request({"prompt_token_ids": offline[0][0]}, offline[0][1])
+    while engine.has_unfinished_requests():
+        engine.step(emit="finished")
+    start = time.perf_counter()
+    for prompt, params in offline:
+        engine.add_request({"prompt_token_ids": prompt}, params)
+    while engine.has_unfinished_requests():
+        engine.step(emit="finished")
+    synchronize()
+    seconds = time.perf_counter() - start
+    generated = sum(p.max_tokens for _, p in offline)
+    return {"requests": len(offline), "seconds": round(seconds, 2), "output_tok_s": round(generated / seconds, 1),
+            "total_tok_s": round((generated + sum(len(p) for p, _ in offline)) / seconds, 1)}

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import run_batches, write_results  # noqa: E402
-from benchmarks.moe import H200_COPY_BANDWIDTH, dummy_dir, measure_copy_bandwidth, offline_requests  # noqa: E402
+from benchmarks.common import offline_requests, run_batches, run_offline, write_results  # noqa: E402
+from benchmarks.moe import H200_COPY_BANDWIDTH, dummy_dir, measure_copy_bandwidth  # noqa: E402
 
 # Qwen3-8B (config.json of Qwen/Qwen3-8B)
 QWEN3_8B = dict(
@@ -57,20 +57,7 @@ def forge_part(model_dir: Path, device: str, dtype: str, batch_sizes, prompt_len
     out = {"weight_bytes": engine.runner.model.weight_bytes(),
            "decode": run_batches(engine, batch_sizes, prompt_len, output_len)}
     print("forge decode:", out["decode"], flush=True)
-    engine.add_request({"prompt_token_ids": offline[0][0]}, offline[0][1])  # warm-up
-    while engine.has_unfinished_requests():
-        engine.step(emit="finished")
-    start = time.perf_counter()
-    for prompt, params in offline:
-        engine.add_request({"prompt_token_ids": prompt}, params)
-    while engine.has_unfinished_requests():
-        engine.step(emit="finished")
-    sync(device)
-    seconds = time.perf_counter() - start
-    generated = sum(p.max_tokens for _, p in offline)
-    out["offline"] = {"requests": len(offline), "seconds": round(seconds, 2),
-                      "output_tok_s": round(generated / seconds, 1),
-                      "total_tok_s": round((generated + sum(len(p) for p, _ in offline)) / seconds, 1)}
+    out["offline"] = run_offline(engine, offline, lambda: sync(device))
     print("forge offline:", out["offline"], flush=True)
     del engine
     gc.collect()

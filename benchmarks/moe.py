@@ -16,7 +16,6 @@ Writes benchmarks/results/moe.json.
 
 import argparse
 import gc
-import random
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import write_results  # noqa: E402
+from benchmarks.common import offline_requests, write_results  # noqa: E402
 
 H200_COPY_BANDWIDTH = 4.22e12  # bytes/s (read + written), measured on the lent H200
 
@@ -154,16 +153,8 @@ def dummy_dir(root: Path, cfg: dict) -> Path:
     return root
 
 
-def offline_requests(n: int, vocab: int, lo: int, hi: int, seed: int = 0):
-    from forge import SamplingParams
-
-    rng = random.Random(seed)
-    return [([rng.randrange(vocab) for _ in range(rng.randint(lo, hi))],
-             SamplingParams(temperature=0, max_tokens=rng.randint(lo, hi), ignore_eos=True)) for _ in range(n)]
-
-
 def forge_part(model_dir: Path, batch_sizes, prompt_len, output_len, offline) -> dict:
-    from benchmarks.common import run_batches
+    from benchmarks.common import run_batches, run_offline
     from forge.config import EngineConfig
     from forge.engine.llm_engine import LLMEngine
 
@@ -172,20 +163,7 @@ def forge_part(model_dir: Path, batch_sizes, prompt_len, output_len, offline) ->
     out = {"weight_gb": round(engine.runner.model.weight_bytes() / 1e9, 2),
            "decode": run_batches(engine, batch_sizes, prompt_len, output_len)}
     print("forge decode:", out["decode"], flush=True)
-    engine.add_request({"prompt_token_ids": offline[0][0]}, offline[0][1])  # warm-up
-    while engine.has_unfinished_requests():
-        engine.step(emit="finished")
-    start = time.perf_counter()
-    for prompt, params in offline:
-        engine.add_request({"prompt_token_ids": prompt}, params)
-    while engine.has_unfinished_requests():
-        engine.step(emit="finished")
-    torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    generated = sum(p.max_tokens for _, p in offline)
-    out["offline"] = {"requests": len(offline), "seconds": round(seconds, 2),
-                      "output_tok_s": round(generated / seconds, 1),
-                      "total_tok_s": round((generated + sum(len(p) for p, _ in offline)) / seconds, 1)}
+    out["offline"] = run_offline(engine, offline, torch.cuda.synchronize)
     print("forge offline:", out["offline"], flush=True)
     del engine
     gc.collect()
