@@ -303,3 +303,14 @@ def test_step_values_follow_refilled_input_buffers():
     (q, (k, v)), (q_ref, (k_ref, v_ref)) = run(ops), run(CpuOps())
     assert torch.equal(q, q_ref) and torch.equal(k, k_ref) and torch.equal(v, v_ref)
     assert torch.all(k[1, 2:] == 0)  # block 1 was zeroed before its first write
+
+
+def test_int8_quantization_of_a_matrix_whose_inputs_are_not_a_multiple_of_32():
+    """int8 takes any width: 32-input groups (the native kernel) where they fit, else one scale per
+    row (Int8Weight), not an error."""
+    from forge.quant import runtime_weight
+
+    w = torch.randn(64, 48)
+    q = runtime_weight([w], "int8", torch.device("cpu"), torch.float32)
+    x = torch.randn(3, 48)
+    torch.testing.assert_close(q.matmul(x).float(), x @ w.T, rtol=0.05, atol=0.05)

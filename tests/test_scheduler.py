@@ -6,6 +6,7 @@ import pytest
 
 from forge import LLM, SamplingParams
 from forge.engine.block_manager import BlockManager
+from forge.engine.scheduler import Scheduler
 from forge.sequence import Sequence
 from tests.util import random_prompts
 
@@ -158,3 +159,27 @@ def test_no_block_leak_after_many_requests(tiny):
         outs = llm.generate(prompts(20, seed=round_), SamplingParams(temperature=0.5, seed=1, max_tokens=8), use_tqdm=False)
         assert all(o.finished for o in outs)
         assert llm.llm_engine.block_manager.num_free_blocks == 64
+
+
+def _two_decoding(drafts_for_a: list[int]):
+    bm = BlockManager(num_blocks=5, block_size=4, enable_prefix_caching=False)
+    s = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=64)
+    a = Sequence("a", list(range(8)), SamplingParams(max_tokens=50))
+    b = Sequence("b", list(range(100, 104)), SamplingParams(max_tokens=50))
+    s.add(a)
+    s.add(b)
+    s.postprocess(s.schedule())  # both prefilled: 3 blocks used, 2 free
+    a.token_ids.append(1)
+    b.token_ids.append(2)  # each needs one new block for its own token: exactly the 2 free
+    a.spec_token_ids = drafts_for_a
+    return s.schedule()
+
+
+def test_drafts_never_preempt_another_sequence():
+    """Drafts come only from what every running sequence's own tokens leave of the blocks and the
+    budget: a's drafts neither preempt b nor push it out of the step (they did)."""
+    plain = _two_decoding([])
+    assert not plain.preempted and len(plain.scheduled) == 2
+    spec = _two_decoding([7, 7, 7, 7])
+    assert not spec.preempted, [v.request_id for v in spec.preempted]
+    assert {x.seq.request_id for x in spec.scheduled} == {"a", "b"}

@@ -218,6 +218,21 @@ def test_structured_output_with_speculation_stays_valid(default_llm, spec_llm):
     assert sum(o.metrics.spec_num_accepted_tokens for o in spec) > 0
 
 
+
+def test_structured_request_survives_a_draft_that_ends_in_eos():
+    """An n-gram draft ending in the stop token (the chat template's <|im_end|> after an earlier
+    answer) ends the grammar; the mask row after it is never sampled from and is not asked of the
+    finished matcher (xgrammar raised there, failing the request)."""
+    prompt = ("<|im_start|>user\nSay two words.<|im_end|>\n<|im_start|>assistant\nlens wick<|im_end|>\n"
+              "<|im_start|>user\nAgain.<|im_end|>\n<|im_start|>assistant\n")
+    params = SamplingParams(temperature=0, max_tokens=20, structured_outputs=StructuredOutputsParams(regex="lens wick"))
+    plain = LLM(max_model_len=256, num_kv_blocks=64).generate(prompt, params, use_tqdm=False)[0]
+    spec = LLM(max_model_len=256, num_kv_blocks=64, speculative_config=NGRAM).generate(prompt, params, use_tqdm=False)[0]
+    assert plain.outputs[0].finish_reason == "stop"
+    assert getattr(spec, "error", None) is None, spec.error
+    assert spec.outputs[0].token_ids == plain.outputs[0].token_ids
+
+
 # -- sampling is the target's distribution ---------------------------------------------------------------
 def test_speculative_sampling_matches_target_distribution(tiny, tmp_path_factory, default_loaded):
     """chi-squared over 1500 draws: the token after a verified draft follows the target's (top-k)

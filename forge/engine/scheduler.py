@@ -106,7 +106,6 @@ class Scheduler:
                 i += 1
                 continue
             n = min(seq.num_uncomputed_tokens, budget)
-            k = self._num_drafts(seq, n, budget)
             while not bm.can_append(seq, n):
                 victim = self.running[-1]
                 self.preempt(victim)
@@ -115,10 +114,19 @@ class Scheduler:
                     break
             if seq.status != SequenceStatus.RUNNING:
                 break  # seq itself was preempted: nothing after it is left either
-            bm.append_slots(seq, n + k)
-            out.scheduled.append(ScheduledSeq(seq, n + k, k))
-            budget -= n + k
+            bm.append_slots(seq, n)
+            out.scheduled.append(ScheduledSeq(seq, n))
+            budget -= n
             i += 1
+
+        # Speculative decoding: drafts only from what every running sequence's own tokens left of
+        # the budget and the free blocks, so a draft never preempts or crowds out anyone.
+        for j, item in enumerate(out.scheduled):
+            k = self._num_drafts(item.seq, item.num_new_tokens, budget)
+            if k:
+                bm.append_slots(item.seq, item.num_new_tokens + k)
+                out.scheduled[j] = ScheduledSeq(item.seq, item.num_new_tokens + k, k)
+                budget -= k
 
         # 2. Waiting sequences, in order, unless this step already had to preempt.
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
@@ -141,12 +149,13 @@ class Scheduler:
         return out
 
     def _num_drafts(self, seq: Sequence, n: int, budget: int) -> int:
-        """How many of seq's drafts this step verifies: those the budget and the free blocks take
-        after its own token (the rest are dropped, never a reason to preempt)."""
+        """How many of seq's drafts this step verifies after its n own tokens (slots already
+        reserved): those the budget left over and the free blocks take (the rest are dropped,
+        never a reason to preempt)."""
         drafts = seq.spec_token_ids
         if not drafts:
             return 0
-        k = min(len(drafts), budget - n) if n == seq.num_uncomputed_tokens else 0
+        k = min(len(drafts), budget) if n == seq.num_uncomputed_tokens else 0
         while k > 0 and not self.block_manager.can_append(seq, n + k):
             k -= 1
         return k

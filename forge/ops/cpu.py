@@ -72,7 +72,10 @@ class _StepMemo:
         return self.value
 
 
-VERIFY_QUERIES = 17  # rows of fewer queries after a cached prefix are attended query by query as decodes (CpuOps._causal_attention)
+# Rows of fewer queries after a cached prefix are attended query by query as decodes
+# (CpuOps._causal_attention): a verify row of up to 64 drafts + 1 (speculative_config's
+# num_speculative_tokens <= 64) then gives each query exactly its decode result.
+VERIFY_QUERIES = 66
 LOGITS_REFINED = 32  # top logits per row recomputed in float32 after a quantized lm_head (CpuOps.logits)
 
 

@@ -49,7 +49,9 @@ def runtime_weight(parts: list, quantization: str, device: torch.device, dtype: 
     floats = [p.dequantize() if isinstance(p, GroupQuantized) else p for p in parts]
     weight = torch.cat(floats) if len(floats) > 1 else floats[0]
     if quantization == "int8" or (quantization == "int4" and embedding):
-        return pack(quantize_groups(weight, 8)) if native.library() is not None else Int8Weight.quantize(weight)
+        if native.library() is not None and weight.shape[1] % GROUP == 0:
+            return pack(quantize_groups(weight, 8))
+        return Int8Weight.quantize(weight)  # (per row: any width)
     if quantization == "int4":
         return pack(quantize_groups(weight, 4))
     return weight.to(device=device, dtype=dtype)

@@ -670,7 +670,15 @@ class Matcher:
                 if not m.accept_token(int(token)):
                     raise RuntimeError(f"draft token {token} is not allowed by the grammar")
                 accepted += 1
-            m.fill_next_token_bitmask(bitmask, first_row + len(tokens))
+                if m.is_terminated():  # a stop token ends the grammar (and the drafts: it is their last)
+                    break
+            if m.is_terminated():
+                # The rows after a draft stop token are never sampled from: if the target draws the
+                # stop token the sequence ends there, if not, the drafts after it are rejected. The
+                # matcher has no next mask to give (xgrammar raises): those rows allow everything.
+                bitmask[first_row + accepted + 1 : first_row + len(tokens) + 1] = -1
+            else:
+                m.fill_next_token_bitmask(bitmask, first_row + len(tokens))
         finally:
             if accepted:
                 m.rollback(accepted)
