@@ -233,6 +233,21 @@ def test_structured_request_survives_a_draft_that_ends_in_eos():
     assert spec.outputs[0].token_ids == plain.outputs[0].token_ids
 
 
+
+def test_proposing_waits_for_a_mask_fill_a_failed_step_left_behind(spec_llm, monkeypatch):
+    """A step that fails after starting an overlapped mask fill leaves the fill running; the next
+    step's proposer reads the same grammar matchers (valid_prefix_len), so it must wait for it first."""
+    core = spec_llm.llm_engine.core
+    params = SamplingParams(temperature=0, max_tokens=8, structured_outputs=StructuredOutputsParams(regex="[a-z ]+"))
+    spec_llm.generate("Write letters:", params, use_tqdm=False)  # builds the structured backend
+    order = []
+    monkeypatch.setattr(core._structured, "finish_in_flight", lambda: order.append("wait"))
+    propose = core.spec.propose
+    monkeypatch.setattr(core.spec, "propose", lambda seqs: (order.append("propose"), propose(seqs))[1])
+    spec_llm.generate("Write letters:", params, use_tqdm=False)
+    proposals = [i for i, what in enumerate(order) if what == "propose"]
+    assert proposals and all(i > 0 and order[i - 1] == "wait" for i in proposals)
+
 # -- sampling is the target's distribution ---------------------------------------------------------------
 def test_speculative_sampling_matches_target_distribution(tiny, tmp_path_factory, default_loaded):
     """chi-squared over 1500 draws: the token after a verified draft follows the target's (top-k)

@@ -230,6 +230,8 @@ class EngineCore:
         prev = self.in_flight  # async scheduling: the last step's tokens, still on the device
         started = time.perf_counter()
         if self.spec is not None:
+            if self._structured is not None:  # a failed step's mask fill may still hold the matchers
+                self._structured.finish_in_flight()  # that proposing reads (valid_prefix_len)
             self.spec.propose(self.scheduler.running)  # each running sequence's drafts, often none
         sched = self.scheduler.schedule()
         sampling = [item for item in sched.scheduled if item.samples]

@@ -413,7 +413,7 @@ class StructuredBackend:
         rows = [i for i, s in enumerate(seqs) if s.structured is not None and not s.structured.is_terminated()]
         if not rows:
             return None
-        self._finish_in_flight()
+        self.finish_in_flight()
         step = StepMasks(self, [seqs[i].structured for i in rows], rows, self._bitmask(len(rows)),
                          [seqs[i].request_id for i in rows])
         if self.overlap:
@@ -434,7 +434,7 @@ class StructuredBackend:
         constrained = [i for i, s in enumerate(seqs) if s.structured is not None and not s.structured.is_terminated()]
         if not constrained:
             return None
-        self._finish_in_flight()
+        self.finish_in_flight()
         rows = [first_rows[i] + j for i in constrained for j in range(1 + len(drafts[i]))]
         step = StepMasks(self, [seqs[i].structured for i in constrained], rows, self._bitmask(len(rows)),
                          [seqs[i].request_id for i in constrained])
@@ -458,8 +458,9 @@ class StructuredBackend:
             raise RequestFailure({owners[j]: InvalidRequestError(
                 "the grammar allows no next token (it has a rule that can never end)", param=PARAM) for j in dead_ends})
 
-    def _finish_in_flight(self) -> None:
-        """Wait for a fill a failed step left behind: it writes into the buffer the next step reuses."""
+    def finish_in_flight(self) -> None:
+        """Wait for a fill a failed step left behind: it writes into the buffer the next step reuses and
+        advances the matchers the next step reads."""
         step, self._in_flight = self._in_flight, None
         if step is not None and step.future is not None:
             try:
