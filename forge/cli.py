@@ -58,7 +58,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="CPU weights: auto keeps a GGUF's quantized blocks quantized (4-bit kernels); none "
                         "dequantizes to float (exact); int8/int4 quantize float weights at load (default: auto)")
     g.add_argument("--threads", type=int, default=E.threads,
-                   help="CPU compute threads (default: physical cores - 1, at least 1)")
+                   help="CPU compute threads (default: torch's ops physical cores - 1, at least 1; forge's native "
+                        "kernels every physical core while the machine is otherwise idle, one fewer when it is not)")
     g.add_argument("--speculative-config", default=E.speculative_config, metavar="JSON",
                    help='speculative decoding, as vLLM\'s: \'{"method": "ngram", "num_speculative_tokens": 4, '
                         '"prompt_lookup_max": 4, "prompt_lookup_min": 2}\' or \'{"method": "draft_model", "model": '

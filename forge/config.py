@@ -149,7 +149,8 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # None = sized from kv_cache_memory (CPU) / gpu_memory_utilization (CUDA)
     # CPU KV cache: bytes or "512MiB"/"2GB"; None = max_model_len x min(max_num_seqs, 4) tokens, at most 1/4 of RAM
     kv_cache_memory: int | str | None = None
-    threads: int | None = None  # CPU compute threads; None = physical cores - 1 (at least 1), see forge.engine.model_runner
+    threads: int | None = None  # CPU compute threads; None = physical cores - 1 for torch (at least 1), and for the
+    # native kernels every core while the machine is otherwise idle (forge.engine.model_runner, forge.native.threads)
     gpu_memory_utilization: float = 0.90
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048

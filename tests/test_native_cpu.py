@@ -226,3 +226,29 @@ def test_families_run_the_native_ops_like_the_reference_ops(family, tmp_path, mo
     for fast, ref in zip(fast_logprobs, ref_logprobs):
         assert fast.keys() == ref.keys(), (fast, ref)
         assert max(abs(fast[t] - ref[t]) for t in ref) < 5e-3
+
+
+def test_thread_budget_takes_every_core_only_while_the_machine_is_idle(monkeypatch):
+    """--threads fixes the count; by default the native kernels use every physical core while other
+    processes take less than a quarter core, one fewer as soon as they take more (a parallel region
+    waits for a descheduled thread: 2 threads ran 2-2.5x slower than 1 next to one busy process)."""
+    from forge.native import threads
+
+    clock = {"now": 100.0, "machine": 50.0, "own": 10.0}
+    monkeypatch.setattr(threads.time, "monotonic", lambda: clock["now"])
+    monkeypatch.setattr(threads.time, "process_time", lambda: clock["own"])
+    monkeypatch.setattr(threads, "_machine_busy_seconds", lambda: clock["machine"])
+    assert threads.ThreadBudget(3, cores=2).threads() == 3
+    budget = threads.ThreadBudget(None, cores=2)
+    assert budget.threads() == 1  # not measured yet: as if busy
+
+    def tick(own: float, others: float) -> int:
+        clock["now"] += 1.0
+        clock["own"] += own
+        clock["machine"] += own + others
+        return budget.threads()
+
+    assert tick(own=1.0, others=0.05) == 2  # only this process works: every core
+    assert tick(own=1.9, others=0.9) == 1  # another process took most of a core
+    assert tick(own=1.0, others=0.1) == 2
+    assert threads.ThreadBudget(None, cores=1).threads() == 1

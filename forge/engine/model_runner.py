@@ -13,6 +13,7 @@ from forge.config import EngineConfig, ModelConfig
 from forge.distributed.sharding import plan_shard, rank_weights
 from forge.engine.plan import StepPlan
 from forge.models.decoder import DecoderModel
+from forge.native import threads as native_threads
 from forge.ops import get_ops
 from forge.ops.metadata import AttentionMetadata
 from forge.quant import GroupQuantized
@@ -133,11 +134,8 @@ def release_freed_memory() -> None:
         pass
 
 
-def default_cpu_threads() -> int:
-    """Physical cores of this process's CPUs, minus one (at least 1). One core is left to the
-    rest of the machine: on a busy 2-core machine, torch with 2 threads ran 4-10x slower than with 1
-    (each op's threads wait for a descheduled partner; benchmarks/cpu_generate.py measures both),
-    and vLLM's CPU backend likewise keeps a core for the serving process."""
+def physical_cores() -> int:
+    """Physical cores of this process's CPUs (logical CPUs where sysfs has no topology)."""
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
     cores = set()
     for cpu in cpus:
@@ -146,7 +144,16 @@ def default_cpu_threads() -> int:
             cores.add((open(topology + "physical_package_id").read().strip(), open(topology + "core_id").read().strip()))
         except OSError:  # no sysfs topology: count logical CPUs
             cores.add(cpu)
-    return max(1, len(cores) - 1)
+    return max(1, len(cores))
+
+
+def default_cpu_threads() -> int:
+    """torch's threads: physical cores minus one (at least 1). One core is left to the rest of the
+    machine: on a busy 2-core machine, torch with 2 threads ran 4-10x slower than with 1 (each op's
+    threads wait for a descheduled partner; benchmarks/cpu_generate.py measures both), and vLLM's
+    CPU backend likewise keeps a core for the serving process. (forge's native kernels take every
+    core while the machine is idle: forge.native.threads.)"""
+    return max(1, physical_cores() - 1)
 
 
 class ModelRunner:
@@ -164,6 +171,7 @@ class ModelRunner:
         self.kv_dtype = getattr(self.ops, "kv_cache_dtype", None) or self.dtype  # NativeCpuOps: float16
         if self.device.type == "cpu":
             torch.set_num_threads(config.threads or default_cpu_threads())
+            native_threads.configure(config.threads, physical_cores())
         # Verify steps as decode rows (_flat_verify) where decode attention reads the paged cache in
         # place (the CUDA kernel, forge's native CPU kernel); CpuOps' would gather each context once per
         # query, so there a row keeps its queries together (CpuOps._causal_attention gives them decode numerics).

@@ -14,6 +14,7 @@ float16, as llama.cpp's default cache, halves it, and the kernels compute in flo
 
 import torch
 
+from forge.native import threads as native_threads
 from forge.ops.cpu import VERIFY_QUERIES, CpuOps
 from forge.ops.metadata import AttentionMetadata
 
@@ -109,5 +110,5 @@ class NativeCpuOps(CpuOps):
         b, heads, d = q.shape
         self.lib.fq_decode_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
                                      tables.stride(0), lens.data_ptr(), b, heads, k_cache.shape[2], d, k_cache.shape[1],
-                                     scale, window or 0, soft_cap or 0.0, out.data_ptr(), torch.get_num_threads(),
+                                     scale, window or 0, soft_cap or 0.0, out.data_ptr(), native_threads.threads(),
                                      k_cache.dtype == torch.float16)

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from forge.native import threads as native_threads
+
 GROUP = 32  # inputs per (scale, zero) pair: GGUF's block / sub-block size, and a size the int4 kernel takes
 _PACK_ROWS = 64  # the int4 CPU layout interleaves rows in blocks of 64 (see Int4Weight._codes_of_rows)
 
@@ -238,7 +240,7 @@ class Q32Weight:
             x = x.float().contiguous()
         y = torch.empty(x.shape[0], self._n_pad)
         self._lib.fq_linear(x.data_ptr(), x.shape[0], k, self.data.data_ptr(), self.bits, self._n_pad, y.data_ptr(),
-                            torch.get_num_threads())
+                            native_threads.threads())
         if self._n_pad != n:
             y = y[:, :n]
         return y.view(*lead, n)
