@@ -271,6 +271,26 @@ def test_matcher_terminates_on_eos_and_rolls_back(llm):
     assert not m2.accept(tok.encode("maybe")[0]) and m2.is_terminated()
 
 
+def test_masks_along_drafts_that_end_in_the_stop_token(llm):
+    """Speculative decoding's verify masks (Matcher.fill_masks_along): row j is the mask after the
+    first j drafts; when the last draft is the stop token the row after it is never sampled from
+    and gets allow-everything (the finished matcher has no mask to give: xgrammar raises), in
+    whatever state the reused buffer was; the matcher is rolled back after."""
+    import torch
+
+    from forge.structured import make_matcher
+
+    engine = llm.llm_engine
+    m = make_matcher(engine, StructuredOutputsParams(choice=["yes", "no"]))
+    drafts = engine.tokenizer.encode("yes") + [EOS]
+    bitmask = torch.zeros(len(drafts) + 1, (engine.model_config.vocab_size + 31) // 32, dtype=torch.int32)
+    m.fill_masks_along(drafts, bitmask, 0)
+    allowed = lambda row, token: bool((bitmask[row, token // 32] >> (token % 32)) & 1)  # noqa: E731
+    assert all(allowed(j, t) for j, t in enumerate(drafts))  # each draft under the mask before it
+    assert torch.all(bitmask[len(drafts)] == -1)
+    assert not m.is_terminated() and m.accept(drafts[0])  # rolled back to the start
+
+
 def test_pushed_tokens_advance_the_grammar_before_the_next_mask(llm):
     """The engine's lazy `push` ends in the same state as `accept`; a stop token ends it at once."""
     from forge.structured import apply_masks, make_matcher

@@ -677,7 +677,7 @@ class Matcher:
                 # The rows after a draft stop token are never sampled from: if the target draws the
                 # stop token the sequence ends there, if not, the drafts after it are rejected. The
                 # matcher has no next mask to give (xgrammar raises): those rows allow everything.
-                bitmask[first_row + accepted + 1 : first_row + len(tokens) + 1] = -1
+                bitmask[first_row + accepted : first_row + len(tokens) + 1] = -1
             else:
                 m.fill_next_token_bitmask(bitmask, first_row + len(tokens))
         finally:
