@@ -5,20 +5,15 @@ import random
 import pytest
 
 from forge import LLM, SamplingParams
-from forge.loader.safetensors import save_hf_dir
-from tests.util import default_tokenizer, random_weights, tiny_config
+from tests.util import default_tokenizer, make_random_model_dir
 
 pytestmark = pytest.mark.cuda
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    tok = default_tokenizer()
-    config = tiny_config(vocab_size=tok.vocab_size, hidden_size=256, intermediate_size=512, num_layers=4,
-                         num_heads=8, num_kv_heads=2, head_dim=32)
-    path = tmp_path_factory.mktemp("serving")
-    save_hf_dir(path, config, random_weights(config, seed=2), tok)
-    return str(path)
+    return str(make_random_model_dir(tmp_path_factory.mktemp("serving"), default_tokenizer(), seed=2, hidden_size=256,
+                                     intermediate_size=512, num_layers=4, num_heads=8, num_kv_heads=2, head_dim=32))
 
 
 def prompts(n, seed, lo, hi, prefix=()):

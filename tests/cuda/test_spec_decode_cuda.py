@@ -5,21 +5,16 @@ import pytest
 import torch
 
 from forge import LLM, SamplingParams
-from forge.loader.safetensors import save_hf_dir
 from tests.test_spec_decode import repeating_prompts
-from tests.util import default_tokenizer, random_weights, tiny_config
+from tests.util import default_tokenizer, make_random_model_dir
 
 pytestmark = pytest.mark.cuda
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    tokenizer = default_tokenizer()
-    config = tiny_config(vocab_size=tokenizer.vocab_size, hidden_size=256, intermediate_size=512, num_layers=4,
-                         num_heads=4, num_kv_heads=2, head_dim=64)
-    path = tmp_path_factory.mktemp("spec")
-    save_hf_dir(path, config, random_weights(config, seed=3), tokenizer)
-    return str(path)
+    return str(make_random_model_dir(tmp_path_factory.mktemp("spec"), default_tokenizer(), seed=3, hidden_size=256,
+                                     intermediate_size=512, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64))
 
 
 def ids(llm, prompts, params):
