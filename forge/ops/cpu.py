@@ -218,20 +218,33 @@ class CpuOps:
         last `window` of those (itself included: HF's sliding window). soft_cap: scores become
         soft_cap * tanh(scores / soft_cap) before the softmax (Gemma 2).
         """
-        block_size = k_cache.shape[1]
         num_heads, num_kv_heads = q.shape[1], k_cache.shape[2]
         group = num_heads // num_kv_heads
         if meta.max_query_len == 1:  # pure decode: every sequence at once
             return self._decode_attention(q, k_cache, v_cache, meta, group, scale, window, soft_cap)
         out = torch.empty_like(q)
         start = 0
-        for i, (n, ctx) in enumerate(zip(meta.query_lens_cpu, meta.context_lens_cpu)):
-            blocks = meta.block_tables[i, : (ctx + block_size - 1) // block_size].long()
-            k = k_cache[blocks].flatten(0, 1)[:ctx]  # [ctx, Hkv, D]
-            v = v_cache[blocks].flatten(0, 1)[:ctx]
-            out[start : start + n] = self._causal_attention(q[start : start + n], k, v, group, scale, window, soft_cap)
+        for i, n in enumerate(meta.query_lens_cpu):
+            out[start : start + n] = self._sequence_attention(q[start : start + n], k_cache, v_cache, meta, i, scale,
+                                                              window, soft_cap)
             start += n
         return out
+
+    def _sequence_attention(self, q, k_cache, v_cache, meta: AttentionMetadata, i: int, scale: float,
+                            window: int | None, soft_cap: float | None) -> torch.Tensor:
+        """Sequence i's queries q [n, H, D] over its paged context, in a step with prefill rows."""
+        ctx, block_size = meta.context_lens_cpu[i], k_cache.shape[1]
+        blocks = meta.block_tables[i, : (ctx + block_size - 1) // block_size].long()
+        k = k_cache[blocks].flatten(0, 1)[:ctx]  # [ctx, Hkv, D]
+        v = v_cache[blocks].flatten(0, 1)[:ctx]
+        return self._causal_attention(q, k, v, q.shape[1] // k_cache.shape[2], scale, window, soft_cap)
+
+    @staticmethod
+    def attends_as_decodes(n: int, ctx: int) -> bool:
+        """Whether a sequence's n queries (context ctx) are attended query by query, each exactly as
+        a decode step would: a decode row in a mixed step, or a verify row (a few queries after a
+        cached prefix, forge.spec_decode), so its result does not depend on the step it ran in."""
+        return n == 1 or n < min(ctx, VERIFY_QUERIES)
 
     def _decode_attention(self, q, k_cache, v_cache, meta: AttentionMetadata, group: int, scale: float,
                           window: int | None = None, soft_cap: float | None = None) -> torch.Tensor:
@@ -295,9 +308,7 @@ class CpuOps:
         """q: [n, H, D] (the last n positions); k, v: [ctx, Hkv, D]. Float32 softmax (torch's SDPA:
         flash attention on the CPU, GQA without repeating K/V)."""
         n, ctx = q.shape[0], k.shape[0]
-        if n == 1 or n < min(ctx, VERIFY_QUERIES):  # a decode row in a mixed step, or a verify row (a few
-            # queries after a cached prefix, forge.spec_decode): exactly _decode_attention's padded,
-            # masked, one-thread call, so each query's result is the one a decode step gives it
+        if CpuOps.attends_as_decodes(n, ctx):  # exactly _decode_attention's padded, masked, one-thread call
             padded = -(-ctx // 16) * 16
             k, v = (F.pad(t, (0, 0, 0, 0, 0, padded - ctx)) for t in (k, v))
             mask = _additive_mask(_visible(ctx, n, window, padded, q.device))  # [n, 1, 1, L]

@@ -15,7 +15,7 @@ float16, as llama.cpp's default cache, halves it, and the kernels compute in flo
 import torch
 
 from forge.native import threads as native_threads
-from forge.ops.cpu import VERIFY_QUERIES, CpuOps
+from forge.ops.cpu import CpuOps
 from forge.ops.metadata import AttentionMetadata
 
 _F32 = torch.float32
@@ -84,27 +84,29 @@ class NativeCpuOps(CpuOps):
     def attention(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float, window: int | None = None,
                   soft_cap: float | None = None):
         """Decode rows (one query) in C, all at once; a step with prefill rows keeps CpuOps' path for
-        them and runs its decode rows here one by one, so a decode row's result is the same in any step."""
-        tables, lens = meta.block_tables, meta.context_lens
-        if not (_plain(q) and _cache(k_cache, v_cache) and tables.dtype == lens.dtype == torch.int32 and tables.is_contiguous()
-                and lens.is_contiguous() and q.shape[1] // k_cache.shape[2] <= 64):
-            return super().attention(q, k_cache, v_cache, meta, scale, window, soft_cap)
-        if meta.max_query_len == 1:
+        those and runs its decode and verify rows here (_sequence_attention), so a decode row's
+        result is the same in any step."""
+        if meta.max_query_len == 1 and self._native_attention(q, k_cache, v_cache, meta):
             out = torch.empty_like(q)
-            self._decode(q, k_cache, v_cache, tables, lens, scale, window, soft_cap, out)
+            self._decode(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale, window, soft_cap, out)
             return out
-        out = super().attention(q, k_cache, v_cache, meta, scale, window, soft_cap)
-        start = 0
-        for i, (n, ctx) in enumerate(zip(meta.query_lens_cpu, meta.context_lens_cpu)):
-            if n == 1:
-                self._decode(q[start : start + 1], k_cache, v_cache, tables[i : i + 1], lens[i : i + 1], scale, window,
-                             soft_cap, out[start : start + 1])
-            elif n < min(ctx, VERIFY_QUERIES):  # a verify row (forge.spec_decode): each query as its decode
-                own = torch.arange(ctx - n + 1, ctx + 1, dtype=torch.int32)
-                self._decode(q[start : start + n], k_cache, v_cache, tables[i : i + 1].expand(n, -1), own, scale,
-                             window, soft_cap, out[start : start + n])
-            start += n
+        return super().attention(q, k_cache, v_cache, meta, scale, window, soft_cap)
+
+    def _sequence_attention(self, q, k_cache, v_cache, meta: AttentionMetadata, i: int, scale: float,
+                            window: int | None, soft_cap: float | None) -> torch.Tensor:
+        n, ctx = q.shape[0], meta.context_lens_cpu[i]
+        if not (self.attends_as_decodes(n, ctx) and self._native_attention(q, k_cache, v_cache, meta)):
+            return super()._sequence_attention(q, k_cache, v_cache, meta, i, scale, window, soft_cap)
+        out = torch.empty_like(q)  # each query as its decode: context ctx - n + 1 .. ctx
+        own = torch.arange(ctx - n + 1, ctx + 1, dtype=torch.int32)
+        self._decode(q, k_cache, v_cache, meta.block_tables[i : i + 1].expand(n, -1), own, scale, window, soft_cap, out)
         return out
+
+    @staticmethod
+    def _native_attention(q, k_cache, v_cache, meta: AttentionMetadata) -> bool:
+        tables, lens = meta.block_tables, meta.context_lens
+        return (_plain(q) and _cache(k_cache, v_cache) and tables.dtype == lens.dtype == torch.int32
+                and tables.is_contiguous() and lens.is_contiguous() and q.shape[1] // k_cache.shape[2] <= 64)
 
     def _decode(self, q, k_cache, v_cache, tables, lens, scale, window, soft_cap, out) -> None:
         b, heads, d = q.shape
