@@ -118,3 +118,22 @@ def run_offline(engine, offline: list, synchronize=lambda: None) -> dict:
     generated = sum(p.max_tokens for _, p in offline)
     return {"requests": len(offline), "seconds": round(seconds, 2), "output_tok_s": round(generated / seconds, 1),
             "total_tok_s": round((generated + sum(len(p) for p, _ in offline)) / seconds, 1)}
+
+
+def time_hf_generate(model, vocab_size: int, batch: int, prompt_len: int, new_tokens: int, device: str = "cuda") -> float:
+    """Seconds for HF transformers' generate() of `new_tokens` greedy tokens (no EOS stop) after
+    `batch` random prompts of `prompt_len` tokens: the HF side of the same-run comparisons."""
+    import torch
+
+    def sync():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    ids = torch.randint(0, vocab_size, (batch, prompt_len), device=device)
+    sync()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                       do_sample=False, pad_token_id=0)
+    sync()
+    return time.perf_counter() - start

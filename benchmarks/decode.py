@@ -11,13 +11,12 @@ import argparse
 import csv
 import gc
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import RESULTS, dummy_model_dir, hf_config_dict, run_batches, write_results  # noqa: E402
+from benchmarks.common import RESULTS, dummy_model_dir, hf_config_dict, run_batches, time_hf_generate, write_results  # noqa: E402
 
 H100_COPY_BANDWIDTH = 2.94e12  # bytes/s, measured on the lent H100
 
@@ -63,15 +62,8 @@ def hf_decode(shape: str, batch_sizes, prompt_len, output_len) -> dict:
     with torch.device("cuda"):
         model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
     results = {}
-    for bs in [batch_sizes[0]] + list(batch_sizes):
-        ids = torch.randint(0, config.vocab_size, (bs, prompt_len), device="cuda")
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        with torch.inference_mode():
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=output_len,
-                           min_new_tokens=output_len, do_sample=False, pad_token_id=0)
-        torch.cuda.synchronize()
-        results[bs] = {"tok_s": bs * output_len / (time.perf_counter() - start)}
+    for bs in [batch_sizes[0]] + list(batch_sizes):  # the first run warms up
+        results[bs] = {"tok_s": bs * output_len / time_hf_generate(model, config.vocab_size, bs, prompt_len, output_len)}
     del model
     gc.collect()
     torch.cuda.empty_cache()

@@ -13,13 +13,12 @@ Writes benchmarks/results/families.json (--shape tiny: families_tiny.json).
 import argparse
 import gc
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import offline_requests, run_batches, run_offline, write_results  # noqa: E402
+from benchmarks.common import offline_requests, run_batches, run_offline, time_hf_generate, write_results  # noqa: E402
 from benchmarks.moe import H200_COPY_BANDWIDTH, dummy_dir, measure_copy_bandwidth  # noqa: E402
 
 # Qwen3-8B (config.json of Qwen/Qwen3-8B)
@@ -75,20 +74,11 @@ def hf_part(cfg: dict, device: str, dtype: torch.dtype, batch_sizes, prompt_len,
     with torch.device(device):
         model = Qwen3ForCausalLM(config).to(dtype).eval()
 
-    def generate(model, bs: int, new_tokens: int) -> float:
-        ids = torch.randint(0, config.vocab_size, (bs, prompt_len), device=device)
-        sync(device)
-        start = time.perf_counter()
-        with torch.inference_mode():
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                           min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-        sync(device)
-        return time.perf_counter() - start
-
     results = {}
     for bs in batch_sizes:
-        generate(model, bs, 8)  # warm-up
-        results[bs] = {"tok_s": round(bs * output_len / generate(model, bs, output_len), 1)}
+        time_hf_generate(model, config.vocab_size, bs, prompt_len, 8, device)  # warm-up
+        seconds = time_hf_generate(model, config.vocab_size, bs, prompt_len, output_len, device)
+        results[bs] = {"tok_s": round(bs * output_len / seconds, 1)}
         print(f"HF batch {bs}: {results[bs]}", flush=True)
     del model
     gc.collect()

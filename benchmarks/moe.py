@@ -17,13 +17,12 @@ Writes benchmarks/results/moe.json.
 import argparse
 import gc
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import offline_requests, write_results  # noqa: E402
+from benchmarks.common import offline_requests, time_hf_generate, write_results  # noqa: E402
 
 H200_COPY_BANDWIDTH = 4.22e12  # bytes/s (read + written), measured on the lent H200
 
@@ -182,14 +181,8 @@ def hf_part(cfg: dict, batch_sizes, prompt_len, output_len) -> dict:
         model = Qwen3MoeForCausalLM(config).to(torch.bfloat16).eval()
     results = {}
     for bs in [batch_sizes[0]] + list(batch_sizes):  # the first run warms up
-        ids = torch.randint(0, config.vocab_size, (bs, prompt_len), device="cuda")
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        with torch.inference_mode():
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=output_len,
-                           min_new_tokens=output_len, do_sample=False, pad_token_id=0)
-        torch.cuda.synchronize()
-        results[bs] = {"tok_s": round(bs * output_len / (time.perf_counter() - start), 1)}
+        seconds = time_hf_generate(model, config.vocab_size, bs, prompt_len, output_len)
+        results[bs] = {"tok_s": round(bs * output_len / seconds, 1)}
         print(f"HF batch {bs}: {results[bs]}", flush=True)
     del model
     gc.collect()
