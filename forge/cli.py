@@ -54,9 +54,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="split the model over N GPUs (one process each, NCCL; default: %(default)s)")
     g.add_argument("--max-logprobs", type=int, default=E.max_logprobs,
                    help="most logprobs a request may ask for; -1 = the whole vocabulary (default: %(default)s)")
-    g.add_argument("--quantization", "-q", default=E.quantization, choices=["auto", "none", "int8", "int4"],
-                   help="CPU weights: auto keeps a GGUF's quantized blocks quantized (4-bit kernels); none "
-                        "dequantizes to float (exact); int8/int4 quantize float weights at load (default: auto)")
+    g.add_argument("--quantization", "-q", default=E.quantization, choices=["auto", "none", "int8", "int4", "fp8"],
+                   help="weights: auto keeps a GGUF's quantized blocks (and on CUDA an HF FP8/AWQ/GPTQ checkpoint's) "
+                        "quantized; none dequantizes to float (exact); int8 (CPU), int4, fp8 (CUDA) quantize float "
+                        "weights at load (default: auto)")
+    g.add_argument("--kv-cache-dtype", default=E.kv_cache_dtype, choices=["auto", "fp8", "fp8_e4m3"],
+                   help="KV cache: auto = the compute dtype; fp8 = float8 e4m3, half the bytes (CUDA) (default: auto)")
     g.add_argument("--threads", type=int, default=E.threads,
                    help="CPU compute threads (default: torch's ops physical cores - 1, at least 1; forge's native "
                         "kernels every physical core while the machine is otherwise idle, one fewer when it is not)")
@@ -110,7 +113,8 @@ def engine_config(args):
         num_kv_blocks=args.num_kv_blocks, gpu_memory_utilization=args.gpu_memory_utilization,
         enable_prefix_caching=not args.no_prefix_caching, enforce_eager=args.enforce_eager,
         async_scheduling=args.async_scheduling, tensor_parallel_size=getattr(args, "tensor_parallel_size", 1),
-        max_logprobs=args.max_logprobs, quantization=args.quantization, threads=args.threads,
+        max_logprobs=args.max_logprobs, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
+        threads=args.threads,
         kv_cache_memory=args.kv_cache_memory, speculative_config=args.speculative_config,
     )
 

@@ -13,7 +13,8 @@ DEVICE_PATTERN = re.compile(r"cpu|cuda(:[0-9]+)?")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DTYPE_ALIASES = {"half": "float16", "float": "float32"}  # vLLM's (and torch's) other names
 LOAD_FORMATS = ("auto", "dummy")
-QUANTIZATION_MODES = ("auto", "none", "int8", "int4")  # forge.quant
+QUANTIZATION_MODES = ("auto", "none", "int8", "int4", "fp8")  # forge.quant
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # vLLM's names; fp8 = float8 e4m3 (CUDA)
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
@@ -160,8 +161,10 @@ class EngineConfig:
     # work overlaps the GPU. None = on for a single CUDA device (it gains nothing on the CPU).
     async_scheduling: bool | None = None
     tensor_parallel_size: int = 1  # > 1: one process per device (forge.distributed), rank 0 schedules
-    # auto: GGUF blocks stay quantized on the CPU; none: dequantize (exact); int8/int4: quantize at load (forge.quant)
+    # auto: GGUF blocks and HF FP8/AWQ/GPTQ checkpoints stay quantized; none: dequantize (exact);
+    # int8 (CPU) / int4 / fp8 (CUDA): quantize float weights at load (forge.quant)
     quantization: str = "auto"
+    kv_cache_dtype: str = "auto"  # auto: the compute dtype (float16 with forge's native CPU kernels); fp8: e4m3 (CUDA)
     seed: int = 0
     max_logprobs: int = MAX_LOGPROBS  # most logprobs a request may ask for (-1: the whole vocabulary), as vLLM
     # vLLM's speculative_config: {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": n,
@@ -214,9 +217,18 @@ class EngineConfig:
         if self.quantization not in QUANTIZATION_MODES:
             raise InvalidRequestError(f"quantization must be one of {', '.join(QUANTIZATION_MODES)}, got "
                                       f"{self.quantization!r}", param="quantization")
-        if self.quantization in ("int8", "int4") and self.device.startswith("cuda"):
-            raise InvalidRequestError(f"quantization {self.quantization!r} runs on the CPU only (CUDA computes in "
-                                      f"bfloat16: use auto or none)", param="quantization")
+        if self.quantization == "int8" and self.device.startswith("cuda"):
+            raise InvalidRequestError("quantization 'int8' runs on the CPU only (on CUDA: fp8, int4, auto or none)",
+                                      param="quantization")
+        if self.quantization == "fp8" and not self.device.startswith("cuda"):
+            raise InvalidRequestError("quantization 'fp8' runs on CUDA only (on the CPU: int8, int4, auto or none)",
+                                      param="quantization")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise InvalidRequestError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got "
+                                      f"{self.kv_cache_dtype!r}", param="kv_cache_dtype")
+        if self.kv_cache_dtype != "auto" and not self.device.startswith("cuda"):
+            raise InvalidRequestError(f"kv_cache_dtype {self.kv_cache_dtype!r} runs on CUDA only (the CPU keeps its "
+                                      f"cache in float32, or float16 with quantized weights)", param="kv_cache_dtype")
         self.max_logprobs = check_int(self.max_logprobs, "max_logprobs (-1 = the whole vocabulary)", -1,
                                       param="max_logprobs")
         self.speculative_config = SpeculativeConfig.parse(self.speculative_config)

@@ -29,7 +29,6 @@ _NOT_APPLICABLE = {
     "hf_token": (None, "forge never downloads a model: pass a local path"),
     "swap_space": (4, "forge preempts by recomputing and never swaps KV blocks to the CPU"),
     "cpu_offload_gb": (0, "forge keeps every weight on its device"),
-    "kv_cache_dtype": ("auto", "forge keeps the KV cache in the compute dtype"),
     "enable_chunked_prefill": (None, "forge always prefills long prompts in chunks"),
     "disable_custom_all_reduce": (False, "forge's tensor parallelism uses NCCL's all-reduce"),
     "distributed_executor_backend": (None, "forge runs one process per GPU"),
