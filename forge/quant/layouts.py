@@ -50,6 +50,29 @@ class GroupQuantized:
         return (q * self.scale[..., None] + self.offset[..., None]).view(n, k)
 
 
+@dataclass
+class Fp8Quantized:
+    """A weight as float8 e4m3 codes with float32 scales: w = codes * scale[n, k // group].
+
+    group = in_features: one scale per output channel (compressed-tensors' channel strategy, and
+    `--quantization fp8`); 128: a checkpoint's [128, 128] blocks, each block's scale repeated over its
+    128 rows. The loaders' form of an FP8 checkpoint's weight; on CUDA it becomes a kernel layout
+    (forge.quant.cuda), on the CPU it is dequantized."""
+
+    codes: torch.Tensor  # float8_e4m3fn [N, K]
+    scale: torch.Tensor  # float32 [N, K / group]
+    group: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)
+
+    def dequantize(self) -> torch.Tensor:
+        n, k = self.codes.shape
+        w = self.codes.float().view(n, k // self.group, self.group) * self.scale[..., None]
+        return w.view(n, k)
+
+
 def cat_groups(parts: list[GroupQuantized]) -> GroupQuantized:
     """Stack weights along the output dimension (fused q/k/v, gate/up)."""
     return GroupQuantized(
