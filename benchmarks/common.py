@@ -19,7 +19,25 @@ SHAPES = {
                          tie_word_embeddings=False, max_position_embeddings=131072,
                          rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    # Llama-3.1-70B (bf16: 141 GB, more than one H200 holds; int4 fits: benchmarks/decode.py --quantization int4)
+    "llama-3.1-70b": dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                          num_attention_heads=64, num_key_value_heads=8, head_dim=128, rope_theta=500000.0,
+                          tie_word_embeddings=False, max_position_embeddings=131072,
+                          rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
 }
+
+# Weight formats of the GPU benchmarks (decode.py --quantization, throughput.py --formats): bf16 = no
+# quantization in bfloat16; fp8 = e4m3 weights quantized at load; int4 = group-128 weight-only.
+WEIGHT_FORMATS = {"bf16": "none", "fp8": "fp8", "int4": "int4"}
+
+
+def format_engine_kwargs(name: str) -> dict:
+    """'bf16' / 'fp8' / 'int4', optionally + '+fp8kv' (the FP8 KV cache) -> EngineConfig keyword arguments."""
+    fmt, plus, kv = name.partition("+")
+    if fmt not in WEIGHT_FORMATS or (plus and kv != "fp8kv"):
+        raise ValueError(f"format {name!r}: expected one of {', '.join(WEIGHT_FORMATS)}, optionally with '+fp8kv'")
+    return {"quantization": WEIGHT_FORMATS[fmt], "dtype": "bfloat16", "kv_cache_dtype": "fp8" if plus else "auto"}
 
 
 def hf_config_dict(shape: str, **overrides) -> dict:
@@ -137,3 +155,60 @@ def time_hf_generate(model, vocab_size: int, batch: int, prompt_len: int, new_to
                        do_sample=False, pad_token_id=0)
     sync()
     return time.perf_counter() - start
+
+
+# -- next-token distributions over a fixed text, and their KL divergence -----------------------------
+
+KL_TEXT = Path(__file__).resolve().parent / "data" / "kl_text.txt"
+
+
+def window_logprobs(runner, ids: list[int], window: int, decode_tokens: int = 0):
+    """Log-softmax (float64 [n, vocab]) of the next-token distribution at every position of `ids`, cut
+    into independent windows of `window` tokens, read straight from a ModelRunner (runner.model,
+    runner.kv_caches; slots 0.. of the cache, so the engine must be idle). Yields (window ids, logprobs).
+
+    The first n - decode_tokens positions of each window are scored by one prefill forward pass; the last
+    `decode_tokens` by one single-token decode step each (teacher forced: the text's own next token), so
+    the decode attention path (on CUDA the paged decode kernel) and, with a quantized KV cache, its
+    reads of every earlier token from the cache are measured too."""
+    import torch
+
+    from forge.ops.metadata import AttentionMetadata
+
+    device = runner.device
+
+    def step(tokens: list[int], start: int, blocks: int) -> torch.Tensor:
+        n, ctx = len(tokens), start + len(tokens)
+        meta = AttentionMetadata(
+            positions=torch.arange(start, ctx, device=device), slot_mapping=torch.arange(start, ctx, device=device),
+            query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=device),
+            context_lens=torch.tensor([ctx], dtype=torch.int32, device=device),
+            block_tables=torch.arange(blocks, dtype=torch.int32, device=device)[None], max_query_len=n,
+            max_context_len=ctx, query_lens_cpu=[n], context_lens_cpu=[ctx])
+        hidden = runner.model.forward(torch.tensor(tokens, device=device), meta, runner.kv_caches)
+        return torch.log_softmax(runner.model.compute_logits(hidden).double(), -1).cpu()
+
+    for begin in range(0, len(ids), window):
+        chunk = ids[begin : begin + window]
+        n = len(chunk)
+        blocks = -(-n // runner.block_size)
+        prefill = max(1, n - decode_tokens)
+        with torch.inference_mode():
+            parts = [step(chunk[:prefill], 0, blocks)]
+            parts += [step(chunk[j : j + 1], j, blocks) for j in range(prefill, n)]
+        yield chunk, torch.cat(parts)
+
+
+def kl_terms(ref_logprobs, logprobs):
+    """Per position: KL(ref || other) in nats (float64) and whether the top-1 tokens agree."""
+    p, q = ref_logprobs.double(), logprobs.double()
+    return (p.exp() * (p - q)).sum(-1), p.argmax(-1) == q.argmax(-1)
+
+
+def kl_summary(kls: list, top1: list) -> dict:
+    """Mean / p99 / max KL and top-1 agreement over the concatenated per-position terms."""
+    import torch
+
+    kl = torch.cat(kls)
+    return {"tokens": kl.numel(), "mean": kl.mean().item(), "p99": kl.quantile(0.99).item(), "max": kl.max().item(),
+            "top1_agreement": torch.cat(top1).double().mean().item()}

@@ -28,8 +28,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import KL_TEXT as TEXT  # noqa: E402
+from benchmarks.common import kl_summary, kl_terms, window_logprobs  # noqa: E402
 
-TEXT = Path(__file__).resolve().parent / "data" / "kl_text.txt"
 WINDOW = 512  # KL: the text in independent windows of this many tokens, the same for every engine
 VOCAB_LOW, VOCAB_HIGH = 100, 40000  # random prompt token ids
 
@@ -82,24 +83,7 @@ class ForgeWorker:
 
     def window_logprobs(self):
         """Log-softmax of every position of every window of the text, float64 [n, vocab] per window."""
-        import torch
-
-        from forge.ops.metadata import AttentionMetadata
-
-        runner = self.llm.llm_engine.runner
-        ids = self.llm.get_tokenizer().encode(TEXT.read_text())
-        for start in range(0, len(ids), WINDOW):
-            window = ids[start : start + WINDOW]
-            n, blocks = len(window), -(-len(window) // runner.block_size)
-            meta = AttentionMetadata(
-                positions=torch.arange(n), slot_mapping=torch.arange(n),
-                query_start_loc=torch.tensor([0, n], dtype=torch.int32),
-                context_lens=torch.tensor([n], dtype=torch.int32),
-                block_tables=torch.arange(blocks, dtype=torch.int32)[None], max_query_len=n, max_context_len=n,
-                query_lens_cpu=[n], context_lens_cpu=[n])
-            with torch.inference_mode():
-                hidden = runner.model.forward(torch.tensor(window), meta, runner.kv_caches)
-                yield window, torch.log_softmax(runner.model.compute_logits(hidden).double(), -1)
+        yield from window_logprobs(self.llm.llm_engine.runner, self.llm.get_tokenizer().encode(TEXT.read_text()), WINDOW)
 
     def profile(self, steps: int) -> dict:
         """CPU time per batch-1 decode step (no profiler); the share of a step's wall time in the
@@ -229,14 +213,12 @@ def kl_command(worker, ref_dir: str, write: bool) -> dict:
             continue
         ref = torch.load(path)
         assert ref["ids"] == window, "both engines must score the same tokens"
-        p = ref["logprobs"].double()
-        kls.append((p.exp() * (p - logprobs)).sum(-1))
-        top1.append(p.argmax(-1) == logprobs.argmax(-1))
+        kl, agree = kl_terms(ref["logprobs"], logprobs)
+        kls.append(kl)
+        top1.append(agree)
     if write:
         return {"tokens": tokens}
-    kl = torch.cat(kls)
-    return {"tokens": tokens, "mean": kl.mean().item(), "p99": kl.quantile(0.99).item(), "max": kl.max().item(),
-            "top1_agreement": torch.cat(top1).double().mean().item()}
+    return kl_summary(kls, top1)
 
 
 def worker_main(kind: str, threads: int) -> None:

@@ -1,10 +1,30 @@
-"""Decode throughput on the GPU: forge vs HF transformers (eager generate), random weights, bf16.
+"""Decode throughput on the GPU: forge vs HF transformers (eager generate), random weights, bf16;
+or, with --quantization, forge's weight formats against each other.
 
-128-token random prompts, 256 generated tokens (ignore_eos), batch 1/8/32/128, for the SmolLM2-135M
-and Llama-3.1-8B shapes. Reports tok/s, the ratio to HF, and batch-1 speed as a fraction of the
-bandwidth roofline (weight bytes / 2.94 TB/s). Writes benchmarks/results/decode.{json,csv,png}.
+Default: 128-token random prompts, 256 generated tokens (ignore_eos), batch 1/8/32/128, for the
+SmolLM2-135M and Llama-3.1-8B shapes. Reports tok/s, the ratio to HF, and batch-1 speed as a fraction
+of the bandwidth roofline (measured copy bandwidth / weight bytes). Writes
+benchmarks/results/decode.{json,csv,png}.
 
     python benchmarks/decode.py [--shapes smollm2-135m llama-3.1-8b] [--batch-sizes 1 8 32 128]
+
+--quantization bf16 fp8 int4 (any of them; bf16 = quantization "none" in bfloat16, fp8 = e4m3
+weights quantized at load, int4 = group-128 weight-only; dummy weights, quantized at load like real
+ones): one forge engine per format, shape llama-3.1-8b unless --shapes, no HF run, output length 128
+unless --output-len (the 8B sweep of 3 formats x 4 batch sizes then takes well under 6 minutes of
+GPU time: one load + CUDA-graph capture and ~10 s of decoding per format). Per format and batch:
+tok/s (prompt included), decode-only tok/s (after every sequence has its first token), us per decode
+step (1e6 * batch / decode tok/s), weight GB (the model's own count of its quantized bytes), the
+format's weight-read ceiling (copy bandwidth / weight bytes = decode steps/s, x batch for tok/s) and
+the fraction of it reached (decode tok/s / (batch x ceiling)), and the ratios to the bf16 run of the
+same invocation at that batch. --kv-cache-dtype fp8 adds a second set of runs, every format again
+with the FP8 KV cache (rows with kv_cache_dtype "fp8"; their ratios are to bf16 with the bf16 cache,
+and `x same, bf16 KV` to the same format with the bf16 cache). Rows merge into
+benchmarks/results/decode_quant.json by (shape, format, kv cache, batch), so a later invocation
+(e.g. the 70B shape) keeps the earlier one's rows; decode.json is not touched.
+
+    python benchmarks/decode.py --quantization bf16 fp8 int4 [--kv-cache-dtype fp8]
+    python benchmarks/decode.py --shapes llama-3.1-70b --quantization int4 --batch-sizes 1 --no-hf
 """
 
 import argparse
@@ -16,7 +36,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import RESULTS, dummy_model_dir, hf_config_dict, run_batches, time_hf_generate, write_results  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    RESULTS,
+    SHAPES,
+    WEIGHT_FORMATS,
+    dummy_model_dir,
+    format_engine_kwargs,
+    hf_config_dict,
+    run_batches,
+    time_hf_generate,
+    write_results,
+)
 
 H100_COPY_BANDWIDTH = 2.94e12  # bytes/s, measured on the lent H100
 
@@ -38,14 +68,26 @@ def measure_copy_bandwidth() -> float:
     return 2 * 2**31 / sorted(times[2:])[len(times[2:]) // 2]
 
 
-def forge_decode(model_dir: Path, batch_sizes, prompt_len, output_len) -> tuple[dict, int]:
+
+
+def forge_decode(model_dir: Path, batch_sizes, prompt_len, output_len, info: dict | None = None,
+                 **engine_kwargs) -> tuple[dict, int]:
+    """run_batches on a fresh engine (engine_kwargs: quantization, kv_cache_dtype, ...); fills `info`
+    with the load time and KV pool size."""
+    import time
+
     from forge.config import EngineConfig
     from forge.engine.llm_engine import LLMEngine
 
-    engine = LLMEngine(EngineConfig(model=str(model_dir), load_format="dummy", device="cuda", dtype="bfloat16",
-                                    max_model_len=prompt_len + output_len + 16, max_num_seqs=max(batch_sizes),
-                                    max_num_batched_tokens=max(2048, prompt_len * 8)))
+    start = time.perf_counter()
+    engine = LLMEngine(EngineConfig(**{**dict(
+        model=str(model_dir), load_format="dummy", device="cuda", dtype="bfloat16",
+        max_model_len=prompt_len + output_len + 16, max_num_seqs=max(batch_sizes),
+        max_num_batched_tokens=max(2048, prompt_len * 8)), **engine_kwargs}))
     weight_bytes = engine.runner.model.weight_bytes()
+    if info is not None:
+        info.update(load_seconds=round(time.perf_counter() - start, 1), kv_blocks=engine.runner.num_kv_blocks,
+                    kv_dtype=str(engine.runner.kv_dtype).removeprefix("torch."))
     results = run_batches(engine, batch_sizes, prompt_len, output_len)
     del engine
     gc.collect()
@@ -97,15 +139,126 @@ def plot(rows, path: Path):
     fig.savefig(path, dpi=110)
 
 
-def main():
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", nargs="+", default=["smollm2-135m", "llama-3.1-8b"])
+    ap.add_argument("--shapes", nargs="+", choices=sorted(SHAPES),
+                    help="default: smollm2-135m llama-3.1-8b (with --quantization: llama-3.1-8b)")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32, 128])
     ap.add_argument("--prompt-len", type=int, default=128)
-    ap.add_argument("--output-len", type=int, default=256)
-    ap.add_argument("--no-hf", action="store_true", help="skip the HF transformers baseline")
-    args = ap.parse_args()
+    ap.add_argument("--output-len", type=int, help="generated tokens per sequence (default 256; with --quantization 128)")
+    ap.add_argument("--no-hf", action="store_true", help="skip the HF transformers baseline (always skipped "
+                                                         "with --quantization)")
+    ap.add_argument("--quantization", nargs="+", choices=list(WEIGHT_FORMATS),
+                    help="compare these weight formats (forge only) -> results/decode_quant.json")
+    ap.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
+                    help="fp8: also run every format with the FP8 KV cache (needs --quantization)")
+    ap.add_argument("--no-merge", action="store_true",
+                    help="with --quantization: drop the rows of earlier invocations from decode_quant.json")
+    args = ap.parse_args(argv)
+    if args.kv_cache_dtype != "auto" and not args.quantization:
+        ap.error("--kv-cache-dtype needs --quantization (e.g. --quantization bf16 fp8 --kv-cache-dtype fp8)")
+    if args.quantization:
+        args.quantization = list(dict.fromkeys(args.quantization))  # once each, in the given order
+    args.shapes = args.shapes or (["llama-3.1-8b"] if args.quantization else ["smollm2-135m", "llama-3.1-8b"])
+    args.output_len = args.output_len or (128 if args.quantization else 256)
+    return args
+
+
+def quant_runs(args) -> list[tuple[str, str]]:
+    """(format, kv_cache_dtype) pairs in run order: every format with the bf16 cache, then (--kv-cache-dtype
+    fp8) every format again with the FP8 cache."""
+    kvs = ["auto"] + (["fp8"] if args.kv_cache_dtype == "fp8" else [])
+    return [(fmt, kv) for kv in kvs for fmt in args.quantization]
+
+
+def quant_rows(shape: str, results: dict, bandwidth: float, batch_sizes) -> list[dict]:
+    """results: {(format, kv): (run_batches result, weight_bytes, info)} -> one row per run and batch."""
+    rows = []
+    for (fmt, kv), (res, weight_bytes, info) in results.items():
+        ceiling = bandwidth / weight_bytes  # decode steps/s if a step cost only reading the weights once
+        for bs in batch_sizes:
+            r = res[bs]
+            row = {"shape": shape, "format": fmt, "kv_cache_dtype": kv, "batch": bs, "tok_s": round(r["tok_s"], 1),
+                   "decode_tok_s": round(r["decode_tok_s"], 1),
+                   "us_per_step": round(1e6 * bs / r["decode_tok_s"], 1), "weight_gb": round(weight_bytes / 1e9, 3),
+                   "ceiling_tok_s": round(ceiling * bs, 1),
+                   "fraction_of_ceiling": round(r["decode_tok_s"] / (ceiling * bs), 3),
+                   "ratio_vs_bf16": None, "decode_ratio_vs_bf16": None, "decode_ratio_vs_same_format_bf16_kv": None,
+                   **info}
+            for key, base_key in (("", ("bf16", "auto")), ("same", (fmt, "auto"))):
+                base = results.get(base_key)
+                if base is None or (fmt, kv) == base_key:
+                    continue
+                b = base[0][bs]
+                if key:
+                    row["decode_ratio_vs_same_format_bf16_kv"] = round(r["decode_tok_s"] / b["decode_tok_s"], 2)
+                else:
+                    row["ratio_vs_bf16"] = round(r["tok_s"] / b["tok_s"], 2)
+                    row["decode_ratio_vs_bf16"] = round(r["decode_tok_s"] / b["decode_tok_s"], 2)
+            rows.append(row)
+    return rows
+
+
+def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
+    """Earlier invocations' rows, less those this one measured again (same shape, format, KV cache, batch)."""
+    def key(r):
+        return r["shape"], r["format"], r["kv_cache_dtype"], r["batch"]
+
+    fresh = {key(r) for r in new}
+    return [r for r in old if key(r) not in fresh] + new
+
+
+def quant_main(args, bandwidth: float) -> None:
+    import json
+    import time
+
+    device = torch.cuda.get_device_name()
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+    rows = []
+    for shape in args.shapes:
+        model_dir = dummy_model_dir(shape)
+        results = {}
+        for fmt, kv in quant_runs(args):
+            info = {}
+            start = time.perf_counter()
+            res, weight_bytes = forge_decode(model_dir, args.batch_sizes, args.prompt_len, args.output_len, info,
+                                             **format_engine_kwargs(fmt + ("+fp8kv" if kv == "fp8" else "")))
+            info["run_seconds"] = round(time.perf_counter() - start, 1)
+            results[(fmt, kv)] = (res, weight_bytes, info)
+            print(f"{shape} {fmt} (KV {kv}): {weight_bytes / 1e9:.2f} GB, loaded in {info['load_seconds']} s, "
+                  f"{info['run_seconds']} s in all", flush=True)
+        rows += [{**r, "timestamp": stamp, "copy_bandwidth_tb_s": round(bandwidth / 1e12, 3)}
+                 for r in quant_rows(shape, results, bandwidth, args.batch_sizes)]
+    path = RESULTS / "decode_quant.json"
+    old = [] if args.no_merge or not path.exists() else json.loads(path.read_text()).get("rows", [])
+    write_results("decode_quant", {"device": device, "copy_bandwidth_tb_s": round(bandwidth / 1e12, 3),
+                                   "prompt_len": args.prompt_len, "output_len": args.output_len,
+                                   "rows": merge_rows(old, rows)})
+    print(f"\ndecode by weight format on {device} (prompt {args.prompt_len}, output {args.output_len}, greedy, "
+          f"dummy weights); measured copy bandwidth {bandwidth / 1e12:.2f} TB/s; ceiling = bandwidth / weight bytes")
+    print_quant_table(rows)
+
+
+def print_quant_table(rows: list[dict]) -> None:
+    print(f"{'shape':<14}{'format':<7}{'KV':<6}{'batch':>6}{'tok/s':>10}{'decode tok/s':>14}{'us/step':>9}"
+          f"{'weight GB':>10}{'ceiling':>10}{'of ceil':>8}{'x bf16':>8}{'x bf16 dec':>11}{'x same bf16 KV':>15}")
+    for r in rows:
+        kv = "fp8" if r["kv_cache_dtype"] == "fp8" else "bf16"
+
+        def ratio(x):
+            return f"{x:.2f}" if x is not None else "-"
+
+        print(f"{r['shape']:<14}{r['format']:<7}{kv:<6}{r['batch']:>6}{r['tok_s']:>10}{r['decode_tok_s']:>14}"
+              f"{r['us_per_step']:>9}{r['weight_gb']:>10}{r['ceiling_tok_s']:>10}{r['fraction_of_ceiling']:>8.0%}"
+              f"{ratio(r['ratio_vs_bf16']):>8}{ratio(r['decode_ratio_vs_bf16']):>11}"
+              f"{ratio(r['decode_ratio_vs_same_format_bf16_kv']):>15}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
     bandwidth = measure_copy_bandwidth()
+    if args.quantization:
+        return quant_main(args, bandwidth)
     rows = []
     for shape in args.shapes:
         model_dir = dummy_model_dir(shape)
