@@ -223,6 +223,9 @@ class EngineConfig:
         if self.quantization == "fp8" and not self.device.startswith("cuda"):
             raise InvalidRequestError("quantization 'fp8' runs on CUDA only (on the CPU: int8, int4, auto or none)",
                                       param="quantization")
+        if self.quantization in ("int4", "fp8") and self.device.startswith("cuda") and self.dtype == "float32":
+            raise InvalidRequestError(f"quantization {self.quantization!r} computes in bfloat16 or float16 on CUDA, "
+                                      f"not float32 (use dtype auto)", param="quantization")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise InvalidRequestError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got "
                                       f"{self.kv_cache_dtype!r}", param="kv_cache_dtype")

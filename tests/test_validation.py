@@ -141,6 +141,7 @@ def test_degenerate_sampling_values_follow_stated_rules():
     ({"threads": 0}, "threads"),
     ({"quantization": "q4"}, "quantization"),
     ({"quantization": "int8", "device": "cuda"}, "quantization"),
+    ({"quantization": "fp8", "device": "cuda", "dtype": "float32"}, "quantization"),
     ({"quantization": "fp8", "device": "cpu"}, "quantization"),
     ({"kv_cache_dtype": "fp8"}, "kv_cache_dtype"),
     ({"kv_cache_dtype": "int8", "device": "cuda"}, "kv_cache_dtype"),

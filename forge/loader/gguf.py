@@ -156,8 +156,9 @@ def dequantize_tensor(tensor) -> np.ndarray:
 
 
 def load_gguf(path: Path, shard: tuple[int, int] | None = None, keep_quantized: bool = False):
-    """keep_quantized: matrices in a block format with a CPU kernel layout (forge.quant.gguf) come
-    back as GroupQuantized codes instead of float32 (quantization="auto" on the CPU)."""
+    """keep_quantized: matrices in a block format with a kernel layout (forge.quant.gguf) come back as
+    GroupQuantized codes instead of float32 (True: every such format; a set of GGML types: those;
+    forge.quant.keeps_gguf_quantized decides)."""
     from forge.loader import LoadedModel
     from forge.tokenizer import Tokenizer
 
@@ -200,7 +201,8 @@ def _load_tensors(header: GGUFHeader, config: ModelConfig, path: Path, shard: tu
 
 def _load_tensor(tensor, name: str, config: ModelConfig, path: Path, keep_quantized: bool):
     try:
-        if keep_quantized and _has_block_layout(tensor):
+        if keep_quantized and _has_block_layout(tensor) and (keep_quantized is True or
+                                                             Q(tensor.tensor_type) in keep_quantized):
             t = decode_blocks(Q(tensor.tensor_type), tensor.data, _shape(tensor))
         else:
             t = torch.from_numpy(dequantize_tensor(tensor))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import re
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -288,26 +289,62 @@ def missing_weights(names, config: ModelConfig) -> list[str]:
     return [w.hf_name for w in expand(config, everything=True) if w.spec.required and w.hf_name not in present]
 
 
+class LazyWeights(dict):
+    """name -> tensor, each made when first taken (`pop` / `[]`), from a zero-argument function: the
+    model takes (and quantizes) one matrix before the next exists, so a large model's random weights
+    never all exist at once (a 70B model's bfloat16 weights do not fit on one GPU; its int4 ones do)."""
+
+    def __getitem__(self, name):
+        value = super().__getitem__(name)
+        if callable(value):
+            value = value()
+            super().__setitem__(name, value)
+        return value
+
+    def get(self, name, default=None):
+        return self[name] if name in self else default
+
+    def pop(self, name, *default):
+        if name not in self:
+            if default:
+                return default[0]
+            raise KeyError(name)
+        value = self[name]
+        super().pop(name)
+        return value
+
+    def values(self):
+        return [self[name] for name in self]
+
+    def items(self):
+        return [(name, self[name]) for name in self]
+
+
 def dummy_weights(config: ModelConfig, device, dtype: torch.dtype, seed: int = 0, scale: float = 0.02,
-                  embedding_scale: float = 1.0, norm_noise: bool = False) -> dict[str, torch.Tensor]:
+                  embedding_scale: float = 1.0, norm_noise: bool = False, lazy: bool = False) -> dict[str, torch.Tensor]:
     """Random weights of the schema's shapes (pass a shard's local config for one rank): matrices
     N(0, scale) (embeddings times embedding_scale), biases N(0, scale), norms 1 (plus N(0, scale) with norm_noise), made
-    on `device` so a large model's dummy load needs no host copy."""
+    on `device` so a large model's dummy load needs no host copy. lazy: a LazyWeights whose tensors
+    are made as they are taken, each from its own generator (seeded by the seed and its name)."""
     from forge.models.families import family_of
 
-    g = torch.Generator(device=device).manual_seed(seed)
     one = 1 - family_of(config).norm_offset  # the stored value of a unit norm (Gemma stores w of 1 + w)
 
-    def rnd(shape):
-        return torch.randn(*shape, generator=g, device=device, dtype=dtype) * scale
+    def make(name: str, kind: str, shape, g):
+        def rnd():
+            return torch.randn(*shape, generator=g, device=device, dtype=dtype) * scale
 
-    weights = {}
-    for w in expand(config):
-        shape = w.spec.shape(config)
-        if w.spec.kind == "norm":
-            weights[w.hf_name] = one + rnd(shape) if norm_noise else torch.full(shape, one, device=device, dtype=dtype)
-        elif w.spec.kind == "bias":
-            weights[w.hf_name] = rnd(shape)
-        else:
-            weights[w.hf_name] = rnd(shape) * (embedding_scale if w.spec.kind == "embedding" else 1)
-    return weights
+        if kind == "norm":
+            return one + rnd() if norm_noise else torch.full(shape, one, device=device, dtype=dtype)
+        if kind == "bias":
+            return rnd()
+        return rnd() * (embedding_scale if kind == "embedding" else 1)
+
+    if lazy:
+        def maker(name, kind, shape):
+            return lambda: make(name, kind, shape,
+                                torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode())))
+
+        return LazyWeights({w.hf_name: maker(w.hf_name, w.spec.kind, w.spec.shape(config)) for w in expand(config)})
+    g = torch.Generator(device=device).manual_seed(seed)
+    return {w.hf_name: make(w.hf_name, w.spec.kind, w.spec.shape(config), g) for w in expand(config)}

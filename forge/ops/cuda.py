@@ -60,6 +60,13 @@ class CudaOps(CpuOps):
         # capturing CUDA graphs; None = use meta.max_context_len.
         self.decode_max_context_len: int | None = None
 
+    def logits(self, hidden, weight):
+        """A quantized lm_head (forge.quant.cuda) computes in the model's dtype like a float one does, so
+        no rows are refined in float32 (CpuOps.logits does that for the CPU's bfloat16 kernels)."""
+        if isinstance(weight, torch.Tensor) or not hidden.is_cuda:
+            return super().logits(hidden, weight)
+        return weight.matmul(hidden)
+
     # ---- elementwise / norms -------------------------------------------------------------
     def rms_norm(self, x, weight, eps):
         if not _is_cuda(x, weight):

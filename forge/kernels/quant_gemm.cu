@@ -1,0 +1,335 @@
+// quant_gemm: out[M, N] = x[M, K] @ W[N, K]^T for quantized W, dequantized in registers and multiplied
+// on the tensor cores (mma.sync m16n8k16, float32 accumulate). For decode-sized M (1 .. a few hundred).
+//
+// Weight codes (WCODE):
+//   0  int4: w = s * q + o, q in [0, 16), one float16 (s, o) pair per GROUP (32 or 128) inputs of a row.
+//      Stored row-major, K padded to a multiple of 128, one row = K/128 chunks of 64 bytes; in each chunk
+//      lane c (0..3) of a row's four lanes owns bytes [16c, 16c + 16): the 32 inputs 16j + 4c + i
+//      (j = 0..7, i = 0..3) of the chunk, as 4 words, word m holding k-tiles j = 2m, 2m + 1 with the
+//      value pair p (values 2p, 2p + 1 of the word's 8) in bits [4p, 4p+4) and [16+4p, 20+4p), so one
+//      mask-and-or turns a pair into two bf16/fp16 numbers (forge/quant/cuda.py packs this).
+//   1  fp8 (e4m3): w = s * q, one float32 s per output row (GROUP 0) or per 128 inputs of a row (a
+//      checkpoint's 128 x 128 blocks, GROUP 128). Stored plainly row-major [N, K], K a multiple of 64;
+//      in each 64-input chunk lane c owns bytes [16c, 16c + 16) (inputs 16c + 4j + i, k-tile j).
+//
+// An mma k-tile sums over 16 "slots"; lane c feeds slots 2c, 2c+1, 2c+8, 2c+9 of both operands, so any
+// assignment of 4 inputs per lane to those slots is correct as long as W and x agree: here k-tile j of a
+// chunk takes inputs (int4) 16j + 4c + i or (fp8) 16c + 4j + i, i = 0..3, which makes a lane's x
+// fragment 4 consecutive inputs (one 8-byte load) and its W fragment the next 4 codes of its bytes.
+// With int4, a k-tile's 16 inputs lie in one group, so the MMAs run on the raw codes and the group's
+// scale and offset are applied afterwards: acc += s * sum(q x) + o * sum(x) (sum(x): one more MMA with
+// an all-ones A). Exact dequantization, no per-weight float math: 2 integer ops per pair of codes.
+//
+// Layout: grid = (ceil(M / (8 NT)), N_pad / (16 RT)), block = WARPS warps. A warp computes RT row tiles
+// (16 rows) x NT token tiles (8 tokens) over a contiguous range of K's chunks (K split over the block's
+// warps, whole groups each); the warps' partial sums are added through shared memory at the end.
+// Weights are read once per token tile (grid.x is the fastest dimension, so a row tile's token tiles run
+// side by side and share its weights through L2), with streaming loads (no L1 allocation) UNROLL chunks
+// ahead; x comes through L1 (every row tile reads it).
+//
+// Bytes moved: N * K * (0.5 + 4/GROUP) (int4) or N * K (fp8) of weights, + M * K * 2 of x per row tile
+// (L1/L2), + M * N * 2 written.
+#include "common.cuh"
+
+#ifndef WCODE
+#define WCODE 0
+#endif
+#ifndef GROUP
+#define GROUP 128
+#endif
+#ifndef RT
+#define RT 1
+#endif
+#ifndef NT
+#define NT 1
+#endif
+#ifndef WARPS
+#define WARPS 8
+#endif
+#ifndef UNROLL
+#define UNROLL 4
+#endif
+
+static_assert(FORGE_DTYPE == 1 || FORGE_DTYPE == 2, "quant_gemm computes in bfloat16 or float16");
+static_assert(WCODE == 0 ? (GROUP == 32 || GROUP == 64 || GROUP == 128) : (GROUP == 0 || GROUP == 128),
+              "int4 groups of 32/64/128 inputs; fp8 per row (0) or per 128 inputs");
+
+constexpr int CHUNK_K = WCODE == 0 ? 128 : 64;  // inputs of a row in one 64-byte chunk
+constexpr int KT_PER_CHUNK = CHUNK_K / 16;     // mma k-tiles per chunk
+#define FOLD (WCODE == 0 || GROUP > 0)  // scales applied per group, after the group's MMAs
+constexpr int FOLD_KT = GROUP / 16;            // k-tiles per group
+// A warp's chunk range holds whole groups: fp8 blocks of 128 span two chunks.
+constexpr int ALIGN_CHUNKS = (WCODE == 1 && GROUP > CHUNK_K) ? GROUP / CHUNK_K : 1;
+
+#if FORGE_DTYPE == 1
+constexpr unsigned MAGIC2 = 0x43004300u;  // bf16 128.0 twice: 128 + q has q in its low mantissa bits
+constexpr unsigned ONES2 = 0x3F803F80u;   // bf16 1.0 twice
+#else
+constexpr unsigned MAGIC2 = 0x64006400u;  // fp16 1024.0 twice
+constexpr unsigned ONES2 = 0x3C003C00u;   // fp16 1.0 twice
+#endif
+
+__device__ __forceinline__ void mma16816(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+#if FORGE_DTYPE == 1
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+}
+
+// Two int4 codes (pair p of a word) -> two exact bf16/fp16 numbers q0, q1 in one register.
+__device__ __forceinline__ unsigned int4_pair(unsigned word, int p) {
+    const unsigned biased = ((word >> (4 * p)) & 0x000F000Fu) | MAGIC2;  // (MAGIC + q0, MAGIC + q1)
+    unsigned r;
+#if FORGE_DTYPE == 1
+    asm("sub.rn.bf16x2 %0, %1, %2;\n" : "=r"(r) : "r"(biased), "r"(MAGIC2));
+#else
+    asm("sub.rn.f16x2 %0, %1, %2;\n" : "=r"(r) : "r"(biased), "r"(MAGIC2));
+#endif
+    return r;
+}
+
+// Two e4m3 codes (a 16-bit pair, low byte first) -> two exact bf16/fp16 numbers (e4m3 is a subset of both).
+__device__ __forceinline__ unsigned fp8_pair(unsigned two) {
+    unsigned h2;
+    const unsigned short in = (unsigned short)two;
+    asm("cvt.rn.f16x2.e4m3x2 %0, %1;\n" : "=r"(h2) : "h"(in));
+#if FORGE_DTYPE == 1
+    const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&h2));
+    const __nv_bfloat162 b = __floats2bfloat162_rn(f.x, f.y);
+    return *reinterpret_cast<const unsigned*>(&b);
+#else
+    return h2;
+#endif
+}
+
+__device__ __forceinline__ unsigned word_of(const uint4& v, int m) {
+    return m == 0 ? v.x : m == 1 ? v.y : m == 2 ? v.z : v.w;
+}
+
+__device__ __forceinline__ uint4 load_stream16(const unsigned char* p) {
+    uint4 r;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+                 : "l"(p));
+    return r;
+}
+
+extern "C" __global__ void __launch_bounds__(WARPS * 32) quant_gemm_kernel(
+    scalar_t* __restrict__ out, const scalar_t* __restrict__ x, const unsigned char* __restrict__ w,
+    const void* __restrict__ scales, int M, int N, int K, int Kx, long long w_row_bytes, int groups_per_row,
+    long long ldx, long long ldo) {
+    __shared__ float red[WARPS][RT * NT * 4][32];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, c = lane & 3;
+    const int tok0 = blockIdx.x * (NT * 8);
+    const int row0 = blockIdx.y * (RT * 16);
+
+    const int nchunks = K / CHUNK_K;
+    int per = (nchunks + WARPS - 1) / WARPS;
+    per = (per + ALIGN_CHUNKS - 1) / ALIGN_CHUNKS * ALIGN_CHUNKS;
+    const int ch_begin = min(warp * per, nchunks);
+    const int ch_end = min(ch_begin + per, nchunks);
+
+    float acc[RT][NT][4];
+#pragma unroll
+    for (int r = 0; r < RT; ++r)
+#pragma unroll
+        for (int t = 0; t < NT; ++t)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) acc[r][t][i] = 0.f;
+#if FOLD
+    float part[RT][NT][4];
+#pragma unroll
+    for (int r = 0; r < RT; ++r)
+#pragma unroll
+        for (int t = 0; t < NT; ++t)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) part[r][t][i] = 0.f;
+#endif
+#if WCODE == 0
+    float xsum[NT][4];
+#pragma unroll
+    for (int t = 0; t < NT; ++t)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) xsum[t][i] = 0.f;
+    const unsigned ones[4] = {ONES2, ONES2, ONES2, ONES2};
+#endif
+
+    // This lane's two rows of each row tile (g and g + 8), at its 16 bytes of every chunk.
+    const unsigned char* wrow[RT][2];
+#pragma unroll
+    for (int r = 0; r < RT; ++r)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) wrow[r][h] = w + (long long)(row0 + 16 * r + g + 8 * h) * w_row_bytes + 16 * c;
+    // This lane's token of each token tile (its column of the B fragment).
+    const scalar_t* xrow[NT];
+    bool xok[NT];
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+        const int tok = tok0 + 8 * t + g;
+        xok[t] = tok < M;
+        xrow[t] = x + (long long)(xok[t] ? tok : 0) * ldx;
+    }
+
+    for (int ch = ch_begin; ch < ch_end; ch += UNROLL) {
+        uint4 wv[UNROLL][RT][2];
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u)
+#pragma unroll
+            for (int r = 0; r < RT; ++r)
+#pragma unroll
+                for (int h = 0; h < 2; ++h)
+                    wv[u][r][h] = ch + u < ch_end ? load_stream16(wrow[r][h] + (long long)(ch + u) * 64)
+                                                  : make_uint4(0, 0, 0, 0);
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            const int chunk = ch + u;
+            if (chunk >= ch_end) break;
+#pragma unroll
+            for (int j = 0; j < KT_PER_CHUNK; ++j) {
+                const int k = chunk * CHUNK_K + (WCODE == 0 ? 16 * j + 4 * c : 16 * c + 4 * j);
+                unsigned b[NT][2];
+#pragma unroll
+                for (int t = 0; t < NT; ++t) {
+                    uint2 v = make_uint2(0, 0);
+                    if (xok[t] && k < Kx) v = *reinterpret_cast<const uint2*>(xrow[t] + k);
+                    b[t][0] = v.x;
+                    b[t][1] = v.y;
+                }
+#pragma unroll
+                for (int r = 0; r < RT; ++r) {
+                    unsigned a[4];
+#if WCODE == 0
+                    const unsigned lo = word_of(wv[u][r][0], j >> 1), hi = word_of(wv[u][r][1], j >> 1);
+                    const int p = (j & 1) * 2;
+                    a[0] = int4_pair(lo, p);      // row g,     slots 2c, 2c+1
+                    a[1] = int4_pair(hi, p);      // row g + 8, slots 2c, 2c+1
+                    a[2] = int4_pair(lo, p + 1);  // row g,     slots 2c+8, 2c+9
+                    a[3] = int4_pair(hi, p + 1);  // row g + 8, slots 2c+8, 2c+9
+#else
+                    const unsigned lo = word_of(wv[u][r][0], j), hi = word_of(wv[u][r][1], j);
+                    a[0] = fp8_pair(lo & 0xFFFFu);
+                    a[1] = fp8_pair(hi & 0xFFFFu);
+                    a[2] = fp8_pair(lo >> 16);
+                    a[3] = fp8_pair(hi >> 16);
+#endif
+#pragma unroll
+                    for (int t = 0; t < NT; ++t) {
+#if FOLD
+                        mma16816(part[r][t], a, b[t][0], b[t][1]);
+#else
+                        mma16816(acc[r][t], a, b[t][0], b[t][1]);
+#endif
+                    }
+                }
+#if WCODE == 0
+#pragma unroll
+                for (int t = 0; t < NT; ++t) mma16816(xsum[t], ones, b[t][0], b[t][1]);
+#endif
+#if FOLD
+                const int kt = chunk * KT_PER_CHUNK + j;  // k-tiles from the row's start
+                if ((kt + 1) % FOLD_KT == 0) {
+                    const int grp = WCODE == 0 ? kt * 16 / GROUP : chunk * CHUNK_K / GROUP;
+#pragma unroll
+                    for (int r = 0; r < RT; ++r) {
+                        const long long r_lo = (long long)(row0 + 16 * r + g), r_hi = r_lo + 8;
+#if WCODE == 0
+                        const __half2* sz = reinterpret_cast<const __half2*>(scales);
+                        const float2 lo = __half22float2(sz[r_lo * groups_per_row + grp]);  // (s, o)
+                        const float2 hi = __half22float2(sz[r_hi * groups_per_row + grp]);
+#pragma unroll
+                        for (int t = 0; t < NT; ++t) {
+                            acc[r][t][0] += lo.x * part[r][t][0] + lo.y * xsum[t][0];
+                            acc[r][t][1] += lo.x * part[r][t][1] + lo.y * xsum[t][1];
+                            acc[r][t][2] += hi.x * part[r][t][2] + hi.y * xsum[t][2];
+                            acc[r][t][3] += hi.x * part[r][t][3] + hi.y * xsum[t][3];
+                        }
+#else
+                        const float* s = reinterpret_cast<const float*>(scales);
+                        const float lo = s[r_lo * groups_per_row + grp], hi = s[r_hi * groups_per_row + grp];
+#pragma unroll
+                        for (int t = 0; t < NT; ++t) {
+                            acc[r][t][0] += lo * part[r][t][0];
+                            acc[r][t][1] += lo * part[r][t][1];
+                            acc[r][t][2] += hi * part[r][t][2];
+                            acc[r][t][3] += hi * part[r][t][3];
+                        }
+#endif
+#pragma unroll
+                        for (int t = 0; t < NT; ++t)
+#pragma unroll
+                            for (int i = 0; i < 4; ++i) part[r][t][i] = 0.f;
+                    }
+#if WCODE == 0
+#pragma unroll
+                    for (int t = 0; t < NT; ++t)
+#pragma unroll
+                        for (int i = 0; i < 4; ++i) xsum[t][i] = 0.f;
+#endif
+                }
+#endif
+            }
+        }
+    }
+
+    // The warps' partial sums -> shared memory -> one output each, summed by the block's threads.
+#pragma unroll
+    for (int r = 0; r < RT; ++r)
+#pragma unroll
+        for (int t = 0; t < NT; ++t)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) red[warp][(r * NT + t) * 4 + i][lane] = acc[r][t][i];
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < RT * NT * 4 * 32; idx += WARPS * 32) {
+        const int v = idx >> 5, l = idx & 31;
+        float sum = 0.f;
+#pragma unroll
+        for (int wi = 0; wi < WARPS; ++wi) sum += red[wi][v][l];
+        const int r = v / (NT * 4), t = (v >> 2) % NT, i = v & 3;
+        const int row = row0 + 16 * r + (l >> 2) + 8 * (i >> 1);
+        const int tok = tok0 + 8 * t + 2 * (l & 3) + (i & 1);
+        if (row < N && tok < M) {
+#if WCODE == 1 && GROUP == 0
+            sum *= reinterpret_cast<const float*>(scales)[row];
+#endif
+            out[(long long)tok * ldo + row] = from_float<scalar_t>(sum);
+        }
+    }
+}
+
+// int4_dequant: W[N, Kout] = s * q + o from the int4 layout above (rows of `tile_rows`, or all rows):
+// for prefill-sized M, where a tensor-core GEMM of the dequantized weight beats this kernel.
+// Layout: grid = (rows, ceil(words per row / 256)), block = 256: one thread per 32-bit word (8 codes, two
+// runs of 4 consecutive inputs). Bytes: N * K / 2 read, N * K * 2 written.
+extern "C" __global__ void __launch_bounds__(256) int4_dequant_kernel(
+    scalar_t* __restrict__ out, const unsigned* __restrict__ w, const __half2* __restrict__ sz,
+    const long long* __restrict__ rows, int K, int Kout, int groups_per_row) {
+    const int words_per_row = K / 8;
+    const int wi = blockIdx.y * blockDim.x + threadIdx.x;
+    if (wi >= words_per_row) return;
+    const long long row = rows != nullptr ? rows[blockIdx.x] : blockIdx.x;
+    const unsigned word = w[row * words_per_row + wi];
+    const int chunk = wi / 16, c = (wi % 16) / 4, m = wi % 4;
+    scalar_t* dst = out + (long long)blockIdx.x * Kout;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {  // k-tile j = 2m + half: values 4 half .. 4 half + 3 of the word
+        const int k = chunk * 128 + 16 * (2 * m + half) + 4 * c;
+        if (k >= Kout) continue;
+        const float2 so = __half22float2(sz[row * groups_per_row + k / GROUP]);
+        Vec<scalar_t, 4> v;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int p = 2 * half + (i >> 1);  // pair p holds values 2p (bits 4p) and 2p + 1 (bits 16 + 4p)
+            const unsigned q = (word >> (4 * p + 16 * (i & 1))) & 0xFu;
+            v.v[i] = from_float<scalar_t>(so.x * (float)q + so.y);
+        }
+        store_vec<scalar_t, 4>(dst + k, v);
+    }
+}
