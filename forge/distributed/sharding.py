@@ -14,6 +14,7 @@ import torch
 from forge.config import ModelConfig
 from forge.errors import InvalidRequestError
 from forge.models.schema import WeightSpec, dummy_weights, schema_of, spec_of
+from forge.quant.layouts import Carrier, cat_rows
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,16 @@ def _cut(t: torch.Tensor, dim: int, ranges: list[tuple[int, int]]) -> torch.Tens
     return torch.cat([t.narrow(dim, start, count) for start, count in ranges], dim)
 
 
+def _cut_carrier(w: Carrier, dim: int, ranges: list[tuple[int, int]]) -> Carrier:
+    """A quantized matrix (forge.quant.layouts) cut like its float form: rows with their codes and
+    scales, or inputs (row-parallel: one range, on scale-group boundaries, else ValueError)."""
+    if dim == 0:
+        parts = [w.map_rows(lambda x, r=r: _cut(x, 0, [r])) for r in ranges]
+        return parts[0] if len(parts) == 1 else cat_rows(parts)
+    (start, count), = ranges
+    return w.narrow_inputs(start, count)
+
+
 def shard_tensor(name: str, t: torch.Tensor, config: ModelConfig, plan: ShardPlan) -> torch.Tensor:
     """This rank's slice of one HF-named weight, by its schema rule (a new tensor, so the full one can
     be freed). The loaders call it on each tensor as it is read, so a rank never holds the checkpoint.
@@ -127,6 +138,8 @@ def shard_tensor(name: str, t: torch.Tensor, config: ModelConfig, plan: ShardPla
     loader reads them, dims 0 / 1)."""
     spec = spec_of(name, schema_of(config))
     rule = spec.shard if spec is not None else "replicated"
+    if isinstance(t, Carrier):
+        return _shard_carrier(name, t, rule, spec, config, plan)
     stacked = t.dim() == 3
     if rule == "vocab":
         return _vocab_rows(t, plan)
@@ -135,6 +148,21 @@ def shard_tensor(name: str, t: torch.Tensor, config: ModelConfig, plan: ShardPla
     if rule == "row":
         return _cut(t, 2 if stacked else 1, shard_ranges(spec, config, plan))
     return t
+
+
+def _shard_carrier(name: str, w: Carrier, rule: str, spec: WeightSpec | None, config: ModelConfig,
+                   plan: ShardPlan) -> Carrier:
+    """shard_tensor for a quantized matrix; a row-parallel cut inside a scale group is a request
+    error naming the weight and its shape."""
+    if rule == "vocab":
+        return w.map_rows(lambda x: _vocab_rows(x, plan))
+    if rule not in ("column", "row"):
+        return w
+    try:
+        return _cut_carrier(w, 0 if rule == "column" else 1, shard_ranges(spec, config, plan))
+    except ValueError as e:
+        raise _cannot_split(f"tensor_parallel_size {plan.world_size} cuts {name} {list(w.shape)} "
+                            f"({type(w).__name__}) between its quantization groups: {e}") from None
 
 
 def tensor_sharder(config: ModelConfig, shard: tuple[int, int] | None):
@@ -156,7 +184,7 @@ def rank_weights(weights: dict, config: ModelConfig, plan: ShardPlan, sharded: b
     them (or there is one rank), their slices otherwise, and for the dummy load format (no weights)
     random ones of the schema's shapes for this rank, made on the device."""
     if not weights:
-        return dummy_weights(plan.local_config(config), device, dtype, seed=plan.rank)
+        return dummy_weights(plan.local_config(config), device, dtype, seed=plan.rank, lazy=True)
     if plan.world_size > 1 and not sharded:
         return shard_weights(weights, config, plan)
     return weights

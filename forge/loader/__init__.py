@@ -14,10 +14,15 @@ from forge.errors import ModelLoadError
 @dataclass
 class LoadedModel:
     config: ModelConfig
-    weights: dict[str, torch.Tensor]  # matrices may be forge.quant.GroupQuantized (load_model(keep_quantized=True))
+    # matrices may be forge.quant.GroupQuantized (a GGUF with load_model(keep_quantized=True), AWQ/GPTQ) or
+    # Fp8Quantized (FP8 checkpoints); also model.layers.{i}.self_attn.k_scale / v_scale where a checkpoint has them
+    weights: dict[str, torch.Tensor]
     tokenizer: "object"  # forge.tokenizer.Tokenizer
     path: Path
     shard: tuple[int, int] | None = None  # (rank, world size): weights hold only that tensor-parallel slice
+    # an HF checkpoint's quant_method ("fp8", "compressed-tensors", "awq", "gptq"): its matrices are
+    # forge.quant.layouts.Fp8Quantized / GroupQuantized (forge.loader.quantized)
+    quantization: str | None = None
 
 
 def default_model_path() -> Path:
@@ -39,7 +44,8 @@ def load_model(path: str | os.PathLike | None = None, load_format: str = "auto",
     the model is then initialised with random values of the right shape, like vLLM's dummy format.
     shard=(rank, world_size): keep only that tensor-parallel rank's slice of each weight, cut as
     each tensor is read (peak host memory: the slice plus one full tensor, not the checkpoint).
-    keep_quantized: a GGUF's block-quantized matrices come back as forge.quant.GroupQuantized."""
+    keep_quantized: a GGUF's block-quantized matrices come back as forge.quant.GroupQuantized. An HF
+    quantized checkpoint's matrices always come back in their quantized forms (forge.loader.quantized)."""
     if path is not None and not str(path).strip():  # Path("") would be ".", the current directory
         raise ModelLoadError("model path is empty: pass a .gguf file or an HF model directory")
     p = Path(path) if path is not None else default_model_path()

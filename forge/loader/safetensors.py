@@ -11,17 +11,24 @@ from safetensors.torch import save_file
 
 from forge.config import ModelConfig
 from forge.distributed.sharding import tensor_sharder
-from forge.errors import ModelLoadError
+from forge.errors import ForgeError, ModelLoadError
 from forge.loader.progress import load_progress
+from forge.loader.quantized import QuantizedCheckpoint, checkpoint_format, float_weight, kv_scale_name
 from forge.models.schema import ExpertStacker, schema_of, spec_of, unstack_experts
 
 
 def load_hf_config(path: Path) -> ModelConfig:
+    return _read_config(path)[0]
+
+
+def _read_config(path: Path) -> tuple[ModelConfig, dict]:
+    """(ModelConfig, config.json as a dict)."""
     config_file = path / "config.json"
     if not config_file.exists():
         raise ModelLoadError(f"{path} has no config.json")
     try:
-        return ModelConfig.from_hf_dict(json.loads(config_file.read_text()))
+        raw = json.loads(config_file.read_text())
+        return ModelConfig.from_hf_dict(raw), raw
     except (json.JSONDecodeError, KeyError) as e:
         raise ModelLoadError(f"bad config.json in {path}: {type(e).__name__}: {e}") from None
 
@@ -30,7 +37,8 @@ def load_hf_dir(path: Path, shard: tuple[int, int] | None = None):
     from forge.loader import LoadedModel
     from forge.tokenizer import Tokenizer
 
-    config = load_hf_config(path)
+    config, raw_config = _read_config(path)
+    quant = checkpoint_format(raw_config) or QuantizedCheckpoint()  # (a float checkpoint: every tensor as it is)
     index = path / "model.safetensors.index.json"
     if index.exists():
         files = sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
@@ -51,15 +59,20 @@ def load_hf_dir(path: Path, shard: tuple[int, int] | None = None):
                 opened.append((f, files_open.enter_context(safe_open(f, framework="pt"))))
             except Exception as e:
                 raise ModelLoadError(f"cannot read {f}: {e}".split("\n")[0]) from None
-        with load_progress(sum(len(st.keys()) for _, st in opened), path) as bar:
+        where = {name: st for _, st in opened for name in st.keys()}  # (a weight's scales may sit in another file)
+
+        def read(name: str):
+            """The weight `name` as the checkpoint holds it: a tensor or, quantized, a forge.quant.layouts form."""
+            return quant.read(name, lambda n: where[n].get_tensor(n), where.__contains__)
+
+        with load_progress(len(where), path) as bar:
             for f, st in opened:
                 try:
                     for name in st.keys():
-                        if spec_of(name, schema) is not None:  # (not e.g. old checkpoints' rotary_emb.inv_freq)
-                            weights[name] = cut(name, st.get_tensor(name))
-                        else:
-                            experts.add(name, lambda st=st, name=name: st.get_tensor(name), weights)
+                        _load_tensor(quant.target(name), read, schema, cut, experts, weights)
                         bar.update()
+                except ForgeError:
+                    raise
                 except Exception as e:
                     raise ModelLoadError(f"cannot read {f}: {e}".split("\n")[0]) from None
         tokenizer = tokenizer.result()
@@ -70,7 +83,22 @@ def load_hf_dir(path: Path, shard: tuple[int, int] | None = None):
     from forge.loader.gguf import _check_complete
 
     _check_complete(weights, config, path)
-    return LoadedModel(config=config, weights=weights, tokenizer=tokenizer, path=path, shard=shard)
+    return LoadedModel(config=config, weights=weights, tokenizer=tokenizer, path=path, shard=shard,
+                       quantization=quant.method or None)
+
+
+def _load_tensor(name: str | None, read, schema, cut, experts: ExpertStacker, weights: dict) -> None:
+    """Put checkpoint tensor `name` (as quant.target named it; None: read along with its weight) into `weights`."""
+    if name is None:
+        return
+    spec = spec_of(name, schema)
+    if spec is not None:  # (not e.g. old checkpoints' rotary_emb.inv_freq)
+        w = read(name)
+        weights[name] = cut(name, w if spec.kind in ("matrix", "embedding") else float_weight(w))
+    elif kv_scale_name(name) is not None:  # (FP8 KV-cache scales: one per layer, the same on every rank)
+        weights[kv_scale_name(name)] = read(name).float()
+    else:
+        experts.add(name, lambda: float_weight(read(name)), weights)
 
 
 def save_hf_dir(path: Path, config: ModelConfig, weights: dict[str, torch.Tensor], tokenizer=None) -> None:

@@ -49,6 +49,18 @@ class GroupQuantized:
         # Same two roundings as the gguf package's `d * q + m` (no fused multiply-add).
         return (q * self.scale[..., None] + self.offset[..., None]).view(n, k)
 
+    def map_rows(self, fn) -> "GroupQuantized":
+        """The same rows operation (a slice, a padding, a permutation) on codes, scales and offsets."""
+        return GroupQuantized(fn(self.codes), fn(self.scale), fn(self.offset), self.bits)
+
+    def narrow_inputs(self, start: int, count: int) -> "GroupQuantized":
+        """Inputs start .. start + count (a row-parallel shard): on 32-input group boundaries."""
+        _check_aligned(start, count, GROUP)
+        g0, gn = start // GROUP, count // GROUP
+        return GroupQuantized(self.codes[:, start : start + count].contiguous(),
+                              self.scale[:, g0 : g0 + gn].contiguous(), self.offset[:, g0 : g0 + gn].contiguous(),
+                              self.bits)
+
 
 @dataclass
 class Fp8Quantized:
@@ -72,6 +84,25 @@ class Fp8Quantized:
         w = self.codes.float().view(n, k // self.group, self.group) * self.scale[..., None]
         return w.view(n, k)
 
+    def map_rows(self, fn) -> "Fp8Quantized":
+        """The same rows operation on codes and scales."""
+        return Fp8Quantized(fn(self.codes), fn(self.scale), self.group)
+
+    def narrow_inputs(self, start: int, count: int) -> "Fp8Quantized":
+        """Inputs start .. start + count (a row-parallel shard). One scale per row (group = in_features)
+        covers any cut, and the slice keeps it; block scales need the cut on `group` boundaries."""
+        codes = self.codes[:, start : start + count].contiguous()
+        if self.group == self.codes.shape[1]:
+            return Fp8Quantized(codes, self.scale.clone(), count)
+        _check_aligned(start, count, self.group)
+        g0, gn = start // self.group, count // self.group
+        return Fp8Quantized(codes, self.scale[:, g0 : g0 + gn].contiguous(), self.group)
+
+
+def _check_aligned(start: int, count: int, group: int) -> None:
+    if start % group or count % group:
+        raise ValueError(f"inputs {start}..{start + count} do not fall on groups of {group}")
+
 
 def cat_groups(parts: list[GroupQuantized]) -> GroupQuantized:
     """Stack weights along the output dimension (fused q/k/v, gate/up)."""
@@ -79,6 +110,29 @@ def cat_groups(parts: list[GroupQuantized]) -> GroupQuantized:
         codes=torch.cat([p.codes for p in parts]), scale=torch.cat([p.scale for p in parts]),
         offset=torch.cat([p.offset for p in parts]), bits=max(p.bits for p in parts),
     )
+
+
+def cat_fp8(parts: list[Fp8Quantized]) -> Fp8Quantized:
+    """Stack FP8 weights along the output dimension (fused q/k/v, gate/up): one scale group for all
+    (per-channel parts of equal width, or block parts of equal block). Parts whose groups differ
+    (per-channel q next to block-scaled k) are a ValueError: dequantize them instead."""
+    groups = {p.group for p in parts}
+    if len(groups) != 1:
+        raise ValueError(f"cannot stack FP8 weights with scale groups {sorted(groups)}")
+    return Fp8Quantized(codes=torch.cat([p.codes for p in parts]), scale=torch.cat([p.scale for p in parts]),
+                        group=parts[0].group)
+
+
+def cat_rows(parts: list):
+    """Stack loader-level weights of one kind along the output dimension (tensors, GroupQuantized or Fp8Quantized)."""
+    if all(isinstance(p, GroupQuantized) for p in parts):
+        return cat_groups(parts)
+    if all(isinstance(p, Fp8Quantized) for p in parts):
+        return cat_fp8(parts)
+    return torch.cat(parts)
+
+
+Carrier = GroupQuantized | Fp8Quantized  # the loaders' quantized forms of a matrix
 
 
 class Int4Weight:
