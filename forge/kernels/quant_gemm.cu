@@ -30,6 +30,7 @@
 // Bytes moved: N * K * (0.5 + 4/GROUP) (int4) or N * K (fp8) of weights, + M * K * 2 of x per row tile
 // (L1/L2), + M * N * 2 written.
 #include "common.cuh"
+#include <cuda_fp8.h>
 
 #ifndef WCODE
 #define WCODE 0
@@ -331,5 +332,38 @@ extern "C" __global__ void __launch_bounds__(256) int4_dequant_kernel(
             v.v[i] = from_float<scalar_t>(so.x * (float)q + so.y);
         }
         store_vec<scalar_t, 4>(dst + k, v);
+    }
+}
+
+// fp8_quantize_rows: the activations of an FP8 GEMM (torch._scaled_mm with row-wise scales), one launch:
+// scale[m] = max(max_k |x[m, k]|, 448e-12) / 448, xq[m, k] = e4m3(x[m, k] / scale[m]) (saturating).
+// Layout: grid = (M), block = 256: a row per block, 8 inputs per thread per step (one 16-byte load), read
+// twice (max, then quantize: the second read hits L1/L2). Bytes: M * K * 2 read, M * K + 4 M written.
+extern "C" __global__ void __launch_bounds__(256) fp8_quantize_rows_kernel(
+    unsigned char* __restrict__ xq, float* __restrict__ scale, const scalar_t* __restrict__ x, int K, long long ldx) {
+    __shared__ float scratch[8];
+    const scalar_t* row = x + (long long)blockIdx.x * ldx;
+    float amax = 0.f;
+    for (int k = threadIdx.x * 8; k < K; k += 256 * 8) {
+        const Vec<scalar_t, 8> v = load_vec<scalar_t, 8>(row + k);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) amax = fmaxf(amax, fabsf(to_float(v.v[e])));
+    }
+    amax = warp_max(amax);
+    if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = amax;
+    __syncthreads();
+    amax = warp_max((threadIdx.x & 31) < 8 ? scratch[threadIdx.x & 7] : 0.f);  // every warp: the block's max
+    const float s = fmaxf(amax / 448.f, 1e-12f);
+    if (threadIdx.x == 0) scale[blockIdx.x] = s;
+    unsigned char* out = xq + (long long)blockIdx.x * K;
+    for (int k = threadIdx.x * 8; k < K; k += 256 * 8) {
+        const Vec<scalar_t, 8> v = load_vec<scalar_t, 8>(row + k);
+        unsigned short q[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const float2 f = make_float2(to_float(v.v[2 * e]) / s, to_float(v.v[2 * e + 1]) / s);
+            q[e] = (unsigned short)__nv_cvt_float2_to_fp8x2(f, __NV_SATFINITE, __NV_E4M3);
+        }
+        *reinterpret_cast<uint2*>(out + k) = make_uint2(q[0] | ((unsigned)q[1] << 16), q[2] | ((unsigned)q[3] << 16));
     }
 }

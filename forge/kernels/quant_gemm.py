@@ -14,12 +14,18 @@ ROW_ALIGN = 32  # layouts pad their rows to this (2 row tiles of 16)
 def kernel_config(m: int, rows: int, code: int, nt: int | None = None, rt: int | None = None,
                   warps: int | None = None, unroll: int | None = None) -> dict:
     """Tile shape for an M x rows product: NT token tiles of 8 (M <= 8: one), RT row tiles of 16, the K
-    split over WARPS warps, UNROLL chunks of weights in flight per load batch."""
+    split over WARPS warps, UNROLL chunks of weights in flight per load batch. The defaults are the
+    fastest of benchmarks/quant_gemm.py --configs on an H200 (Llama-3.1-8B's matrices, forge/kernels/NOTES.md)."""
     if nt is None:
         nt = 1 if m <= 8 else 2 if m <= 16 else 4
-    rt = rt or 1
-    warps = warps or 8
-    unroll = unroll or 4
+    if code == 0:  # int4
+        rt = rt or (2 if rows % 32 == 0 else 1)
+        warps = warps or 8  # one K split for every M: a token's sums do not depend on the batch
+        unroll = unroll or (2 if m <= 8 else 4)
+    else:  # fp8
+        rt = rt or (1 if m <= 8 or rows % 32 else 2)
+        warps = warps or 8
+        unroll = unroll or 4
     if rows % (16 * rt):
         raise ValueError(f"{rows} rows are not a multiple of {16 * rt}")
     if warps * rt * nt * 4 * 32 * 4 > 48 * 1024:  # the warps' partial sums (static shared memory)
@@ -65,3 +71,18 @@ def int4_dequantize(layout, dtype: torch.dtype, rows: torch.Tensor | None = None
                  compiler.ptr(layout.scales), rows_ptr, np.int32(layout.padded_k), np.int32(k),
                  np.int32(layout.groups_per_row))
     return out
+
+
+def fp8_quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] (bfloat16 / float16, K a multiple of 8) -> (e4m3 codes [M, K], float32 scales [M, 1]) with
+    x ~ codes * scale, scale = max |x[m]| / 448: an FP8 GEMM's dynamic per-row activation scales, one launch."""
+    if x.stride(-1) != 1 or x.data_ptr() % 16 or x.stride(0) % 8:
+        x = x.contiguous()
+    m, k = x.shape
+    codes = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)
+    if m:
+        kernel = compiler.get_kernel("quant_gemm.cu", "fp8_quantize_rows_kernel", x.dtype, WCODE=1, GROUP=0)
+        compiler.run(kernel, m, 256, compiler.ptr(codes), compiler.ptr(scale), compiler.ptr(x), np.int32(k),
+                     np.int64(x.stride(0)))
+    return codes, scale

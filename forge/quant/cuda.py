@@ -29,7 +29,7 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
 INT4_CHUNK = 128  # inputs of a row per 64-byte chunk of the int4 layout (padded K is a multiple)
 FP8_CHUNK = 64
-INT4_MAX_KERNEL_M = 128  # larger steps dequantize + cuBLAS (benchmarks/quant_gemm.py measures the crossover)
+INT4_MAX_KERNEL_M = 64  # larger steps dequantize + cuBLAS (benchmarks/quant_gemm.py measures the crossover)
 FP8_MAX_KERNEL_M = 16  # larger steps run torch._scaled_mm
 
 
@@ -217,11 +217,21 @@ class Fp8CudaWeight:
 
 
 def scaled_mm_rowwise(x: torch.Tensor, codes: torch.Tensor, row_scale: torch.Tensor) -> torch.Tensor:
-    """x @ (codes * row_scale.T).T (row_scale [1, N]) as an FP8 GEMM: x quantized per row (amax / 448, dynamic), cuBLAS / CUTLASS
-    with row-wise scales on both sides, output in x's dtype."""
+    """x @ (codes * row_scale.T).T (row_scale [1, N]) as an FP8 GEMM: x quantized per row (amax / 448, dynamic;
+    one kernel, quant_gemm.fp8_quantize_rows), torch's row-wise-scaled FP8 GEMM, output in x's dtype."""
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    x_scale = (x2.abs().amax(-1, keepdim=True).float() / FP8_MAX).clamp_(min=1e-12)
-    xq = (x2.float() / x_scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
+    xq, x_scale = quant_gemm.fp8_quantize_rows(x.reshape(-1, x.shape[-1]))
     out = torch._scaled_mm(xq, codes.t(), scale_a=x_scale, scale_b=row_scale, out_dtype=x.dtype)
     return out.view(*lead, codes.shape[0])
+
+
+def scaled_mm_tensorwise(x: torch.Tensor, codes: torch.Tensor, row_scale: torch.Tensor) -> torch.Tensor:
+    """scaled_mm_rowwise with one scale for all of x (cuBLASLt's FP8 GEMM, tensor-wise scales) and the
+    weight's row scales applied to the output."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1]).float()
+    x_scale = (x2.abs().amax() / FP8_MAX).clamp_(min=1e-12)
+    xq = (x2 / x_scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
+    one = torch.ones((), device=x.device)
+    out = torch._scaled_mm(xq, codes.t(), scale_a=x_scale, scale_b=one, out_dtype=x.dtype)
+    return (out * row_scale).to(x.dtype).view(*lead, codes.shape[0])
