@@ -38,6 +38,14 @@ for dt in (torch.float32, torch.bfloat16, torch.float16):
             continue
         for bs in (16, 32):
             variants.append((paged_attention.KERNEL_FILE, dict(FORGE_DTYPE=c, FORGE_CACHE_DTYPE=c, BLOCK_SIZE=bs, **cfg)))
+    # float8 (e4m3) KV cache under each compute dtype
+    fp8 = codes[torch.float8_e4m3fn]
+    for v in sorted({1, 2, 4, vec}):
+        variants.append(("rope_cache.cu", dict(FORGE_DTYPE=c, VEC=v, FORGE_CACHE_DTYPE=fp8)))
+    for d, g in [(64, 3), (128, 4), (96, 2), (256, 8), (128, 8), (64, 1), (32, 4), (16, 2), (80, 4)]:
+        cfg = paged_attention.kernel_config(d, g, torch.float8_e4m3fn)
+        for bs in (16, 32):
+            variants.append((paged_attention.KERNEL_FILE, dict(FORGE_DTYPE=c, FORGE_CACHE_DTYPE=fp8, BLOCK_SIZE=bs, **cfg)))
 variants.append(("sampling.cu", dict()))
 variants.append(("token_bitmask.cu", dict()))
 # decode-kernel variants swept by the benchmark

@@ -168,7 +168,9 @@ class ModelRunner:
         # Quantized matrices (kept from a GGUF, or quantized at load) take the CPU fast path's ops.
         quantized = config.quantization in ("int8", "int4") or any(isinstance(w, GroupQuantized) for w in weights.values())
         self.ops = get_ops(config.device, quantized=quantized)
-        self.kv_dtype = getattr(self.ops, "kv_cache_dtype", None) or self.dtype  # NativeCpuOps: float16
+        # float8 e4m3 on CUDA with kv_cache_dtype fp8 (1 byte an element: twice the blocks); NativeCpuOps: float16
+        self.kv_dtype = torch.float8_e4m3fn if config.kv_cache_dtype != "auto" else \
+            getattr(self.ops, "kv_cache_dtype", None) or self.dtype
         if self.device.type == "cpu":
             torch.set_num_threads(config.threads or default_cpu_threads())
             native_threads.configure(config.threads, physical_cores())
@@ -193,8 +195,9 @@ class ModelRunner:
         if tp is not None:  # every rank keeps the same number of blocks (the smallest plan)
             self.num_kv_blocks = tp.min_int(self.num_kv_blocks)
         self.kv_caches = self._allocate_kv_caches(self.num_kv_blocks)
-        logger.info("KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB)", self.num_kv_blocks, self.block_size,
-                    self.num_kv_blocks * self.block_size, self.num_kv_blocks * self.kv_block_bytes / 2**30)
+        logger.info("KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB, %s)", self.num_kv_blocks, self.block_size,
+                    self.num_kv_blocks * self.block_size, self.num_kv_blocks * self.kv_block_bytes / 2**30,
+                    str(self.kv_dtype).removeprefix("torch."))
         self.graphs = None
         if self.device.type == "cuda" and not config.enforce_eager:
             from forge.engine.cuda_graphs import DecodeGraphs
@@ -219,7 +222,8 @@ class ModelRunner:
                 v[0].zero_()
             return caches
         return [
-            (torch.zeros(shape, dtype=self.dtype, device=self.device), torch.zeros(shape, dtype=self.dtype, device=self.device))
+            (torch.zeros(shape, dtype=self.kv_dtype, device=self.device),
+             torch.zeros(shape, dtype=self.kv_dtype, device=self.device))
             for _ in range(c.num_layers)
         ]
 

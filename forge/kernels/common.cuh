@@ -5,10 +5,19 @@
 // `scalar_t` and converts to float32 for arithmetic with `to_float` / `from_float`.
 // A second type, `cache_t` (FORGE_CACHE_DTYPE) or `wscalar_t` (FORGE_WDTYPE), is used where a
 // kernel reads a tensor that may have another dtype (KV cache, norm weight).
+// Code 3 = float8 e4m3 (`__nv_fp8_e4m3`, torch.float8_e4m3fn) is a storage type of the KV cache
+// only: cuda_fp8.h is included, and FORGE_FP8 set, where a kernel is compiled with
+// -DFORGE_CACHE_DTYPE=3. An fp8 cache holds x / scale (a float scale per layer and tensor).
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#if defined(FORGE_CACHE_DTYPE) && FORGE_CACHE_DTYPE == 3
+#define FORGE_FP8 1
+#include <cuda_fp8.h>
+#else
+#define FORGE_FP8 0
+#endif
 
 #ifndef INFINITY  // NVRTC has no <math.h>
 #define INFINITY __int_as_float(0x7f800000)
@@ -22,6 +31,9 @@ template <int CODE> struct DtypeOf;
 template <> struct DtypeOf<0> { typedef float type; };
 template <> struct DtypeOf<1> { typedef __nv_bfloat16 type; };
 template <> struct DtypeOf<2> { typedef __half type; };
+#if FORGE_FP8
+template <> struct DtypeOf<3> { typedef __nv_fp8_e4m3 type; };
+#endif
 
 typedef DtypeOf<FORGE_DTYPE>::type scalar_t;
 
@@ -33,6 +45,15 @@ template <typename T> __device__ __forceinline__ T from_float(float x);
 template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
 template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+#if FORGE_FP8
+__device__ __forceinline__ float to_float(__nv_fp8_e4m3 x) { return __half2float(__half(__nv_cvt_fp8_to_halfraw(x.__x, __NV_E4M3))); }
+// Round to nearest even, saturated to +-448 (the largest finite e4m3; NaN stays NaN): one cvt on sm_89+.
+template <> __device__ __forceinline__ __nv_fp8_e4m3 from_float<__nv_fp8_e4m3>(float x) {
+    __nv_fp8_e4m3 r;
+    r.__x = __nv_cvt_float_to_fp8(x, __NV_SATFINITE, __NV_E4M3);
+    return r;
+}
+#endif
 
 // A register array of N elements, aligned so that loading it is one (or two) wide load(s).
 template <typename T, int N> struct alignas(sizeof(T) * N <= 16 ? sizeof(T) * N : 16) Vec {
@@ -57,6 +78,34 @@ template <typename T, int N> __device__ __forceinline__ Vec<T, N> load_vec_strea
                  : "l"(p));
     return *reinterpret_cast<Vec<T, N>*>(&r);
 }
+
+// Elements e and e + 1 of a vector as floats.
+template <typename T, int N> __device__ __forceinline__ void pair_to_float(const Vec<T, N>& x, int e, float& a, float& b) {
+    a = to_float(x.v[e]);
+    b = to_float(x.v[e + 1]);
+}
+#if FORGE_FP8
+// float8: e4m3x2 -> f16x2 (one cvt on sm_89+; exact) -> 2 floats.
+template <int N> __device__ __forceinline__ void pair_to_float(const Vec<__nv_fp8_e4m3, N>& x, int e, float& a, float& b) {
+    const __nv_fp8x2_storage_t pair = *reinterpret_cast<const __nv_fp8x2_storage_t*>(&x.v[e]);
+    const float2 f = __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(pair, __NV_E4M3)));
+    a = f.x;
+    b = f.y;
+}
+#endif
+
+// The N elements of a vector as floats (float8: in pairs).
+template <typename T, int N> __device__ __forceinline__ void vec_to_float(const Vec<T, N>& x, float (&out)[N]) {
+#pragma unroll
+    for (int e = 0; e < N; ++e) out[e] = to_float(x.v[e]);
+}
+#if FORGE_FP8
+template <int N> __device__ __forceinline__ void vec_to_float(const Vec<__nv_fp8_e4m3, N>& x, float (&out)[N]) {
+    static_assert(N % 2 == 0, "fp8 vectors convert in pairs");
+#pragma unroll
+    for (int e = 0; e < N; e += 2) pair_to_float(x, e, out[e], out[e + 1]);
+}
+#endif
 
 template <typename T, int N> __device__ __forceinline__ void store_vec(T* __restrict__ p, const Vec<T, N>& v) {
     *reinterpret_cast<Vec<T, N>*>(p) = v;

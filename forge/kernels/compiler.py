@@ -27,7 +27,8 @@ log = logging.getLogger("forge")
 
 KERNEL_DIR = Path(__file__).resolve().parent
 
-DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+# float8 e4m3 (3) is a KV-cache storage type only (FORGE_CACHE_DTYPE; see common.cuh)
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float8_e4m3fn: 3}
 
 try:  # cuda.core >= 0.4 exports the stable API at the top level
     from cuda.core import Device, LaunchConfig, Program, ProgramOptions, launch
@@ -55,7 +56,8 @@ def dtype_code(dtype: torch.dtype) -> int:
     try:
         return DTYPE_CODES[dtype]
     except KeyError:
-        raise TypeError(f"forge kernels support float32, bfloat16 and float16, not {dtype}") from None
+        raise TypeError(f"forge kernels support float32, bfloat16, float16 (and a float8_e4m3fn KV cache), "
+                        f"not {dtype}") from None
 
 
 def _has_cuda_headers(path: Path) -> bool:

@@ -9,6 +9,10 @@
 //                 (a sliding-window layer); 0: the whole context.
 //   soft_cap:     > 0: scores become soft_cap * tanh(scores / soft_cap) before the softmax (Gemma 2);
 //                 q_scale then multiplies q by the attention scale only, else by scale * log2(e).
+//   float8 cache: (FORGE_CACHE_DTYPE 3, e4m3) holds k / k_scale and v / v_scale. The launcher folds
+//                 k_scale into q_scale (a score is q_scale * q.k, k as stored) and the kernel
+//                 multiplies the output by v_scale (with 1/l): no per-element scaling. v_scale is 1
+//                 for the other caches.
 //
 // Layout: grid = (num_splits, Hkv, B), block = NUM_WARPS * 32 threads. A block takes one
 // (sequence, kv head) and one contiguous chunk of that sequence's context
@@ -26,7 +30,7 @@
 //      GROUP logits of the tile go to shared memory;
 //   2. online softmax in float32 (warp per head): tile max, p = exp2(s - m), running (m, l),
 //      rescale factor alpha for the accumulators;
-//   3. PV: thread (lane, c) owns 16-byte column chunk c of D and every NL-th token of the
+//   3. PV: thread (lane, c) owns column vector c (VEC elements) of D and every NL-th token of the
 //      tile; acc[h] = acc[h] * alpha[h] + sum_t p[h][t] * V[t, c].
 // Epilogue: the NL token lanes are summed through shared memory (reusing the K buffers). With
 // num_splits == 1 the block writes out = acc / l directly; otherwise it writes the normalized
@@ -35,7 +39,12 @@
 //
 // Bytes moved: K and V of every visible context token once per kv head: 2 * sum(min(ctx, window)) * Hkv * D * size
 // (+ q, out, block table and split scratch, all small). At batch 64 x 4096 tokens, Hkv = 8,
-// D = 128, bf16 that is 1.07 GB: 365 us at 2.94 TB/s.
+// D = 128, bf16 that is 1.07 GB: 365 us at 2.94 TB/s; a float8 cache moves half.
+//
+// float8: a 16-byte cp.async copy brings 16 elements, but the math keeps bf16's thread layout
+// (vectors of VEC = 8 elements, here 8 bytes): the same registers for q slices and accumulators,
+// twice the tile (TILE 64 instead of 32) in the same shared memory. Elements become floats two at a
+// time (cvt e4m3x2 -> f16x2, exact).
 #include "common.cuh"
 
 #ifndef FORGE_CACHE_DTYPE
@@ -70,26 +79,34 @@ typedef DtypeOf<FORGE_CACHE_DTYPE>::type cache_t;
 
 constexpr int THREADS = NUM_WARPS * 32;
 constexpr float LOG2E_F = 1.4426950408889634f;
-constexpr int VEC = 16 / sizeof(cache_t);        // elements per 16-byte vector
+constexpr int VEC = FORGE_FP8 ? 8 : 16 / sizeof(cache_t);  // elements per vector of the math (16 bytes; fp8: 8)
 constexpr int NVEC = HEAD_DIM / VEC;              // vectors per K/V row of one head
+constexpr int CHUNK = 16 / sizeof(cache_t);       // elements per 16-byte cp.async copy (VEC, or 2 VEC in fp8)
+constexpr int NCHUNK = HEAD_DIM / CHUNK;          // copies per K/V row of one head
 constexpr int VPT = NVEC / TPT;                   // vectors per thread per token (QK)
 constexpr int NT = THREADS / TPT;                 // tokens per QK pass
 constexpr int KPT = TILE / NT;                    // tokens per thread per tile (QK)
 constexpr int NL = THREADS / NVEC;                // token lanes (PV)
 constexpr int PV_THREADS = NL * NVEC;
 constexpr int VPL = (TILE + NL - 1) / NL;         // tokens per lane per tile (PV)
-constexpr int TILE_CHUNKS = TILE * NVEC;          // 16-byte copies per tile (K or V)
+constexpr int TILE_CHUNKS = TILE * NCHUNK;        // 16-byte copies per tile (K or V)
 constexpr int CPT = (TILE_CHUNKS + THREADS - 1) / THREADS;
 constexpr int SPL = (TILE + 31) / 32;             // softmax values per lane
 constexpr int GP = (GROUP + 3) / 4 * 4;           // s_p row: the GROUP probabilities of a token, 16-byte aligned
 
-static_assert(HEAD_DIM % VEC == 0, "head_dim must be a multiple of the 16-byte vector");
+static_assert(HEAD_DIM % CHUNK == 0 && CHUNK % VEC == 0, "head_dim must be a multiple of the 16-byte vector");
 static_assert(NVEC % TPT == 0 && TPT <= 32 && (TPT & (TPT - 1)) == 0, "bad TPT");
 static_assert(KPT >= 1 && TILE % NT == 0, "bad TILE");
 static_assert(NL >= 1, "head_dim too large for the block");
 static_assert((BLOCK_SIZE & (BLOCK_SIZE - 1)) == 0, "block_size must be a power of two");
 static_assert(STAGES >= 2, "need at least double buffering");
-static_assert(STAGES * TILE * HEAD_DIM * sizeof(cache_t) >= NL * HEAD_DIM * sizeof(float), "s_red reuses s_k");
+// The epilogue's s_red (NL x HEAD_DIM floats) reuses s_k; a stage of s_k is padded where it would not fit
+// (float8 at small head_dim), else it is exactly one tile.
+constexpr int RED_BYTES = NL * HEAD_DIM * (int)sizeof(float);
+constexpr int STAGE_ELEMS = STAGES * TILE * HEAD_DIM * (int)sizeof(cache_t) >= RED_BYTES
+                                ? TILE * HEAD_DIM
+                                : (RED_BYTES / STAGES + 15) / 16 * 16 / (int)sizeof(cache_t);
+static_assert(STAGES * STAGE_ELEMS * sizeof(cache_t) >= RED_BYTES, "s_red reuses s_k");
 
 typedef Vec<cache_t, VEC> kv_vec;
 
@@ -107,8 +124,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) paged_decode_k
     scalar_t* __restrict__ out, float* __restrict__ part_o, float* __restrict__ part_ml,
     const scalar_t* __restrict__ q, const cache_t* __restrict__ k_cache, const cache_t* __restrict__ v_cache,
     const int* __restrict__ block_tables, int bt_stride, const int* __restrict__ context_lens,
-    int num_kv_heads, int num_splits, float q_scale, int window, float soft_cap) {
-    __shared__ __align__(16) cache_t s_k[STAGES][TILE * HEAD_DIM];
+    int num_kv_heads, int num_splits, float q_scale, int window, float soft_cap, float v_scale) {
+    __shared__ __align__(16) cache_t s_k[STAGES][STAGE_ELEMS];
     __shared__ __align__(16) cache_t s_v[STAGES][TILE * HEAD_DIM];
     __shared__ __align__(16) float s_p[TILE][GP];  // logits, then probabilities, of the tile
     __shared__ float s_alpha[GROUP];
@@ -146,17 +163,17 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) paged_decode_k
         for (int i = 0; i < CPT; ++i) {
             const int c = tid + i * THREADS;
             if (TILE_CHUNKS % THREADS == 0 || c < TILE_CHUNKS) {
-                const int tt = c / NVEC, part = c % NVEC;
+                const int tt = c / NCHUNK, part = c % NCHUNK;
                 const int tok = tile0 + tt;
                 const bool ok = tok < end;
                 long long off = 0;
                 if (ok) {
                     const int block = __ldg(bt_row + tok / BLOCK_SIZE);
                     off = (((long long)block * BLOCK_SIZE + (tok & (BLOCK_SIZE - 1))) * num_kv_heads + kvh) * HEAD_DIM +
-                          part * VEC;
+                          part * CHUNK;
                 }
-                cp_async16(&s_k[stage][tt * HEAD_DIM + part * VEC], k_cache + off, ok);
-                cp_async16(&s_v[stage][tt * HEAD_DIM + part * VEC], v_cache + off, ok);
+                cp_async16(&s_k[stage][tt * HEAD_DIM + part * CHUNK], k_cache + off, ok);
+                cp_async16(&s_v[stage][tt * HEAD_DIM + part * CHUNK], v_cache + off, ok);
             }
         }
     };
@@ -213,13 +230,16 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) paged_decode_k
 #pragma unroll
             for (int h = 0; h < GROUP; ++h) dot[h] = 0.f;
 #pragma unroll
-            for (int j = 0; j < VPT; ++j)
+            for (int j = 0; j < VPT; ++j) {
+                float kf[VEC];
+                if (FORGE_FP8) vec_to_float(kk[j], kf);  // (fp8: in pairs; others: each element as it is used)
 #pragma unroll
                 for (int e = 0; e < VEC; ++e) {
-                    const float kf = to_float(kk[j].v[e]);
+                    if (!FORGE_FP8) kf[e] = to_float(kk[j].v[e]);
 #pragma unroll
-                    for (int h = 0; h < GROUP; ++h) dot[h] = fmaf(qf[h][j][e], kf, dot[h]);
+                    for (int h = 0; h < GROUP; ++h) dot[h] = fmaf(qf[h][j][e], kf[e], dot[h]);
                 }
+            }
 #pragma unroll
             for (int h = 0; h < GROUP; ++h) {
 #pragma unroll
@@ -273,8 +293,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) paged_decode_k
                 if (tt < TILE && tile0 + tt < end) {
                     const kv_vec vv = *reinterpret_cast<const kv_vec*>(sv + tt * HEAD_DIM + pv_c * VEC);
                     float vf[VEC];
-#pragma unroll
-                    for (int e = 0; e < VEC; ++e) vf[e] = to_float(vv.v[e]);
+                    vec_to_float(vv, vf);
                     float pr[GP];  // one 16-byte shared load per 4 heads
 #pragma unroll
                     for (int i = 0; i < GP; i += 4) *reinterpret_cast<float4*>(&pr[i]) = *reinterpret_cast<const float4*>(&s_p[tt][i]);
@@ -301,7 +320,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) paged_decode_k
         }
         __syncthreads();
         const float l = s_l[h];
-        const float inv_l = l > 0.f ? 1.f / l : 0.f;
+        const float inv_l = l > 0.f ? (FORGE_FP8 ? v_scale / l : 1.f / l) : 0.f;
         const long long row = (long long)seq * num_heads + head0 + h;
         for (int d = tid; d < HEAD_DIM; d += THREADS) {
             float o = 0.f;

@@ -28,11 +28,12 @@ def kernel_config(head_dim: int, group: int, cache_dtype: torch.dtype, num_warps
                   tile: int | None = None, tpt: int | None = None, min_blocks: int | None = None,
                   stages: int | None = None) -> dict:
     """Compile-time shape constants of the decode kernel (cp.async double-buffered K/V tiles in
-    shared memory, paged_attention.cu) for this model shape."""
+    shared memory, paged_attention.cu) for this model shape. A float8 cache keeps bf16's thread
+    layout (vectors of 8 elements) and, with half the bytes per token, gets twice the tile."""
     elt = torch.empty((), dtype=cache_dtype).element_size()
-    vec = 16 // elt
-    if head_dim % vec:
-        raise ValueError(f"head_dim {head_dim} must be a multiple of {vec} for {cache_dtype}")
+    vec = 8 if elt == 1 else 16 // elt  # elements per vector of the math (the kernel's VEC)
+    if head_dim % (16 // elt):  # whole 16-byte copies per row
+        raise ValueError(f"head_dim {head_dim} must be a multiple of {16 // elt} for {cache_dtype}")
     nvec = head_dim // vec
     num_warps = num_warps or 4
     threads = num_warps * 32
@@ -47,6 +48,8 @@ def kernel_config(head_dim: int, group: int, cache_dtype: torch.dtype, num_warps
         # Threads per token in QK^T: enough that the GROUP query slices fit in ~64 registers,
         # and few enough tokens per pass that a tile holds at least one pass.
         want = max(1, math.ceil(group * head_dim / 64), -(-threads // tile))
+        if elt == 1:  # float8's pair conversions take registers that 2 threads a token lack (head_dim 32, group 4 spilled)
+            want = max(want, 4)
         tpt = 1
         while tpt < want and tpt < 32 and nvec % (tpt * 2) == 0:
             tpt *= 2
@@ -108,6 +111,8 @@ def paged_decode_attention(
     config: dict | None = None,
     window: int | None = None,
     soft_cap: float | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """q [B, H, D] (one new token per sequence) over its paged context -> [B, H, D].
 
@@ -115,7 +120,8 @@ def paged_decode_attention(
     context_lens: int32 [B] (0 = padding row: zeros out). `max_context_len` is an upper bound
     on context_lens (default: what the block table can address); it picks the split count.
     window: the query sees only the last `window` keys (sliding-window layers); soft_cap: scores
-    become soft_cap * tanh(scores / soft_cap) (Gemma 2).
+    become soft_cap * tanh(scores / soft_cap) (Gemma 2). A float8 (e4m3) cache holds k / k_scale and
+    v / v_scale: k_scale is folded into q's scale, v_scale into the output; other caches ignore them.
     """
     b, h, d = q.shape
     num_blocks, block_size, hkv, d2 = k_cache.shape
@@ -138,6 +144,8 @@ def paged_decode_attention(
         max_context_len = block_tables.shape[1] * block_size
     if window is not None:  # a block reads at most the window
         max_context_len = min(max_context_len, window)
+    if k_cache.dtype != torch.float8_e4m3fn:
+        k_scale = v_scale = 1.0
     cfg = dict(config) if config else _default_config(d, group, k_cache.dtype)
     file = KERNEL_FILE
     cfg["BLOCK_SIZE"] = block_size
@@ -164,8 +172,8 @@ def paged_decode_attention(
         compiler.ptr(out), compiler.ptr(part_o), compiler.ptr(part_ml), compiler.ptr(q),
         compiler.ptr(k_cache), compiler.ptr(v_cache), compiler.ptr(block_tables),
         np.int32(block_tables.stride(0)), compiler.ptr(context_lens),
-        np.int32(hkv), np.int32(num_splits), np.float32(scale if soft_cap else scale * LOG2E),
-        np.int32(window or 0), np.float32(soft_cap or 0.0),
+        np.int32(hkv), np.int32(num_splits), np.float32((scale if soft_cap else scale * LOG2E) * k_scale),
+        np.int32(window or 0), np.float32(soft_cap or 0.0), np.float32(v_scale),
     )
     if num_splits > 1:
         combine = compiler.get_kernel(file, "paged_decode_combine_kernel", q.dtype, **cfg)

@@ -7,6 +7,9 @@
 //   k/v_cache:    [num_blocks, block_size, Hkv, D]  cache_t, contiguous
 //   slot_mapping: [T] int64 flat slot = block * block_size + offset; slot < 0: no cache write
 //   q_out:        [T, H, D]  scalar_t
+//   k/v_scale:    float8 cache (FORGE_CACHE_DTYPE 3): it stores k / k_scale and v / v_scale, rounded
+//                 to nearest even and saturated to +-448, from k (rotated, rounded to scalar_t) and v;
+//                 other caches store k and v and ignore the scales.
 //
 // neox / HF rotate_half: for i < D/2, x1 = x[i], x2 = x[i + D/2]:
 //   out[i] = x1*cos_i - x2*sin_i,  out[i + D/2] = x2*cos_i + x1*sin_i   (float32, one rounding)
@@ -18,13 +21,22 @@
 // (v is copied, not rotated).
 //
 // Bytes moved per token: read (H + 2*Hkv)*D elements + D floats of cos/sin (L2-resident),
-// write H*D (q) + 2*Hkv*D (cache) elements.
+// write H*D (q) + 2*Hkv*D (cache) elements (cache elements: 1 byte each in float8).
 #include "common.cuh"
 
 #ifndef FORGE_CACHE_DTYPE
 #define FORGE_CACHE_DTYPE FORGE_DTYPE
 #endif
 typedef DtypeOf<FORGE_CACHE_DTYPE>::type cache_t;
+
+// A value as the cache stores it.
+__device__ __forceinline__ cache_t to_cache(float x, float scale) {
+#if FORGE_FP8
+    return from_float<cache_t>(x / scale);  // (IEEE division: equals torch's x / scale)
+#else
+    return from_float<cache_t>(x);
+#endif
+}
 
 #ifndef VEC
 #define VEC 1
@@ -34,7 +46,7 @@ extern "C" __global__ void qkv_rope_cache_kernel(
     scalar_t* __restrict__ q_out, cache_t* __restrict__ k_cache, cache_t* __restrict__ v_cache,
     const scalar_t* __restrict__ qkv, const long long* __restrict__ positions,
     const float* __restrict__ cos_sin, const long long* __restrict__ slot_mapping,
-    long long qkv_row_stride, int num_heads, int num_kv_heads, int head_dim) {
+    long long qkv_row_stride, int num_heads, int num_kv_heads, int head_dim, float k_scale, float v_scale) {
     const long long t = blockIdx.x;
     const int half = head_dim >> 1;
     const int items_per_head = half / VEC;
@@ -71,8 +83,8 @@ extern "C" __global__ void qkv_rope_cache_kernel(
                 Vec<cache_t, VEC> c1, c2;
 #pragma unroll
                 for (int e = 0; e < VEC; ++e) {
-                    c1.v[e] = from_float<cache_t>(to_float(o1.v[e]));
-                    c2.v[e] = from_float<cache_t>(to_float(o2.v[e]));
+                    c1.v[e] = to_cache(to_float(o1.v[e]), k_scale);
+                    c2.v[e] = to_cache(to_float(o2.v[e]), k_scale);
                 }
                 store_vec<cache_t, VEC>(dst, c1);
                 store_vec<cache_t, VEC>(dst + half, c2);
@@ -83,8 +95,8 @@ extern "C" __global__ void qkv_rope_cache_kernel(
             Vec<cache_t, VEC> c1, c2;
 #pragma unroll
             for (int e = 0; e < VEC; ++e) {
-                c1.v[e] = from_float<cache_t>(to_float(x1.v[e]));
-                c2.v[e] = from_float<cache_t>(to_float(x2.v[e]));
+                c1.v[e] = to_cache(to_float(x1.v[e]), v_scale);
+                c2.v[e] = to_cache(to_float(x2.v[e]), v_scale);
             }
             store_vec<cache_t, VEC>(dst, c1);
             store_vec<cache_t, VEC>(dst + half, c2);

@@ -16,8 +16,13 @@ def qkv_rope_cache(
     num_heads: int,
     num_kv_heads: int,
     head_dim: int,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
-    """Rotate q/k (neox), write k/v to their cache slots (slot < 0: skipped); returns q [T, H, D]."""
+    """Rotate q/k (neox), write k/v to their cache slots (slot < 0: skipped); returns q [T, H, D].
+
+    A float8 (e4m3) cache stores k / k_scale and v / v_scale (saturated to +-448); other caches
+    ignore the scales."""
     t = qkv.shape[0]
     if qkv.stride(-1) != 1:
         qkv = qkv.contiguous()
@@ -52,5 +57,6 @@ def qkv_rope_cache(
         compiler.ptr(q), compiler.ptr(k_cache), compiler.ptr(v_cache), compiler.ptr(qkv),
         compiler.ptr(positions), compiler.ptr(cos_sin_cache), compiler.ptr(slot_mapping),
         np.int64(row_stride), np.int32(num_heads), np.int32(num_kv_heads), np.int32(head_dim),
+        np.float32(k_scale), np.float32(v_scale),
     )
     return q

@@ -24,6 +24,30 @@ from forge.models.schema import field_specs
 from forge.ops.metadata import AttentionMetadata
 from forge.quant import GroupQuantized, runtime_weight, weight_nbytes
 
+KV_SCALE_NAMES = ("k_scale", "v_scale")  # model.layers.{i}.self_attn.<name>: FP8 checkpoints (llm-compressor)
+
+
+def kv_cache_scales(weights: dict, layer: int) -> dict[str, float]:
+    """Layer `layer`'s float8 KV-cache scales, the ops' k_scale / v_scale keywords (the cache holds
+    k / k_scale): the checkpoint's, taken out of `weights`, else 1.0 (vLLM's default without
+    calibration). Python floats, so a captured CUDA graph holds them; a float cache ignores them."""
+    scales = {}
+    for name in KV_SCALE_NAMES:
+        key = f"model.layers.{layer}.self_attn.{name}"
+        t = weights.pop(key, None)
+        if t is None:
+            scales[name] = 1.0
+            continue
+        t = t.detach().float().flatten().cpu()
+        if t.numel() == 0 or not torch.all(t == t[0]):
+            raise ValueError(f"{key}: per-head KV cache scales are not supported (one scale per layer), got shape "
+                             f"{tuple(t.shape)}")
+        value = float(t[0])
+        if not (value > 0 and value < float("inf")):
+            raise ValueError(f"{key} must be a positive finite scale, got {value}")
+        scales[name] = value
+    return scales
+
 
 @dataclass
 class LayerWeights:
@@ -93,6 +117,7 @@ class DecoderModel:
         self.layers = [LayerWeights(**{f.name: take(f.name, i) for f in fields(LayerWeights)})
                        for i in range(config.num_layers)]
         self.norm = take("norm")
+        self.kv_scales = [kv_cache_scales(weights, i) for i in range(config.num_layers)]
         self.lm_head = take("lm_head") if present("lm_head") and not config.tie_word_embeddings else self.embed_tokens
         # sqrt(hidden) in the model dtype, as HF rounds it (Gemma)
         self.embed_scale = torch.tensor(config.hidden_size ** 0.5, dtype=dtype, device=self.device) \
@@ -155,10 +180,10 @@ class DecoderModel:
             qkv = self.qk_norm(qkv, layer)
         q = ops.qkv_rope_cache(
             qkv, meta.positions, self.layer_rope[i], k_cache, v_cache, meta.slot_mapping,
-            self.num_heads, self.num_kv_heads, cfg.head_dim,
+            self.num_heads, self.num_kv_heads, cfg.head_dim, **self.kv_scales[i],
         )
         attn = ops.attention(q, k_cache, v_cache, meta, self.scale, window=self.windows[i],
-                             soft_cap=cfg.attn_logit_softcap)
+                             soft_cap=cfg.attn_logit_softcap, **self.kv_scales[i])
         return self.tp.all_reduce(ops.linear(attn.reshape(x.shape[0], self.q_size), layer.o_proj))
 
     def qk_norm(self, qkv: torch.Tensor, layer: LayerWeights) -> torch.Tensor:

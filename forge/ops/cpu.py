@@ -12,6 +12,25 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+FP8_KV = torch.float8_e4m3fn  # the float8 KV cache's dtype (EngineConfig.kv_cache_dtype fp8, CUDA)
+FP8_MAX = 448.0  # its largest finite value
+
+
+def quantize_kv(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """x as a float8 (e4m3) KV cache stores it: x / scale in float32 (an elementwise IEEE division,
+    like the CUDA kernel's), rounded to nearest even, saturated to +-448."""
+    xf = x.float()
+    return torch.div(xf, torch.full_like(xf, scale)).clamp_(-FP8_MAX, FP8_MAX).to(FP8_KV)
+
+
+def dequantize_kv(cache: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """K or V read from a float8 cache: its values times its scale, as `dtype`; any other cache as it is."""
+    if cache.dtype != FP8_KV:
+        return cache
+    out = cache.to(dtype)
+    return out if scale == 1.0 else out.mul_(scale)
+
+
 def _additive_mask(valid: torch.Tensor) -> torch.Tensor:
     """[B, L] bool (True = attend) -> [B, 1, 1, L] float32 0 / -inf, built once per step (SDPA would
     convert a bool mask in every layer)."""
@@ -159,11 +178,15 @@ class CpuOps:
         num_heads: int,
         num_kv_heads: int,
         head_dim: int,
+        k_scale: float = 1.0,
+        v_scale: float = 1.0,
     ) -> torch.Tensor:
         """Split the fused QKV GEMM output, rotate q and k, write k and v into their cache slots.
 
         qkv: [T, (H + 2 Hkv) D]; cos_sin_cache: [max_pos, D] float32 (cos half, then sin half);
-        k_cache/v_cache: [num_blocks, block_size, Hkv, D]. Returns q: [T, H, D].
+        k_cache/v_cache: [num_blocks, block_size, Hkv, D]. Returns q: [T, H, D]. A float8 cache
+        (CUDA; here the reference) stores quantize_kv(k, k_scale), k rounded to qkv's dtype first as
+        the CUDA kernel does, and quantize_kv(v, v_scale); other caches ignore the scales.
         """
         t = qkv.shape[0]
         qk_size = (num_heads + num_kv_heads) * head_dim
@@ -172,15 +195,19 @@ class CpuOps:
         qk = qkv[:, :qk_size].view(t, num_heads + num_kv_heads, head_dim)
         rotated = torch.addcmul(qk * cos, qk.roll(head_dim // 2, -1), sin)
         q, k = rotated[:, :num_heads], rotated[:, num_heads:]
+        v = qkv[:, qk_size:].view(t, num_kv_heads, head_dim)
+        q_dtype = k_cache.dtype  # the model's dtype (a quantized matmul's bfloat16 qkv is rotated in float32)
+        if k_cache.dtype == FP8_KV:  # written as bytes: torch's CPU index ops have no float8 kernels
+            q_dtype = qkv.dtype
+            k, v = quantize_kv(k.to(qkv.dtype), k_scale).view(torch.uint8), quantize_kv(v, v_scale).view(torch.uint8)
+            k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
         fresh = self._fresh_blocks(slot_mapping, k_cache.shape[1])
         if fresh is not None:  # a block's first write zeroes it: the decode attention reads whole blocks
             k_cache.index_fill_(0, fresh, 0.0)
             v_cache.index_fill_(0, fresh, 0.0)
         k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, _as(k, k_cache.dtype))
-        v_cache.view(-1, num_kv_heads, head_dim).index_copy_(
-            0, slot_mapping, qkv[:, qk_size:].view(t, num_kv_heads, head_dim).to(v_cache.dtype)
-        )
-        return _as(q, k_cache.dtype)  # the model's dtype (a quantized matmul's bfloat16 qkv is rotated in float32)
+        v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, _as(v, v_cache.dtype))
+        return _as(q, q_dtype)
 
     def _fresh_blocks(self, slot_mapping: torch.Tensor, block_size: int) -> torch.Tensor | None:
         """Blocks whose first slot this step writes (a sequence's tokens fill a block from its slot 0),
@@ -210,14 +237,19 @@ class CpuOps:
         scale: float,
         window: int | None = None,
         soft_cap: float | None = None,
+        k_scale: float = 1.0,
+        v_scale: float = 1.0,
     ) -> torch.Tensor:
         """Causal attention of each sequence's new queries over its paged context.
 
         q: [T, H, D] -> [T, H, D]. The query token i of a sequence with context length L and query
         length n sits at position L - n + i and sees keys 0 .. L - n + i; with a window, only the
         last `window` of those (itself included: HF's sliding window). soft_cap: scores become
-        soft_cap * tanh(scores / soft_cap) before the softmax (Gemma 2).
+        soft_cap * tanh(scores / soft_cap) before the softmax (Gemma 2). A float8 cache (the CUDA
+        path's; here the reference) is read as its values times k_scale / v_scale.
         """
+        if k_cache.dtype == FP8_KV:  # (the whole cache, in float32: a reference, not a fast path)
+            k_cache, v_cache = dequantize_kv(k_cache, k_scale, torch.float32), dequantize_kv(v_cache, v_scale, torch.float32)
         num_heads, num_kv_heads = q.shape[1], k_cache.shape[2]
         group = num_heads // num_kv_heads
         if meta.max_query_len == 1:  # pure decode: every sequence at once

@@ -67,12 +67,12 @@ class NativeCpuOps(CpuOps):
         return out
 
     def qkv_rope_cache(self, qkv, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads,
-                       head_dim):
+                       head_dim, k_scale: float = 1.0, v_scale: float = 1.0):
         if not (_plain(qkv, cos_sin_cache) and _cache(k_cache, v_cache) and cos_sin_cache.shape[-1] == head_dim
                 and positions.dtype == slot_mapping.dtype == torch.int64 and positions.is_contiguous()
                 and slot_mapping.is_contiguous()):
             q = super().qkv_rope_cache(qkv, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, num_heads,
-                                       num_kv_heads, head_dim)
+                                       num_kv_heads, head_dim, k_scale, v_scale)
             return q.float()  # (CpuOps returns the cache's dtype)
         t = qkv.shape[0]
         q = qkv.new_empty(t, num_heads, head_dim)
@@ -82,7 +82,7 @@ class NativeCpuOps(CpuOps):
         return q
 
     def attention(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float, window: int | None = None,
-                  soft_cap: float | None = None):
+                  soft_cap: float | None = None, k_scale: float = 1.0, v_scale: float = 1.0):
         """Decode rows (one query) in C, all at once; a step with prefill rows keeps CpuOps' path for
         those and runs its decode and verify rows here (_sequence_attention), so a decode row's
         result is the same in any step."""
@@ -90,7 +90,7 @@ class NativeCpuOps(CpuOps):
             out = torch.empty_like(q)
             self._decode(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale, window, soft_cap, out)
             return out
-        return super().attention(q, k_cache, v_cache, meta, scale, window, soft_cap)
+        return super().attention(q, k_cache, v_cache, meta, scale, window, soft_cap, k_scale, v_scale)
 
     def _sequence_attention(self, q, k_cache, v_cache, meta: AttentionMetadata, i: int, scale: float,
                             window: int | None, soft_cap: float | None) -> torch.Tensor:

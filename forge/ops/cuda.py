@@ -11,6 +11,10 @@ Attention:
     against a reference; a sliding window is its window_size), or per-sequence SDPA with an
     explicit bottom-right causal mask where varlen is unavailable, misaligned, the dtype is
     float32, or the scores are soft-capped (Gemma 2: flash attention here has no soft-cap).
+  * a float8 (e4m3) KV cache holds k / k_scale and v / v_scale (per-layer floats, the ops' k_scale /
+    v_scale keywords; other caches ignore them): written by the cache-write kernel, read by the
+    decode kernel (the scales folded into q's scale and the output), dequantized to q's dtype after
+    a prefill step's gather.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import torch.nn.functional as F
 from forge.kernels import activation, norm, paged_attention, rope_cache
 from forge.kernels import moe as moe_kernel
 from forge.ops import moe
-from forge.ops.cpu import CpuOps, _sdpa, _visible
+from forge.ops.cpu import FP8_KV, CpuOps, _sdpa, _visible, dequantize_kv
 from forge.ops.metadata import AttentionMetadata
 
 log = logging.getLogger("forge")
@@ -106,31 +110,33 @@ class CudaOps(CpuOps):
         return moe.experts_grouped_mm(self, x, weights, expert_ids, gate_up, down)
 
     def qkv_rope_cache(self, qkv, positions, cos_sin_cache, k_cache, v_cache, slot_mapping,
-                       num_heads, num_kv_heads, head_dim):
+                       num_heads, num_kv_heads, head_dim, k_scale: float = 1.0, v_scale: float = 1.0):
         if not _is_cuda(qkv, k_cache):
             return super().qkv_rope_cache(qkv, positions, cos_sin_cache, k_cache, v_cache, slot_mapping,
-                                          num_heads, num_kv_heads, head_dim)
+                                          num_heads, num_kv_heads, head_dim, k_scale, v_scale)
         return rope_cache.qkv_rope_cache(qkv, positions, cos_sin_cache, k_cache, v_cache, slot_mapping,
-                                         num_heads, num_kv_heads, head_dim)
+                                         num_heads, num_kv_heads, head_dim, k_scale, v_scale)
 
     # ---- attention -----------------------------------------------------------------------
     def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   meta: AttentionMetadata, scale: float, window: int | None = None,
-                  soft_cap: float | None = None) -> torch.Tensor:
+                  soft_cap: float | None = None, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
         if not _is_cuda(q, k_cache):
-            return super().attention(q, k_cache, v_cache, meta, scale, window, soft_cap)
+            return super().attention(q, k_cache, v_cache, meta, scale, window, soft_cap, k_scale, v_scale)
         if meta.is_decode_only:
             self._log_once("decode", "forge attention: decode steps use the paged decode kernel (split-K)")
             max_ctx = self.decode_max_context_len or meta.max_context_len
             return paged_attention.paged_decode_attention(
                 q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale, max_context_len=max_ctx,
-                window=window, soft_cap=soft_cap,
+                window=window, soft_cap=soft_cap, k_scale=k_scale, v_scale=v_scale,
             )
-        return self.prefill_attention(q, k_cache, v_cache, meta, scale, window, soft_cap)
+        return self.prefill_attention(q, k_cache, v_cache, meta, scale, window, soft_cap, k_scale, v_scale)
 
     def prefill_attention(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float,
-                          window: int | None = None, soft_cap: float | None = None) -> torch.Tensor:
+                          window: int | None = None, soft_cap: float | None = None, k_scale: float = 1.0,
+                          v_scale: float = 1.0) -> torch.Tensor:
         k, v, cu_k = self.gather_kv(k_cache, v_cache, meta)
+        k, v = dequantize_kv(k, k_scale, q.dtype), dequantize_kv(v, v_scale, q.dtype)  # (a float8 cache; else as is)
         backend = self._backend_for(q.dtype, q.shape[-1])
         if backend.startswith("varlen") and soft_cap is None:
             max_k = max(meta.context_lens_cpu) if meta.context_lens_cpu else 0
@@ -155,6 +161,10 @@ class CudaOps(CpuOps):
         pos = torch.arange(total, device=device) - cu_k[:-1].long()[seq_ids]
         blocks = meta.block_tables[seq_ids, pos // block_size].long()
         slots = blocks * block_size + pos % block_size
+        if k_cache.dtype == FP8_KV:  # gathered as bytes (not every torch has float8 index_select kernels)
+            k = k_cache.view(torch.uint8).view(-1, hkv, d).index_select(0, slots).view(FP8_KV)
+            v = v_cache.view(torch.uint8).view(-1, hkv, d).index_select(0, slots).view(FP8_KV)
+            return k, v, cu_k
         k = k_cache.view(-1, hkv, d).index_select(0, slots)
         v = v_cache.view(-1, hkv, d).index_select(0, slots)
         return k, v, cu_k
