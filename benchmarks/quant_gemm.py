@@ -15,28 +15,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import write_results  # noqa: E402
 from benchmarks.decode import measure_copy_bandwidth  # noqa: E402
+from benchmarks.moe import time_graph  # noqa: E402
 from forge.kernels import quant_gemm  # noqa: E402
 from forge.quant.cuda import Fp8CudaWeight, Int4CudaWeight, scaled_mm_rowwise, scaled_mm_tensorwise  # noqa: E402
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
-
-
-def time_graph(fn, reps: int = 20) -> float:
-    """Median µs of one replay of a graph of fn()."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1000)
-    return sorted(times)[len(times) // 2]
 
 
 def main():
@@ -76,7 +59,7 @@ def main():
                             torch.nn.functional.linear(xs[k], quant_gemm.int4_dequantize(w, torch.bfloat16))
                         else:
                             quant_gemm.gemm(xs[k], w, **(cfg or {}))
-            return time_graph(fn) / len(layers)
+            return time_graph(fn, iters=10) * 1e6 / len(layers)
 
         entries = [("bf16", "cublas", None), ("fp8", "kernel", None), ("fp8", "scaled_mm", None),
                    ("fp8", "scaled_mm_t", None),
