@@ -23,7 +23,7 @@ import torch
 
 from forge import native
 from forge.config import QUANTIZATION_MODES
-from forge.quant.layouts import GROUP, Fp8Quantized, GroupQuantized, Int4Weight, Int8Weight, Q32Weight, cat_groups, quantize_groups
+from forge.quant.layouts import GROUP, Fp8Quantized, GroupQuantized, Int4Weight, Int8Weight, Q32Weight, cat_fp8, cat_groups, quantize_groups
 
 
 def cpu_kernels_available() -> bool:
@@ -85,9 +85,7 @@ def _cuda_weight(parts: list, quantization: str, device: torch.device, dtype: to
             layout = Int4CudaWeight.from_groups(cat_groups(parts) if len(parts) > 1 else parts[0], device)
         elif all(isinstance(p, Fp8Quantized) for p in parts) and quantization in ("auto", "fp8") and \
                 len({p.group for p in parts}) == 1 and Fp8CudaWeight.supports(parts[0].shape):
-            q = parts[0] if len(parts) == 1 else type(parts[0])(
-                torch.cat([p.codes for p in parts]), torch.cat([p.scale for p in parts]), parts[0].group)
-            layout = Fp8CudaWeight.from_quantized(q, device)
+            layout = Fp8CudaWeight.from_quantized(cat_fp8(parts) if len(parts) > 1 else parts[0], device)
     if layout is None:
         floats = [p.dequantize() if isinstance(p, (GroupQuantized, Fp8Quantized)) else p for p in parts]
         weight = torch.cat([f.to(device) for f in floats]) if len(floats) > 1 else floats[0].to(device)

@@ -224,14 +224,3 @@ def scaled_mm_rowwise(x: torch.Tensor, codes: torch.Tensor, row_scale: torch.Ten
     out = torch._scaled_mm(xq, codes.t(), scale_a=x_scale, scale_b=row_scale, out_dtype=x.dtype)
     return out.view(*lead, codes.shape[0])
 
-
-def scaled_mm_tensorwise(x: torch.Tensor, codes: torch.Tensor, row_scale: torch.Tensor) -> torch.Tensor:
-    """scaled_mm_rowwise with one scale for all of x (cuBLASLt's FP8 GEMM, tensor-wise scales) and the
-    weight's row scales applied to the output."""
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1]).float()
-    x_scale = (x2.abs().amax() / FP8_MAX).clamp_(min=1e-12)
-    xq = (x2 / x_scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
-    one = torch.ones((), device=x.device)
-    out = torch._scaled_mm(xq, codes.t(), scale_a=x_scale, scale_b=one, out_dtype=x.dtype)
-    return (out * row_scale).to(x.dtype).view(*lead, codes.shape[0])
