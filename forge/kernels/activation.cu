@@ -11,22 +11,11 @@
 // Arithmetic is in float32; the activation is rounded once to scalar_t like torch (F.silu(gate)
 // rounds to scalar_t, then * up rounds again: we reproduce both roundings).
 #include "common.cuh"
+#include "activation.cuh"
 
 #ifndef VEC
 #define VEC ((int)(16 / sizeof(scalar_t)))
 #endif
-
-// The two activations, in float32: silu(g) = g / (1 + exp(-g)); gelu_tanh(g) = 0.5 g (1 + tanh(
-// sqrt(2/pi) (g + 0.044715 g^3))) (torch's approximate="tanh").
-struct Silu {
-    static __device__ __forceinline__ float apply(float g) { return g / (1.f + expf(-g)); }
-};
-struct GeluTanh {
-    static __device__ __forceinline__ float apply(float g) {
-        const float k_beta = 0.7978845608028654f;  // sqrt(2 / pi)
-        return 0.5f * g * (1.f + tanhf(k_beta * (g + 0.044715f * g * g * g)));
-    }
-};
 
 // One thread: VEC elements of row blockIdx.x's gate half and the matching VEC of its up half.
 template <typename Act>
