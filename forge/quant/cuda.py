@@ -29,6 +29,7 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
 INT4_CHUNK = 128  # inputs of a row per 64-byte chunk of the int4 layout (padded K is a multiple)
 FP8_CHUNK = 64
+SCALE_STEPS = 8  # candidate per-row fp8 scales per octave (Fp8CudaWeight.quantize)
 INT4_MAX_KERNEL_M = 64  # larger steps dequantize + cuBLAS (benchmarks/quant_gemm.py measures the crossover)
 FP8_MAX_KERNEL_M = 16  # larger steps run torch._scaled_mm
 
@@ -167,11 +168,24 @@ class Fp8CudaWeight:
 
     @classmethod
     def quantize(cls, weight: torch.Tensor) -> "Fp8CudaWeight":
-        """Per output row: s = amax / 448, codes = w / s rounded to e4m3."""
+        """Per output row: codes = w / s rounded to e4m3, s = the scale of least squared error among
+        amax / 448 * 2^(j / SCALE_STEPS), j < SCALE_STEPS. Where a row's values fall between e4m3's
+        steps depends on s; one octave of candidates covers every placement, and none clips (clipping
+        the largest weights cost far more than it saved: mean KL on the default model 3.6e-2 at
+        0.9 amax vs 1.6e-2). The search took that KL (weight-only) to 1.15e-2."""
         w = weight.float()
-        scale = (w.abs().amax(-1) / FP8_MAX).clamp_(min=1e-12)
-        codes = (w / scale[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
-        return cls.from_codes(codes, scale, 0)
+        base = (w.abs().amax(-1) / FP8_MAX).clamp_(min=1e-12)
+        best_scale, best_err = base, None
+        for j in range(SCALE_STEPS):
+            scale = base * 2.0 ** (j / SCALE_STEPS)
+            err = ((w / scale[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8).float() * scale[:, None] - w).square_().sum(-1)
+            if best_err is None:
+                best_err = err
+            else:
+                better = err < best_err
+                best_scale, best_err = torch.where(better, scale, best_scale), torch.where(better, err, best_err)
+        codes = (w / best_scale[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
+        return cls.from_codes(codes, best_scale, 0)
 
     @classmethod
     def from_quantized(cls, q, device) -> "Fp8CudaWeight":
