@@ -11,6 +11,9 @@
 //   1  fp8 (e4m3): w = s * q, one float32 s per output row (GROUP 0) or per 128 inputs of a row (a
 //      checkpoint's 128 x 128 blocks, GROUP 128). Stored plainly row-major [N, K], K a multiple of 64;
 //      in each 64-input chunk lane c owns bytes [16c, 16c + 16) (inputs 16c + 4j + i, k-tile j).
+//   2  float (the model's own bf16 / fp16 weight, x's dtype): row-major [N, K], K a multiple of 32, rows not
+//      padded (a lane past row N reads row N - 1, never stored); in each 32-input chunk lane c owns bytes
+//      [16c, 16c + 16) (inputs 8c + 4j + i, k-tile j), and its x fragment of the chunk is one 16-byte load.
 //
 // An mma k-tile sums over 16 "slots"; lane c feeds slots 2c, 2c+1, 2c+8, 2c+9 of both operands, so any
 // assignment of 4 inputs per lane to those slots is correct as long as W and x agree: here k-tile j of a
@@ -27,8 +30,23 @@
 // side by side and share its weights through L2), with streaming loads (no L1 allocation) UNROLL chunks
 // ahead; x comes through L1 (every row tile reads it).
 //
-// Bytes moved: N * K * (0.5 + 4/GROUP) (int4) or N * K (fp8) of weights, + M * K * 2 of x per row tile
-// (L1/L2), + M * N * 2 written.
+// Bytes moved: N * K * (0.5 + 4/GROUP) (int4), N * K (fp8) or N * K * 2 (float) of weights, + M * K * 2 of x
+// per row tile (L1/L2), + M * N * 2 written.
+//
+// NORM_PROLOGUE = 1 (a decoder layer's residual add + RMSNorm folded into the GEMM that reads its output):
+// x is not an input but rms_norm(hidden + residual) * norm_weight (rms_norm(hidden) * norm_weight when
+// residual is null: the first layer), computed by every block for its tokens into shared memory, bit for bit
+// as norm.cu's add_rms_norm / rms_norm (the same roundings, and the sum of squares in the same order:
+// norm_threads = the block size norm.py picks for this hidden size, each (token, norm thread) pair summing
+// the same elements as that thread, reduced by the same warp and block shuffles). The blocks of row tile 0
+// write the sum to residual_out (a third buffer: the other blocks still read residual). Before the norm
+// each lane prefetches its first UNROLL weight chunks into L2 (the weights do not depend on the previous
+// kernel). Extra bytes per block: M * K * 2 (hidden) + M * K * 2 (residual) + K * 2 (norm weight) from L2;
+// shared memory: M rows of K + XS_PAD inputs (the padding keeps the x loads free of bank conflicts).
+// ACT = 1 (silu) / 2 (gelu_tanh), float weights, RT = 2: out[t, j] = act(x @ W[j]) * (x @ W[N + j]) for a
+// gate_up weight of 2N rows (gate rows first): a block's row tile 0 holds gate rows j.., tile 1 the matching
+// up rows N + j..; both sums are rounded to x's dtype, then the activation and the product, as
+// activation.cu's silu_mul / gelu_tanh_mul do on the GEMM's output.
 #include "common.cuh"
 #include <cuda_fp8.h>
 
@@ -50,12 +68,21 @@
 #ifndef UNROLL
 #define UNROLL 4
 #endif
+#ifndef NORM_PROLOGUE
+#define NORM_PROLOGUE 0
+#endif
+#ifndef ACT
+#define ACT 0
+#endif
 
 static_assert(FORGE_DTYPE == 1 || FORGE_DTYPE == 2, "quant_gemm computes in bfloat16 or float16");
-static_assert(WCODE == 0 ? (GROUP == 32 || GROUP == 64 || GROUP == 128) : (GROUP == 0 || GROUP == 128),
-              "int4 groups of 32/64/128 inputs; fp8 per row (0) or per 128 inputs");
+static_assert(WCODE == 0   ? (GROUP == 32 || GROUP == 64 || GROUP == 128)
+              : WCODE == 1 ? (GROUP == 0 || GROUP == 128)
+                           : (WCODE == 2 && GROUP == 0),
+              "int4 groups of 32/64/128 inputs; fp8 per row (0) or per 128 inputs; float weights unscaled");
+static_assert(ACT == 0 || (WCODE == 2 && RT == 2), "the gated epilogue: float weights, a gate and an up row tile");
 
-constexpr int CHUNK_K = WCODE == 0 ? 128 : 64;  // inputs of a row in one 64-byte chunk
+constexpr int CHUNK_K = WCODE == 0 ? 128 : WCODE == 1 ? 64 : 32;  // inputs of a row in one 64-byte chunk
 constexpr int KT_PER_CHUNK = CHUNK_K / 16;     // mma k-tiles per chunk
 #define FOLD (WCODE == 0 || GROUP > 0)  // scales applied per group, after the group's MMAs
 constexpr int FOLD_KT = GROUP / 16;            // k-tiles per group
@@ -121,15 +148,102 @@ __device__ __forceinline__ uint4 load_stream16(const unsigned char* p) {
     return r;
 }
 
+#if ACT
+#include "activation.cuh"
+#if ACT == 1
+typedef Silu Act;
+#else
+typedef GeluTanh Act;
+#endif
+#endif
+
+#if NORM_PROLOGUE
+#ifndef FORGE_WDTYPE
+#define FORGE_WDTYPE FORGE_DTYPE
+#endif
+typedef DtypeOf<FORGE_WDTYPE>::type wscalar_t;
+
+__device__ __forceinline__ void prefetch_l2(const unsigned char* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
+
+// xs[m] = rms_norm(hidden[tok0 + m] (+ residual[tok0 + m])) * weight for the block's `rows` tokens, bit for bit
+// as norm.cu: (1) the rounded sums into xs (and residual_out when write_res), 8 inputs per thread per step;
+// (2) the sums of squares in norm.cu's order: item (m, lt) adds what norm.cu's thread lt adds for row m
+// (inputs 8 (lt + p nthr) .. + 8, in order), 32 consecutive items are one warp (nthr is a multiple of 32),
+// and a warp per row adds the warps' sums like block_sum; (3) x = w * (s * inv_rms), in place.
+__device__ __forceinline__ void norm_prologue(scalar_t* xs, int xs_stride, const scalar_t* __restrict__ hidden,
+                                              long long ldx, const scalar_t* __restrict__ residual,
+                                              scalar_t* __restrict__ residual_out, const wscalar_t* __restrict__ weight,
+                                              int H, float eps, int nthr, int tok0, int rows, bool write_res) {
+    __shared__ float part[NT * 8][32];
+    __shared__ float inv[NT * 8];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int vecs = H / 8;
+#pragma unroll 4
+    for (int v = threadIdx.x; v < rows * vecs; v += WARPS * 32) {
+        const int m = v / vecs, i = (v - m * vecs) * 8;
+        Vec<scalar_t, 8> s = load_vec<scalar_t, 8>(hidden + (long long)(tok0 + m) * ldx + i);
+        if (residual != nullptr) {
+            const long long at = (long long)(tok0 + m) * H + i;
+            const Vec<scalar_t, 8> b = load_vec<scalar_t, 8>(residual + at);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) s.v[e] = from_float<scalar_t>(to_float(s.v[e]) + to_float(b.v[e]));
+            if (write_res) store_vec<scalar_t, 8>(residual_out + at, s);
+        }
+        store_vec<scalar_t, 8>(xs + m * xs_stride + i, s);
+    }
+    __syncthreads();
+    for (int q = threadIdx.x; q < rows * nthr; q += WARPS * 32) {
+        const int m = q / nthr, lt = q - m * nthr;
+        float ss = 0.f;
+        for (int i = lt * 8; i < H; i += nthr * 8) {
+            const Vec<scalar_t, 8> s = *reinterpret_cast<const Vec<scalar_t, 8>*>(xs + m * xs_stride + i);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                const float f = to_float(s.v[e]);
+                ss += f * f;
+            }
+        }
+        ss = warp_sum(ss);
+        if (lane == 0) part[m][lt >> 5] = ss;
+    }
+    __syncthreads();
+    for (int m = warp; m < rows; m += WARPS) {
+        const float ss = warp_sum(lane < nthr / 32 ? part[m][lane] : 0.f);
+        if (lane == 0) inv[m] = rsqrtf(ss / (float)H + eps);
+    }
+    __syncthreads();
+#pragma unroll 4
+    for (int v = threadIdx.x; v < rows * vecs; v += WARPS * 32) {
+        const int m = v / vecs, i = (v - m * vecs) * 8;
+        const Vec<wscalar_t, 8> w = load_vec<wscalar_t, 8>(weight + i);
+        Vec<scalar_t, 8> s = *reinterpret_cast<const Vec<scalar_t, 8>*>(xs + m * xs_stride + i);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) s.v[e] = from_float<scalar_t>(to_float(w.v[e]) * (to_float(s.v[e]) * inv[m]));
+        store_vec<scalar_t, 8>(xs + m * xs_stride + i, s);
+    }
+    __syncthreads();
+}
+#endif
+
 extern "C" __global__ void __launch_bounds__(WARPS * 32) quant_gemm_kernel(
     scalar_t* __restrict__ out, const scalar_t* __restrict__ x, const unsigned char* __restrict__ w,
     const void* __restrict__ scales, int M, int N, int K, int Kx, long long w_row_bytes, int groups_per_row,
-    long long ldx, long long ldo) {
+    long long ldx, long long ldo
+#if NORM_PROLOGUE
+    ,  // x = hidden; residual / residual_out [M, Kx] contiguous, residual may be null
+    const scalar_t* __restrict__ residual, scalar_t* __restrict__ residual_out,
+    const wscalar_t* __restrict__ norm_weight, float eps, int norm_threads
+#endif
+) {
+#if NORM_PROLOGUE
+    extern __shared__ __align__(16) unsigned char smem[];  // x of the block's tokens, then the warps' sums
+#else
     __shared__ float red[WARPS][RT * NT * 4][32];
+#endif
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, c = lane & 3;
     const int tok0 = blockIdx.x * (NT * 8);
-    const int row0 = blockIdx.y * (RT * 16);
+    const int row0 = blockIdx.y * ((ACT ? 1 : RT) * 16);
 
     const int nchunks = K / CHUNK_K;
     int per = (nchunks + WARPS - 1) / WARPS;
@@ -167,7 +281,31 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) quant_gemm_kernel(
 #pragma unroll
     for (int r = 0; r < RT; ++r)
 #pragma unroll
-        for (int h = 0; h < 2; ++h) wrow[r][h] = w + (long long)(row0 + 16 * r + g + 8 * h) * w_row_bytes + 16 * c;
+        for (int h = 0; h < 2; ++h) {
+#if WCODE == 2  // rows are not padded: past the last, read the last (never stored)
+            const int wr = ACT ? r * N + min(row0 + g + 8 * h, N - 1) : min(row0 + 16 * r + g + 8 * h, N - 1);
+            wrow[r][h] = w + (long long)wr * w_row_bytes + 16 * c;
+#else
+            wrow[r][h] = w + (long long)(row0 + 16 * r + g + 8 * h) * w_row_bytes + 16 * c;
+#endif
+        }
+#if NORM_PROLOGUE
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u)
+#pragma unroll
+        for (int r = 0; r < RT; ++r)
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+                if (ch_begin + u < ch_end) prefetch_l2(wrow[r][h] + (long long)(ch_begin + u) * 64);
+    // x's row stride in shared memory: Kx rounded up to 64, + XS_PAD, so that the lanes of one load phase hit
+    // distinct banks: float (16-byte loads, phases of 8 lanes = rows g, g + 1 x 16 words) rows 16 words apart;
+    // int4 (8-byte loads, 16 lanes = rows g .. g + 3 x 8 words) 8 apart; fp8 (words 8c + 2j, 8c + 2j + 1) 2 apart.
+    constexpr int XS_PAD = WCODE == 2 ? 32 : WCODE == 0 ? 16 : 4;
+    const int xs_stride = (Kx + 63) / 64 * 64 + XS_PAD;
+    scalar_t* xs = reinterpret_cast<scalar_t*>(smem);
+    norm_prologue(xs, xs_stride, x, ldx, residual, residual_out, norm_weight, Kx, eps, norm_threads, tok0,
+                  min(M - tok0, NT * 8), blockIdx.y == 0);
+#endif
     // This lane's token of each token tile (its column of the B fragment).
     const scalar_t* xrow[NT];
     bool xok[NT];
@@ -175,7 +313,11 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) quant_gemm_kernel(
     for (int t = 0; t < NT; ++t) {
         const int tok = tok0 + 8 * t + g;
         xok[t] = tok < M;
+#if NORM_PROLOGUE
+        xrow[t] = xs + (xok[t] ? tok - tok0 : 0) * xs_stride;
+#else
         xrow[t] = x + (long long)(xok[t] ? tok : 0) * ldx;
+#endif
     }
 
     for (int ch = ch_begin; ch < ch_end; ch += UNROLL) {
@@ -192,10 +334,23 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) quant_gemm_kernel(
         for (int u = 0; u < UNROLL; ++u) {
             const int chunk = ch + u;
             if (chunk >= ch_end) break;
+#if WCODE == 2
+            uint4 xv[NT];  // this lane's 8 inputs of the chunk (both k-tiles), per token tile
+#pragma unroll
+            for (int t = 0; t < NT; ++t)
+                xv[t] = xok[t] ? *reinterpret_cast<const uint4*>(xrow[t] + chunk * CHUNK_K + 8 * c) : make_uint4(0, 0, 0, 0);
+#endif
 #pragma unroll
             for (int j = 0; j < KT_PER_CHUNK; ++j) {
-                const int k = chunk * CHUNK_K + (WCODE == 0 ? 16 * j + 4 * c : 16 * c + 4 * j);
                 unsigned b[NT][2];
+#if WCODE == 2
+#pragma unroll
+                for (int t = 0; t < NT; ++t) {
+                    b[t][0] = word_of(xv[t], 2 * j);
+                    b[t][1] = word_of(xv[t], 2 * j + 1);
+                }
+#else
+                const int k = chunk * CHUNK_K + (WCODE == 0 ? 16 * j + 4 * c : 16 * c + 4 * j);
 #pragma unroll
                 for (int t = 0; t < NT; ++t) {
                     uint2 v = make_uint2(0, 0);
@@ -203,6 +358,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) quant_gemm_kernel(
                     b[t][0] = v.x;
                     b[t][1] = v.y;
                 }
+#endif
 #pragma unroll
                 for (int r = 0; r < RT; ++r) {
                     unsigned a[4];
@@ -213,12 +369,17 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) quant_gemm_kernel(
                     a[1] = int4_pair(hi, p);      // row g + 8, slots 2c, 2c+1
                     a[2] = int4_pair(lo, p + 1);  // row g,     slots 2c+8, 2c+9
                     a[3] = int4_pair(hi, p + 1);  // row g + 8, slots 2c+8, 2c+9
-#else
+#elif WCODE == 1
                     const unsigned lo = word_of(wv[u][r][0], j), hi = word_of(wv[u][r][1], j);
                     a[0] = fp8_pair(lo & 0xFFFFu);
                     a[1] = fp8_pair(hi & 0xFFFFu);
                     a[2] = fp8_pair(lo >> 16);
                     a[3] = fp8_pair(hi >> 16);
+#else  // the weights are the numbers: inputs 8c + 4j, +1 (slots 2c, 2c+1) and +2, +3 (slots 2c+8, 2c+9)
+                    a[0] = word_of(wv[u][r][0], 2 * j);
+                    a[1] = word_of(wv[u][r][1], 2 * j);
+                    a[2] = word_of(wv[u][r][0], 2 * j + 1);
+                    a[3] = word_of(wv[u][r][1], 2 * j + 1);
 #endif
 #pragma unroll
                     for (int t = 0; t < NT; ++t) {
@@ -280,6 +441,10 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) quant_gemm_kernel(
     }
 
     // The warps' partial sums -> shared memory -> one output each, summed by the block's threads.
+#if NORM_PROLOGUE
+    __syncthreads();  // every warp is done with x, whose shared memory now takes the sums
+    float(*red)[RT * NT * 4][32] = reinterpret_cast<float(*)[RT * NT * 4][32]>(smem);
+#endif
 #pragma unroll
     for (int r = 0; r < RT; ++r)
 #pragma unroll
@@ -287,6 +452,24 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) quant_gemm_kernel(
 #pragma unroll
             for (int i = 0; i < 4; ++i) red[warp][(r * NT + t) * 4 + i][lane] = acc[r][t][i];
     __syncthreads();
+#if ACT
+    for (int idx = threadIdx.x; idx < NT * 4 * 32; idx += WARPS * 32) {  // row tile 0: gate, 1: up
+        const int v = idx >> 5, l = idx & 31;
+        float gate = 0.f, up = 0.f;
+#pragma unroll
+        for (int wi = 0; wi < WARPS; ++wi) {
+            gate += red[wi][v][l];
+            up += red[wi][NT * 4 + v][l];
+        }
+        const int t = v >> 2, i = v & 3;
+        const int row = row0 + (l >> 2) + 8 * (i >> 1);
+        const int tok = tok0 + 8 * t + 2 * (l & 3) + (i & 1);
+        if (row < N && tok < M) {
+            const scalar_t a = from_float<scalar_t>(Act::apply(to_float(from_float<scalar_t>(gate))));
+            out[(long long)tok * ldo + row] = from_float<scalar_t>(to_float(a) * to_float(from_float<scalar_t>(up)));
+        }
+    }
+#else
     for (int idx = threadIdx.x; idx < RT * NT * 4 * 32; idx += WARPS * 32) {
         const int v = idx >> 5, l = idx & 31;
         float sum = 0.f;
@@ -302,6 +485,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) quant_gemm_kernel(
             out[(long long)tok * ldo + row] = from_float<scalar_t>(sum);
         }
     }
+#endif
 }
 
 // int4_dequant: W[N, Kout] = s * q + o from the int4 layout above (rows of `tile_rows`, or all rows):

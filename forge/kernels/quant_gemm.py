@@ -1,14 +1,20 @@
-"""Launchers of quant_gemm.cu: x @ W.T for int4 / fp8 weight layouts (forge.quant.cuda), and the int4
-layout's dequantization for prefill-sized steps."""
+"""Launchers of quant_gemm.cu: x @ W.T for int4 / fp8 weight layouts (forge.quant.cuda) and for float
+weights, the residual add + RMSNorm folded into such a GEMM (rms_norm_linear), and the int4 layout's
+dequantization for prefill-sized steps."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from forge.kernels import compiler
+from forge.kernels import compiler, norm
 
 ROW_ALIGN = 32  # layouts pad their rows to this (2 row tiles of 16)
+FLOAT_CODE = 2  # WCODE of a float (bf16 / fp16) weight
+FLOAT_CHUNK = 32  # inputs per 64-byte chunk of a float row: K must be a multiple
+ACTS = {None: 0, "silu": 1, "gelu_tanh": 2}  # ACT of the gated epilogue
+STATIC_SMEM = 48 * 1024  # a launch's shared memory without raising the kernel's limit (cuFuncSetAttribute)
+PROLOGUE_ROW_SMEM = 32 * 4 + 4  # norm_prologue's static shared memory per token: 32 partial sums, 1 / rms
 
 
 def kernel_config(m: int, rows: int, code: int, nt: int | None = None, rt: int | None = None,
@@ -22,11 +28,15 @@ def kernel_config(m: int, rows: int, code: int, nt: int | None = None, rt: int |
         rt = rt or (2 if rows % 32 == 0 else 1)
         warps = warps or 8  # one K split for every M: a token's sums do not depend on the batch
         unroll = unroll or (2 if m <= 8 else 4)
-    else:  # fp8
+    elif code == 1:  # fp8
         rt = rt or (1 if m <= 8 or rows % 32 else 2)
         warps = warps or 8
         unroll = unroll or 4
-    if rows % (16 * rt):
+    else:  # float: rows are not padded (the kernel reads the last row in their place)
+        rt = rt or 1
+        warps = warps or 8
+        unroll = unroll or 4
+    if code != FLOAT_CODE and rows % (16 * rt):
         raise ValueError(f"{rows} rows are not a multiple of {16 * rt}")
     if warps * rt * nt * 4 * 32 * 4 > 48 * 1024:  # the warps' partial sums (static shared memory)
         raise ValueError(f"{warps} warps x {rt} row tiles x {nt} token tiles exceed 48 KB of shared memory")
@@ -55,6 +65,99 @@ def gemm(x: torch.Tensor, layout, **config) -> torch.Tensor:
                  np.int32(m), np.int32(n), np.int32(layout.padded_k), np.int32(k), np.int64(layout.row_bytes),
                  np.int32(layout.groups_per_row), np.int64(x2.stride(0)), np.int64(n))
     return out.view(*lead, n)
+
+
+def _aligned(*tensors: torch.Tensor) -> bool:
+    return all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in tensors)
+
+
+def _xs_stride(kx: int, code: int) -> int:
+    """x's row stride (inputs) in the prologue's shared memory: quant_gemm.cu's xs_stride (and XS_PAD)."""
+    return -(-kx // 64) * 64 + {FLOAT_CODE: 32, 0: 16, 1: 4}[code]
+
+
+def _prologue_smem(m: int, kx: int, code: int, cfg: dict) -> int:
+    """Dynamic shared memory of a NORM_PROLOGUE launch: the block's x rows, reused for the warps' sums."""
+    rows = min(m, 8 * cfg["NT"])
+    return max(rows * _xs_stride(kx, code) * 2, cfg["WARPS"] * cfg["RT"] * cfg["NT"] * 4 * 32 * 4)
+
+
+def norm_gemm_fits(hidden: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, weight,
+                   act: str | None = None) -> bool:
+    """Whether rms_norm_linear's kernel takes these operands: bf16 / fp16 hidden [M, K] (residual alike),
+    a float weight of hidden's dtype (K a multiple of 32; with act, 2I rows) or an int4 / fp8 layout (no
+    act), 16-byte aligned contiguous tensors, and the block's x rows within 48 KB of shared memory."""
+    if hidden.dim() != 2 or hidden.dtype not in (torch.bfloat16, torch.float16) or act not in ACTS:
+        return False
+    m, k = hidden.shape
+    if m == 0 or k % 8 or norm_weight.shape != (k,) or not _aligned(hidden, norm_weight):
+        return False
+    if residual is not None and (residual.shape != hidden.shape or residual.dtype != hidden.dtype
+                                 or not _aligned(residual)):
+        return False
+    if norm._config(k, hidden, norm_weight)[0] != 8:  # norm.cu's 8-input vectors: the order the prologue repeats
+        return False
+    if isinstance(weight, torch.Tensor):
+        if weight.dtype != hidden.dtype or weight.dim() != 2 or weight.shape[1] != k or k % FLOAT_CHUNK:
+            return False
+        if act is not None and weight.shape[0] % 2 or not _aligned(weight):
+            return False
+        code, rows, rt = FLOAT_CODE, weight.shape[0], 2 if act else None
+    else:
+        if act is not None or getattr(weight, "code", None) not in (0, 1) or weight.shape[1] != k:
+            return False
+        code, rows, rt = weight.code, weight.codes.shape[0], None
+    cfg = kernel_config(m, rows, code, rt=rt)
+    return _prologue_smem(m, k, code, cfg) + 8 * cfg["NT"] * PROLOGUE_ROW_SMEM <= STATIC_SMEM
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, **config) -> torch.Tensor:
+    """x [M, K] @ weight.T for a float weight [N, K] of x's dtype (bf16 / fp16, K a multiple of 32, 16-byte
+    aligned): the float (WCODE 2) kernel, for decode-sized M (benchmarks/quant_gemm.py compares it with cuBLAS)."""
+    n, k = weight.shape
+    x = x.contiguous()
+    m = x.shape[0]
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out
+    cfg = kernel_config(m, n, FLOAT_CODE, **config)
+    kernel = compiler.get_kernel("quant_gemm.cu", "quant_gemm_kernel", x.dtype, WCODE=FLOAT_CODE, GROUP=0, **cfg)
+    grid = (-(-m // (8 * cfg["NT"])), -(-n // (16 * cfg["RT"])))
+    compiler.run(kernel, grid, 32 * cfg["WARPS"], compiler.ptr(out), compiler.ptr(x), compiler.ptr(weight),
+                 np.uint64(0), np.int32(m), np.int32(n), np.int32(k), np.int32(k), np.int64(k * 2), np.int32(0),
+                 np.int64(k), np.int64(n))
+    return out
+
+
+def rms_norm_linear(hidden: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                    weight, act: str | None = None, **config) -> tuple[torch.Tensor, torch.Tensor]:
+    """ops.rms_norm_linear in one launch (operands as norm_gemm_fits accepts): s = hidden + residual (hidden
+    when residual is None), x = rms_norm(s) * norm_weight exactly as norm.add_rms_norm / rms_norm compute it,
+    y = x @ weight.T, with act the gated activation of y's [gate, up] halves -> (y, s)."""
+    m, k = hidden.shape
+    n_out = weight.shape[0] // 2 if act else weight.shape[0]
+    out = torch.empty(m, n_out, dtype=hidden.dtype, device=hidden.device)
+    res_out = hidden if residual is None else torch.empty_like(hidden)
+    if isinstance(weight, torch.Tensor):
+        code, group, rows, kpad, row_bytes, gpr, scales = FLOAT_CODE, 0, weight.shape[0], k, k * 2, 0, None
+        w = weight
+    else:
+        code, group, rows, kpad = weight.code, weight.group, weight.codes.shape[0], weight.padded_k
+        row_bytes, gpr, scales, w = weight.row_bytes, weight.groups_per_row, weight.scales, weight.codes
+    cfg = kernel_config(m, rows, code, **({"rt": 2} if act else {}), **config)
+    kernel = compiler.get_kernel("quant_gemm.cu", "quant_gemm_kernel", hidden.dtype, WCODE=code, GROUP=group,
+                                 NORM_PROLOGUE=1, ACT=ACTS[act], FORGE_WDTYPE=compiler.dtype_code(norm_weight.dtype),
+                                 **cfg)
+    row_tile = 16 if act else 16 * cfg["RT"]
+    grid = (-(-m // (8 * cfg["NT"])), -(-n_out // row_tile) if code == FLOAT_CODE else rows // row_tile)
+    threads = norm._config(k, hidden, norm_weight)[1]
+    compiler.run(kernel, grid, 32 * cfg["WARPS"], compiler.ptr(out), compiler.ptr(hidden), compiler.ptr(w),
+                 np.uint64(0) if scales is None else compiler.ptr(scales), np.int32(m), np.int32(n_out),
+                 np.int32(kpad), np.int32(k), np.int64(row_bytes), np.int32(gpr), np.int64(k), np.int64(n_out),
+                 np.uint64(0) if residual is None else compiler.ptr(residual),
+                 np.uint64(0) if residual is None else compiler.ptr(res_out), compiler.ptr(norm_weight),
+                 np.float32(eps), np.int32(threads), shmem=_prologue_smem(m, k, code, cfg))
+    return out, res_out
 
 
 def int4_dequantize(layout, dtype: torch.dtype, rows: torch.Tensor | None = None) -> torch.Tensor:

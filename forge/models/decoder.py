@@ -152,28 +152,24 @@ class DecoderModel:
             hidden = ops.embedding(input_ids, self.embed_tokens)
         if self.embed_scale is not None:
             hidden = hidden * self.embed_scale
-        residual = None
+        residual = None  # (the first layer's input norm has no residual to add)
         for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches)):
-            if residual is None:
-                residual = hidden
-                x = ops.rms_norm(hidden, layer.input_norm, eps)
-            else:
-                x, residual = ops.add_rms_norm(hidden, residual, layer.input_norm, eps)
-            hidden = self.attention(i, layer, x, meta, kv_cache)
+            qkv, residual = ops.rms_norm_linear(hidden, residual, layer.input_norm, eps, layer.qkv_proj)
+            hidden = self.attention(i, layer, qkv, meta, kv_cache)
             if layer.attn_out_norm is not None:
                 hidden = ops.rms_norm(hidden, layer.attn_out_norm, eps)
-            x, residual = ops.add_rms_norm(hidden, residual, layer.mlp_norm, eps)
-            hidden = self.mlp(i, layer, x)
+            hidden, residual = self.mlp(i, layer, hidden, residual)
             if layer.mlp_out_norm is not None:
                 hidden = ops.rms_norm(hidden, layer.mlp_out_norm, eps)
         hidden, _ = ops.add_rms_norm(hidden, residual, self.norm, eps)
         return hidden
 
-    def attention(self, i: int, layer: LayerWeights, x: torch.Tensor, meta: AttentionMetadata, kv_cache) -> torch.Tensor:
-        """Layer i's self-attention of the normed hidden states x [T, hidden] -> [T, hidden] (all-reduced)."""
+    def attention(self, i: int, layer: LayerWeights, qkv: torch.Tensor, meta: AttentionMetadata,
+                  kv_cache) -> torch.Tensor:
+        """Layer i's self-attention from its qkv projection [T, q_size + 2 kv_size] (of the normed hidden
+        states, no bias yet) -> [T, hidden] (all-reduced)."""
         ops, cfg = self.ops, self.config
         k_cache, v_cache = kv_cache
-        qkv = ops.linear(x, layer.qkv_proj)
         if layer.qkv_bias is not None:
             qkv = qkv + layer.qkv_bias
         if layer.q_norm is not None:
@@ -184,7 +180,7 @@ class DecoderModel:
         )
         attn = ops.attention(q, k_cache, v_cache, meta, self.scale, window=self.windows[i],
                              soft_cap=cfg.attn_logit_softcap, **self.kv_scales[i])
-        return self.tp.all_reduce(ops.linear(attn.reshape(x.shape[0], self.q_size), layer.o_proj))
+        return self.tp.all_reduce(ops.linear(attn.reshape(qkv.shape[0], self.q_size), layer.o_proj))
 
     def qk_norm(self, qkv: torch.Tensor, layer: LayerWeights) -> torch.Tensor:
         """RMSNorm over each head's q and k (before RoPE); v passes through."""
@@ -194,13 +190,17 @@ class DecoderModel:
         k = self.ops.rms_norm(k.reshape(-1, d), layer.k_norm, eps).view(k.shape)
         return torch.cat([q, k, v.to(q.dtype)], dim=-1)
 
-    def mlp(self, i: int, layer: LayerWeights, x: torch.Tensor) -> torch.Tensor:
-        """Layer i's gated MLP (SwiGLU or GeGLU) or mixture of experts -> [T, hidden] (all-reduced)."""
+    def mlp(self, i: int, layer: LayerWeights, hidden: torch.Tensor,
+            residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i's residual add + norm, then its gated MLP (SwiGLU or GeGLU) or mixture of experts ->
+        ([T, hidden] all-reduced, the new residual)."""
+        ops, eps = self.ops, self.config.rms_norm_eps
         if layer.router is not None:
-            return self.moe(layer, x)
-        gate_up = self.ops.linear(x, layer.gate_up_proj)
-        act = self.ops.gelu_tanh_mul(gate_up) if self.family.activation == "gelu_tanh" else self.ops.silu_mul(gate_up)
-        return self.tp.all_reduce(self.ops.linear(act, layer.down_proj))
+            x, residual = ops.add_rms_norm(hidden, residual, layer.mlp_norm, eps)
+            return self.moe(layer, x), residual
+        act, residual = ops.rms_norm_linear(hidden, residual, layer.mlp_norm, eps, layer.gate_up_proj,
+                                            act=self.family.activation)
+        return self.tp.all_reduce(ops.linear(act, layer.down_proj)), residual
 
     def moe(self, layer: LayerWeights, x: torch.Tensor) -> torch.Tensor:
         """Each token through the num_experts_per_tok experts its router picks, summed with the router's

@@ -148,6 +148,22 @@ class CpuOps:
         residual = x + residual
         return self.rms_norm(residual, weight, eps), residual
 
+    def rms_norm_linear(self, hidden: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
+                        eps: float, weight, act: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A decoder layer's norm and the GEMM that reads it: residual_out = hidden + residual (hidden itself
+        when residual is None: the first layer), y = linear(rms_norm(residual_out) * norm_weight, weight),
+        with act ("silu" / "gelu_tanh") the gated activation of y's [gate, up] halves -> (y, residual_out).
+        Here the composition of add_rms_norm / rms_norm, linear and silu_mul / gelu_tanh_mul; CudaOps may
+        run it as one kernel at decode sizes."""
+        if residual is None:
+            x, residual = self.rms_norm(hidden, norm_weight, eps), hidden
+        else:
+            x, residual = self.add_rms_norm(hidden, residual, norm_weight, eps)
+        y = self.linear(x, weight)
+        if act is not None:
+            y = {"silu": self.silu_mul, "gelu_tanh": self.gelu_tanh_mul}[act](y)
+        return y, residual
+
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         """[T, 2I] (gate then up, from one fused GEMM) -> silu(gate) * up, [T, I]."""
         gate, up = gate_up.chunk(2, dim=-1)

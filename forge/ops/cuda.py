@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 
 import torch
 import torch.nn.functional as F
 
-from forge.kernels import activation, norm, paged_attention, rope_cache
+from forge.kernels import activation, norm, paged_attention, quant_gemm, rope_cache
 from forge.kernels import moe as moe_kernel
 from forge.ops import moe
 from forge.ops.cpu import FP8_KV, CpuOps, _sdpa, _visible, dequantize_kv
@@ -42,6 +43,10 @@ except ImportError:  # torch < 2.10
 # Above this many (token, expert) pairs a bfloat16 MoE step runs as grouped GEMMs (tensor cores) rather
 # than forge's GEMV-style kernel (benchmarks/moe.py measures both).
 MOE_KERNEL_MAX_PAIRS = 64
+# rms_norm_linear as one kernel (quant_gemm.cu with NORM_PROLOGUE) for steps of at most this many tokens,
+# when FORGE_FUSED_NORM_GEMM=1 (off by default until measured: benchmarks/quant_gemm.py --fused-norm).
+FUSED_NORM_GEMM_ENV = "FORGE_FUSED_NORM_GEMM"
+FUSED_NORM_GEMM_MAX_M = 8
 
 
 def _is_cuda(*tensors: torch.Tensor) -> bool:
@@ -63,6 +68,7 @@ class CudaOps(CpuOps):
         # Upper bound on context length for decode split planning, e.g. max_model_len while
         # capturing CUDA graphs; None = use meta.max_context_len.
         self.decode_max_context_len: int | None = None
+        self.fused_norm_gemm = os.environ.get(FUSED_NORM_GEMM_ENV, "0") == "1"
 
     def logits(self, hidden, weight):
         """A quantized lm_head (forge.quant.cuda) computes in the model's dtype like a float one does, so
@@ -81,6 +87,16 @@ class CudaOps(CpuOps):
         if not _is_cuda(x, residual, weight):
             return super().add_rms_norm(x, residual, weight, eps)
         return norm.add_rms_norm(x, residual, weight, eps)
+
+    def rms_norm_linear(self, hidden, residual, norm_weight, eps, weight, act=None):
+        """With fused_norm_gemm (FORGE_FUSED_NORM_GEMM=1), steps of at most FUSED_NORM_GEMM_MAX_M tokens whose
+        operands the kernel takes (quant_gemm.norm_gemm_fits: a bf16 / fp16 weight, or an int4 / fp8 layout
+        without act) run as one launch: the residual add and RMSNorm computed bit for bit as add_rms_norm /
+        rms_norm, in each block, into the GEMM's input, and act applied to its output; else the composition."""
+        if (self.fused_norm_gemm and hidden.is_cuda and hidden.shape[0] <= FUSED_NORM_GEMM_MAX_M
+                and quant_gemm.norm_gemm_fits(hidden, residual, norm_weight, weight, act)):
+            return quant_gemm.rms_norm_linear(hidden, residual, norm_weight, eps, weight, act)
+        return super().rms_norm_linear(hidden, residual, norm_weight, eps, weight, act)
 
     def silu_mul(self, gate_up):
         if not gate_up.is_cuda:
