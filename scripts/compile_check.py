@@ -48,6 +48,22 @@ for dt in (torch.float32, torch.bfloat16, torch.float16):
             variants.append((paged_attention.KERNEL_FILE, dict(FORGE_DTYPE=c, FORGE_CACHE_DTYPE=fp8, BLOCK_SIZE=bs, **cfg)))
 variants.append(("sampling.cu", dict()))
 variants.append(("token_bitmask.cu", dict()))
+# quant_gemm.cu: each weight format at the launcher's tile shapes (M = 1, 16, 64); the float-weight GEMM with
+# the norm prologue (also under int4 / fp8, and a float32 norm weight) and the gated epilogues (rms_norm_linear)
+from forge.kernels import quant_gemm  # noqa: E402
+
+for c in (1, 2):
+    for code, group in ((0, 32), (0, 64), (0, 128), (1, 0), (1, 128), (2, 0)):
+        for m in (1, 16, 64):
+            variants.append(("quant_gemm.cu", dict(FORGE_DTYPE=c, WCODE=code, GROUP=group,
+                                                   **quant_gemm.kernel_config(m, 64, code))))
+        variants.append(("quant_gemm.cu", dict(FORGE_DTYPE=c, WCODE=code, GROUP=group, NORM_PROLOGUE=1,
+                                               **quant_gemm.kernel_config(1, 64, code))))
+    for act in (1, 2):
+        variants.append(("quant_gemm.cu", dict(FORGE_DTYPE=c, WCODE=2, GROUP=0, NORM_PROLOGUE=1, ACT=act,
+                                               **quant_gemm.kernel_config(1, 64, 2, rt=2))))
+    variants.append(("quant_gemm.cu", dict(FORGE_DTYPE=c, WCODE=2, GROUP=0, NORM_PROLOGUE=1, FORGE_WDTYPE=0,
+                                           **quant_gemm.kernel_config(1, 64, 2))))
 # decode-kernel variants swept by the benchmark
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from kernels import DECODE_VARIANTS  # noqa: E402
