@@ -3,7 +3,14 @@ matrices, M = tokens in the step. CUDA-graph replays of the step's 4 matrices (q
 `--layers` copies (so the weights come from HBM, not L2); µs per layer and the fraction of the copy
 bandwidth each format's weight bytes reach. Writes benchmarks/results/quant_gemm.json.
 
+--fused-norm (issue 18): instead, per model shape (SmolLM2-135M, Llama-3.2-1B, Llama-3.1-8B) and M = 1, 2, 4, 8,
+the qkv and gate_up steps of a decode layer: add_rms_norm + cuBLAS (+ silu_mul) against forge's one launch
+(quant_gemm.rms_norm_linear: the norm in the GEMM's prologue, SiLU x up in its epilogue), and the two GEMMs
+alone (cuBLAS vs quant_gemm.linear), µs per step from CUDA-graph replays over enough weight copies that they
+come from HBM. Writes benchmarks/results/quant_gemm_fused_norm.json; decides FORGE_FUSED_NORM_GEMM per shape.
+
     python benchmarks/quant_gemm.py [--m 1 8 16 32 64 128] [--configs]
+    python benchmarks/quant_gemm.py --fused-norm [--m 1 2 4 8] [--configs]
 """
 
 import argparse
@@ -13,10 +20,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import SHAPES as MODEL_SHAPES  # noqa: E402
 from benchmarks.common import write_results  # noqa: E402
 from benchmarks.decode import measure_copy_bandwidth  # noqa: E402
 from benchmarks.moe import time_graph  # noqa: E402
-from forge.kernels import quant_gemm  # noqa: E402
+from forge.kernels import activation, norm, quant_gemm  # noqa: E402
 from forge.quant.cuda import FP8, FP8_MAX, Fp8CudaWeight, Int4CudaWeight, scaled_mm_rowwise  # noqa: E402
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
@@ -34,13 +42,73 @@ def scaled_mm_tensorwise(x: torch.Tensor, codes: torch.Tensor, row_scale: torch.
     return (out * row_scale).to(x.dtype).view(*lead, codes.shape[0])
 
 
+FUSED_SHAPES = ("smollm2-135m", "llama-3.2-1b", "llama-3.1-8b")
+HBM_BYTES = 512 * 2**20  # weight copies per timed graph: more than the L2 holds
+
+
+def fused_norm(ms: list[int], configs: bool, bandwidth: float) -> None:
+    """--fused-norm: the norm + qkv / gate_up step as composed today vs one fused launch, per shape and M."""
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+    rows = []
+    for shape in FUSED_SHAPES:
+        cfg = MODEL_SHAPES[shape]
+        h = cfg["hidden_size"]
+        steps = {"qkv": ((cfg["num_attention_heads"] + 2 * cfg["num_key_value_heads"]) * cfg["head_dim"], None),
+                 "gate_up": (2 * cfg["intermediate_size"], "silu")}
+        norm_weight = (1 + 0.1 * torch.randn(h, generator=g, device=dev)).bfloat16()
+        for step, (n, act) in steps.items():
+            copies = max(2, min(64, HBM_BYTES // (n * h * 2)))
+            ws = [(torch.randn(n, h, generator=g, device=dev) * h ** -0.5).bfloat16() for _ in range(copies)]
+            for m in ms:
+                hidden = torch.randn(m, h, generator=g, device=dev).bfloat16()
+                residual = torch.randn(m, h, generator=g, device=dev).bfloat16()
+                x = norm.rms_norm(hidden, norm_weight, 1e-5)
+
+                def composed():
+                    for w in ws:
+                        y = torch.nn.functional.linear(norm.add_rms_norm(hidden, residual, norm_weight, 1e-5)[0], w)
+                        if act:
+                            activation.silu_mul(y)
+
+                def fused(cfg=None):
+                    for w in ws:
+                        quant_gemm.rms_norm_linear(hidden, residual, norm_weight, 1e-5, w, act, **(cfg or {}))
+
+                paths = [("composed", composed, None),
+                         ("cublas_gemm", lambda: [torch.nn.functional.linear(x, w) for w in ws], None),
+                         ("forge_gemm", lambda: [quant_gemm.linear(x, w) for w in ws], None)]
+                if quant_gemm.norm_gemm_fits(hidden, residual, norm_weight, ws[0], act):
+                    paths.append(("fused", fused, None))
+                    if configs:
+                        paths += [("fused", lambda c=dict(warps=wp, unroll=u): fused(c), dict(warps=wp, unroll=u))
+                                  for wp in (4, 8, 16) for u in (2, 4, 8) if (wp, u) != (8, 4)]
+                base = None
+                for path, fn, pcfg in paths:
+                    us = time_graph(fn, iters=20) * 1e6 / copies
+                    base = us if path == "composed" else base
+                    frac = n * h * 2 / (us * 1e-6) / bandwidth
+                    rows.append({"shape": shape, "step": step, "m": m, "path": path, "config": pcfg,
+                                 "us": round(us, 2), "fraction_of_bandwidth": round(frac, 3),
+                                 "vs_composed": round(base / us, 2)})
+                    print(f"{shape:13s} {step:8s} M={m} {path:12s} {str(pcfg or ''):28s} {us:7.2f} us  "
+                          f"{frac:6.1%} of {bandwidth / 1e12:.2f} TB/s  {base / us:5.2f}x composed", flush=True)
+    write_results("quant_gemm_fused_norm", {"device": torch.cuda.get_device_name(),
+                                            "copy_bandwidth_tb_s": bandwidth / 1e12, "rows": rows})
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--m", type=int, nargs="+", default=[1, 8, 16, 32, 64, 128, 256])
+    ap.add_argument("--m", type=int, nargs="+", default=None)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--configs", action="store_true", help="also sweep the kernel's tile shapes at each M")
+    ap.add_argument("--fused-norm", action="store_true", help="the norm + GEMM fusion per model shape (issue 18)")
     args = ap.parse_args()
     bandwidth = measure_copy_bandwidth()
+    if args.fused_norm:
+        fused_norm(args.m or [1, 2, 4, 8], args.configs, bandwidth)
+        return
+    args.m = args.m or [1, 8, 16, 32, 64, 128, 256]
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(0)
     layers = []
