@@ -1,14 +1,17 @@
 """Compile every forge kernel variant with NVRTC for a given arch, without a GPU.
 
-    python scripts/compile_check.py [sm_90]
+    python scripts/compile_check.py [sm_90] [--pdl off|on|both]
 
-Prints registers/spills (ptxas -v). Used to catch compile errors before spending device time.
+Prints registers/spills (ptxas -v). Used to catch compile errors before spending device time. --pdl: the
+builds without FORGE_PDL (off), with FORGE_PDL=1 (on: what FORGE_PDL=1 compiles for the files of
+compiler.PDL_FILES), or both (default).
 Without a GPU driver (cuda.core needs libcuda), NVRTC is called through cuda.bindings directly: on a
 machine without a GPU, `pip install --target DIR cuda-bindings nvidia-cuda-nvrtc-cu12
 nvidia-cuda-runtime-cu12`, then `PYTHONPATH=DIR LD_LIBRARY_PATH=DIR/nvidia/cuda_nvrtc/lib
 FORGE_CUDA_INCLUDE=DIR/nvidia/cuda_runtime/include python scripts/compile_check.py`.
 """
 
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -19,7 +22,11 @@ import torch  # noqa: E402
 
 from forge.kernels import compiler, paged_attention  # noqa: E402
 
-arch = sys.argv[1] if len(sys.argv) > 1 else "sm_90"
+ap = argparse.ArgumentParser()
+ap.add_argument("arch", nargs="?", default="sm_90")
+ap.add_argument("--pdl", choices=["off", "on", "both"], default="both")
+cli = ap.parse_args()
+arch = cli.arch
 codes = compiler.DTYPE_CODES
 variants = []
 for dt in (torch.float32, torch.bfloat16, torch.float16):
@@ -64,6 +71,9 @@ for c in (1, 2):
                                                **quant_gemm.kernel_config(1, 64, 2, rt=2))))
     variants.append(("quant_gemm.cu", dict(FORGE_DTYPE=c, WCODE=2, GROUP=0, NORM_PROLOGUE=1, FORGE_WDTYPE=0,
                                            **quant_gemm.kernel_config(1, 64, 2))))
+for c in (0, 1, 2):  # moe.cu at moe.py's defines
+    for v in sorted({1, 16 // (4 if c == 0 else 2)}):
+        variants.append(("moe.cu", dict(FORGE_DTYPE=c, VEC=v, WARPS=4, ROWS=4, MAX_PAIRS=8, PER_LANE=4)))
 # decode-kernel variants swept by the benchmark
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from kernels import DECODE_VARIANTS  # noqa: E402
@@ -91,6 +101,10 @@ def nvrtc_compile(file: str, defines: dict, arch: str) -> str:
         raise RuntimeError(text.strip())
     return " | ".join(line.split("Used ")[-1].strip() for line in text.splitlines() if "Used " in line)
 
+
+if cli.pdl != "off":
+    pdl = [(file, {**defines, "FORGE_PDL": 1}) for file, defines in variants if file in compiler.PDL_FILES]
+    variants = pdl if cli.pdl == "on" else variants + pdl
 
 use_bindings = compiler.Program is None or not torch.cuda.is_available()
 failed = 0

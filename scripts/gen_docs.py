@@ -270,6 +270,9 @@ ENV_VARS = {
     "FORGE_FUSED_NORM_GEMM": "CUDA: 1 computes each decoder layer's residual add + RMSNorm inside the GEMM that "
                              "reads it (qkv, gate_up; and SiLU / GELU x up in gate_up's) as one forge kernel at "
                              "steps of <= 8 tokens: 3 fewer kernels per layer (unmeasured, issue 18). Default 0",
+    "FORGE_PDL": "CUDA: 1 launches forge's own kernels with programmatic dependent launch (each may start while "
+                 "the previous kernel finishes; sm_90+, off with a log line elsewhere; unmeasured, issue 18). "
+                 "Default 0",
     "CUDA_HOME / CUDA_PATH / CUDA_ROOT": "CUDA: toolkit folders whose include/ is tried next (then pip's nvidia "
                                          "packages)",
 }

@@ -23,6 +23,8 @@ __device__ __forceinline__ void gated_mul(scalar_t* __restrict__ out, const scal
                                           long long inter) {
     const long long row = blockIdx.x;
     const long long i = ((long long)blockIdx.y * blockDim.x + threadIdx.x) * VEC;
+    forge_wait_prior_grid();  // PDL: gate_up is the previous kernel's output (every thread waits: common.cuh)
+    forge_allow_dependents();
     if (i >= inter) return;
     const scalar_t* g_ptr = gate_up + row * 2 * inter + i;
     const scalar_t* u_ptr = g_ptr + inter;

@@ -134,3 +134,43 @@ __device__ __forceinline__ float block_sum(float x, float* scratch) {
     x = lane < nwarps ? scratch[lane] : 0.f;
     return warp_sum(x);
 }
+
+// Programmatic dependent launch (PDL, issue 18). compiler.py launches the kernels it compiled with
+// -DFORGE_PDL=1 with CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION: such a kernel may start while
+// the previous kernel of the stream still runs, so every path through it calls forge_wait_prior_grid()
+// before its first read of anything an earlier kernel wrote and before its first global write (the
+// previous kernel may still read what it overwrites); before the wait it only computes indices and
+// prefetches read-only data (weights). The wait returns once the previous kernel has completed and its
+// writes are visible, so a kernel that calls it also completes after every earlier kernel.
+// forge_allow_dependents() lets the next kernel launch (its blocks run their prologue, then wait for this
+// kernel's completion). Without FORGE_PDL, or below sm_90, all three are empty and the cubins are those
+// of before.
+#ifndef FORGE_PDL
+#define FORGE_PDL 0
+#endif
+#if FORGE_PDL && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define FORGE_PDL_ACTIVE 1
+#else
+#define FORGE_PDL_ACTIVE 0
+#endif
+
+__device__ __forceinline__ void forge_wait_prior_grid() {
+#if FORGE_PDL_ACTIVE
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void forge_allow_dependents() {
+#if FORGE_PDL_ACTIVE
+    asm volatile("griddepcontrol.launch_dependents;\n");
+#endif
+}
+
+// Starts moving the line holding `p` (read-only data: weights) into L2 before the wait.
+__device__ __forceinline__ void forge_prefetch_l2(const void* p) {
+#if FORGE_PDL_ACTIVE
+    asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p));
+#else
+    (void)p;
+#endif
+}

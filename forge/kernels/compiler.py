@@ -9,6 +9,13 @@ The dtype reaches the source as `-DFORGE_DTYPE=<n>` (see common.cuh), shape cons
 Kernels launch on torch's current stream, so they order correctly with torch ops and are
 captured by `torch.cuda.graph`. Arguments are tensors (passed as their device pointer) or
 numpy-typed scalars (np.int32 / np.int64 / np.float32), as `cuda.core` requires.
+
+Programmatic dependent launch (PDL, issue 18; off unless FORGE_PDL=1, sm_90+): the kernels of PDL_FILES
+are then compiled with -DFORGE_PDL=1 (they wait for the previous kernel before touching its output, see
+common.cuh) and launched with CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, so each may start
+while the kernel before it finishes; captured into a CUDA graph such a launch becomes a programmatic edge.
+Other launches (cuBLAS, torch) keep ordinary stream order. `set_pdl` switches it for what is compiled and
+launched (and captured) afterwards.
 """
 
 from __future__ import annotations
@@ -38,6 +45,12 @@ except ImportError:  # pragma: no cover - older cuda.core
     except ImportError:  # no cuda.core at all: kernels unavailable, CudaOps falls back to torch
         Device = LaunchConfig = Program = ProgramOptions = launch = None
 
+PDL_ENV = "FORGE_PDL"
+# Files whose every kernel calls forge_wait_prior_grid() on every path before touching another kernel's
+# output (common.cuh): only their kernels may launch with the PDL attribute.
+PDL_FILES = frozenset({"norm.cu", "activation.cu", "rope_cache.cu", "paged_attention.cu", "sampling.cu",
+                       "token_bitmask.cu", "moe.cu"})
+
 _lock = threading.Lock()
 _kernels: dict[tuple, object] = {}
 _modules: dict[tuple, object] = {}  # one compiled module per (file, arch, defines)
@@ -46,6 +59,8 @@ _streams: dict[int, object] = {}
 _local = threading.local()
 _include_dirs: list[str] | None = None
 compile_seconds = 0.0  # total time spent in NVRTC, for the benchmark notes
+_pdl: bool | None = None  # None: FORGE_PDL not read yet
+_pdl_functions: dict[int, object] = {}  # id(kernel) -> its CUfunction, for the kernels compiled with FORGE_PDL=1
 
 
 def available() -> bool:
@@ -144,21 +159,77 @@ def _ensure_device_current():
     return dev_index
 
 
+def parse_pdl(value: str | None) -> bool:
+    """FORGE_PDL's value: 1/on/true turn PDL on; unset, empty, 0/off/false leave it off."""
+    text = (value or "").strip().lower()
+    if text in ("", "0", "off", "false"):
+        return False
+    if text in ("1", "on", "true"):
+        return True
+    raise ValueError(f"{PDL_ENV}={value!r}: use 1 (on) or 0 (off)")
+
+
+def _pdl_unsupported() -> str | None:
+    """Why PDL cannot run here (None: it can): it needs sm_90+, a CUDA 12.3+ driver (graph capture of PDL
+    launches) and cuda.bindings' launch attribute."""
+    if not available():
+        return "no CUDA device or cuda.core"
+    major, minor = torch.cuda.get_device_capability()
+    if major < 9:
+        return f"the GPU is sm_{major}{minor} (PDL needs sm_90+)"
+    try:
+        from cuda.bindings import driver
+
+        driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION  # noqa: B018
+        _param_holder()
+        err, version = driver.cuDriverGetVersion()
+    except (ImportError, AttributeError) as e:
+        return f"cuda.bindings / cuda.core lack it ({e})"
+    if err != driver.CUresult.CUDA_SUCCESS or version < 12030:
+        return f"the driver supports CUDA {version // 1000}.{version % 1000 // 10} (PDL needs 12.3+)"
+    return None
+
+
+def set_pdl(on: bool) -> bool:
+    """Compile and launch PDL_FILES' kernels with PDL from now on (or not); returns whether it is on:
+    where it cannot run it stays off, with a log line. Kernels already captured in CUDA graphs keep how
+    they were launched."""
+    global _pdl
+    if on:
+        why = _pdl_unsupported()
+        if why is not None:
+            log.info("forge kernels: programmatic dependent launch off: %s", why)
+            on = False
+    _pdl = on
+    return on
+
+
+def pdl_enabled() -> bool:
+    """Whether PDL is on: FORGE_PDL, read at the first call, unless set_pdl decided it."""
+    if _pdl is None:
+        set_pdl(parse_pdl(os.environ.get(PDL_ENV)))
+    return _pdl
+
+
 def get_kernel(file: str, name: str, dtype: torch.dtype | None = None, **defines):
-    """The compiled kernel `name` of `file` for `dtype` with macros `defines` (cached)."""
-    fast_key = (file, name, dtype, tuple(defines.items()), torch.cuda.current_device())
+    """The compiled kernel `name` of `file` for `dtype` with macros `defines` (cached); with PDL on, the
+    FORGE_PDL=1 build of PDL_FILES' kernels."""
+    pdl = _pdl if _pdl is not None else pdl_enabled()
+    fast_key = (file, name, dtype, tuple(defines.items()), torch.cuda.current_device(), pdl)
     kernel = _fast.get(fast_key)
     if kernel is None:
-        kernel = _fast[fast_key] = _get_kernel(file, name, dtype, defines)
+        kernel = _fast[fast_key] = _get_kernel(file, name, dtype, defines, pdl and file in PDL_FILES)
     return kernel
 
 
-def _get_kernel(file: str, name: str, dtype: torch.dtype | None, defines: dict):
+def _get_kernel(file: str, name: str, dtype: torch.dtype | None, defines: dict, pdl: bool = False):
     dev_index = _ensure_device_current()
     arch = arch_of(dev_index)
     all_defines = dict(defines)
     if dtype is not None:
         all_defines["FORGE_DTYPE"] = dtype_code(dtype)
+    if pdl:
+        all_defines["FORGE_PDL"] = 1
     key = (file, name, arch, tuple(sorted(all_defines.items())))
     kernel = _kernels.get(key)
     if kernel is None:
@@ -170,6 +241,8 @@ def _get_kernel(file: str, name: str, dtype: torch.dtype | None, defines: dict):
                 if obj is None:
                     obj = _modules[mod_key] = compile_source(file, all_defines, arch)
                 kernel = obj.get_kernel(name)
+                if pdl:
+                    _pdl_functions[id(kernel)] = _cu_function(kernel)
                 _kernels[key] = kernel
     return kernel
 
@@ -202,9 +275,64 @@ def ptr(t: torch.Tensor) -> np.uint64:
 
 
 def run(kernel, grid, block, *args, shmem: int = 0) -> None:
-    """Launch `kernel` on torch's current stream. grid/block: int or tuple; args already typed."""
+    """Launch `kernel` on torch's current stream. grid/block: int or tuple; args already typed. A kernel
+    compiled with FORGE_PDL=1 launches with programmatic stream serialization."""
+    function = _pdl_functions.get(id(kernel))
+    if function is not None:
+        _launch_pdl(function, grid, block, shmem, args)
+        return
     config = LaunchConfig(grid=grid, block=block, shmem_size=shmem)
     launch(current_stream(), config, kernel, *args)
+
+
+def _param_holder():
+    try:  # cuda.core >= 0.4
+        from cuda.core._kernel_arg_handler import ParamHolder
+    except ImportError:
+        from cuda.core.experimental._kernel_arg_handler import ParamHolder
+    return ParamHolder
+
+
+def _cu_function(kernel):
+    """The driver handle of a cuda.core Kernel (a CUkernel, which cuLaunchKernelEx takes as a CUfunction)."""
+    from cuda.bindings import driver
+
+    handle = getattr(kernel, "handle", None)
+    if handle is None:  # cuda.core < 0.4
+        handle = kernel._handle
+    return driver.CUfunction(int(handle))
+
+
+def _dim3(d) -> tuple[int, int, int]:
+    if isinstance(d, int):
+        return d, 1, 1
+    return (tuple(d) + (1, 1))[:3]
+
+
+def _launch_pdl(function, grid, block, shmem: int, args: tuple) -> None:
+    """cuLaunchKernelEx with CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 1 (cuda.core's
+    LaunchConfig has no such attribute): the arguments are packed by cuda.core's own ParamHolder, and one
+    CUlaunchConfig per thread is reused."""
+    from cuda.bindings import driver
+
+    config = getattr(_local, "pdl_config", None)
+    if config is None:
+        attr = driver.CUlaunchAttribute()
+        attr.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+        attr.value.programmaticStreamSerializationAllowed = 1
+        config = driver.CUlaunchConfig()
+        config.attrs = [attr]
+        config.numAttrs = 1
+        _local.pdl_config = config
+        _local.param_holder = _param_holder()
+    config.gridDimX, config.gridDimY, config.gridDimZ = _dim3(grid)
+    config.blockDimX, config.blockDimY, config.blockDimZ = _dim3(block)
+    config.sharedMemBytes = shmem
+    config.hStream = torch.cuda.current_stream().cuda_stream
+    params = _local.param_holder(args)  # (alive until the launch has copied the arguments)
+    (err,) = driver.cuLaunchKernelEx(config, function, params.ptr, 0)
+    if err != driver.CUresult.CUDA_SUCCESS:
+        raise RuntimeError(f"forge kernels: cuLaunchKernelEx failed: {err}")
 
 
 _num_sms: dict[int, int] = {}

@@ -64,6 +64,8 @@ extern "C" __global__ void __launch_bounds__(128) moe_route_kernel(
     int num_experts, int top_k, int normalize) {
     const int lane = threadIdx.x & 31;
     const int t = blockIdx.x * 4 + (threadIdx.x >> 5);
+    forge_wait_prior_grid();  // PDL: the router logits are the previous kernel's (every thread waits: common.cuh)
+    forge_allow_dependents();
     if (t >= num_tokens) return;
     float v[PER_LANE];
     float max_logit = -INFINITY;
@@ -114,6 +116,8 @@ extern "C" __global__ void __launch_bounds__(1024) moe_align_kernel(
     long long* __restrict__ order, int* __restrict__ ends, int* __restrict__ sorted_expert,
     const long long* __restrict__ ids, int num_pairs, int num_experts) {
     extern __shared__ int start[];  // [num_experts]
+    forge_wait_prior_grid();  // PDL: ids are the route kernel's (every thread waits: common.cuh)
+    forge_allow_dependents();
     for (int e = threadIdx.x; e < num_experts; e += blockDim.x) start[e] = 0;
     __syncthreads();
     for (int p = threadIdx.x; p < num_pairs; p += blockDim.x) atomicAdd(&start[ids[p]], 1);
@@ -152,6 +156,8 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) moe_gate_up_kernel(
     int hidden, int inter, int top_k) {
     const int lane = threadIdx.x & 31;
     const int i = blockIdx.x * WARPS + (threadIdx.x >> 5);
+    forge_wait_prior_grid();  // PDL: the sorted pairs are the align kernel's (every thread waits: common.cuh)
+    forge_allow_dependents();
     int end;
     const int e = expert_of_block(sorted_expert, ends, blockIdx.y, &end);
     if (e < 0 || i >= inter) return;  // (whole warps return together)
@@ -205,6 +211,8 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) moe_down_kernel(
     const float* __restrict__ weights, int hidden, int inter) {
     const int lane = threadIdx.x & 31;
     const int h0 = (blockIdx.x * WARPS + (threadIdx.x >> 5)) * ROWS;
+    forge_wait_prior_grid();  // PDL: act is the gate_up kernel's (every thread waits: common.cuh)
+    forge_allow_dependents();
     int end;
     const int e = expert_of_block(sorted_expert, ends, blockIdx.y, &end);
     if (e < 0 || h0 >= hidden) return;
@@ -261,6 +269,8 @@ extern "C" __global__ void __launch_bounds__(256) moe_sum_kernel(
     scalar_t* __restrict__ out, const float* __restrict__ y, int hidden, int top_k) {
     const long long t = blockIdx.x;
     const int h = blockIdx.y * blockDim.x + threadIdx.x;
+    forge_wait_prior_grid();  // PDL: y is the down kernel's (every thread waits: common.cuh)
+    forge_allow_dependents();
     if (h >= hidden) return;
     float sum = 0.f;
     for (int slot = 0; slot < top_k; ++slot) sum += y[(t * top_k + slot) * hidden + h];

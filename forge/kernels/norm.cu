@@ -14,6 +14,9 @@
 //
 // Bytes moved per row of H elements: rms_norm 2*H (+ weight, cached); add_rms_norm 4*H
 // (read x, res; write sum, out).
+//
+// PDL (FORGE_PDL=1, common.cuh): a thread prefetches its weight lines into L2, then waits for the previous
+// kernel (which wrote x / res) and lets the next one launch.
 #include "common.cuh"
 
 #ifndef VEC
@@ -24,9 +27,21 @@
 #endif
 typedef DtypeOf<FORGE_WDTYPE>::type wscalar_t;
 
+// PDL prologue: the weight is read-only, so its 128-byte lines may move to L2 while the previous kernel
+// finishes.
+__device__ __forceinline__ void weight_prefetch_then_wait(const wscalar_t* __restrict__ weight, int hidden) {
+#if FORGE_PDL_ACTIVE
+    const char* w = reinterpret_cast<const char*>(weight);
+    for (int b = threadIdx.x * 128; b < hidden * (int)sizeof(wscalar_t); b += blockDim.x * 128) forge_prefetch_l2(w + b);
+#endif
+    forge_wait_prior_grid();
+    forge_allow_dependents();
+}
+
 extern "C" __global__ void rms_norm_kernel(scalar_t* __restrict__ out, const scalar_t* __restrict__ x,
                                            const wscalar_t* __restrict__ weight, int hidden, float eps) {
     __shared__ float scratch[32];
+    weight_prefetch_then_wait(weight, hidden);
     const long long row = blockIdx.x;
     const scalar_t* xr = x + row * hidden;
     float ss = 0.f;
@@ -55,6 +70,7 @@ extern "C" __global__ void add_rms_norm_kernel(scalar_t* __restrict__ out, scala
                                                const scalar_t* __restrict__ x, const scalar_t* __restrict__ res,
                                                const wscalar_t* __restrict__ weight, int hidden, float eps) {
     __shared__ float scratch[32];
+    weight_prefetch_then_wait(weight, hidden);
     const long long row = blockIdx.x;
     const scalar_t* xr = x + row * hidden;
     const scalar_t* rr = res + row * hidden;

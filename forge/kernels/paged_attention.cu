@@ -135,6 +135,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) paged_decode_k
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int num_heads = num_kv_heads * GROUP;
     const int head0 = kvh * GROUP;
+    forge_wait_prior_grid();  // PDL: q (and the cache) come from the previous kernel (common.cuh)
+    forge_allow_dependents();
 
     const int ctx = context_lens[seq];
     const int first = window > 0 ? max(0, ctx - window) : 0;  // the first key the query sees

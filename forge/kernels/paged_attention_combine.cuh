@@ -18,6 +18,8 @@ extern "C" __global__ void paged_decode_combine_kernel(scalar_t* __restrict__ ou
     __shared__ float s_red[32];
     const int head = blockIdx.x, seq = blockIdx.y, d = threadIdx.x;
     const long long row = (long long)seq * num_heads + head;
+    forge_wait_prior_grid();  // PDL: the partial results are the decode kernel's (common.cuh)
+    forge_allow_dependents();
     const float* ml = part_ml + row * num_splits * 2;
     // 1. max of m over the non-empty splits
     float m = -INFINITY;

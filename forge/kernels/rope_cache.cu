@@ -52,6 +52,8 @@ extern "C" __global__ void qkv_rope_cache_kernel(
     const int items_per_head = half / VEC;
     const int total_heads = num_heads + 2 * num_kv_heads;
     const int n_items = total_heads * items_per_head;
+    forge_wait_prior_grid();  // PDL: qkv is the previous kernel's output; the cache may still be read (common.cuh)
+    forge_allow_dependents();
     const long long pos = positions[t];
     const long long slot = slot_mapping[t];
     const scalar_t* row = qkv + t * qkv_row_stride;

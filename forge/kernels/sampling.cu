@@ -60,6 +60,8 @@ extern "C" __global__ void __launch_bounds__(256) gumbel_sample_kernel(
     const int lo = blockIdx.y * chunk_len;
     const int hi = min(vocab, lo + chunk_len);
     const float* x = logits + (long long)row * row_stride;
+    forge_wait_prior_grid();  // PDL: logits and best_out's zeros come from earlier kernels (common.cuh)
+    forge_allow_dependents();
     const float t = temperature[row];
     const bool greedy = !(t > 0.f);
     const float thr = threshold[row];

@@ -17,6 +17,8 @@ extern "C" __global__ void __launch_bounds__(256) apply_token_bitmask_kernel(
     float* __restrict__ logits, const int* __restrict__ bitmask, const int* __restrict__ rows,
     int vocab, int words, long long logits_stride) {
     const int t = blockIdx.x * blockDim.x + threadIdx.x;
+    forge_wait_prior_grid();  // PDL: the logits are the previous kernel's (every thread waits: common.cuh)
+    forge_allow_dependents();
     if (t >= vocab) return;
     const int j = blockIdx.y;
     const int w = t >> 5;
