@@ -290,6 +290,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) quant_gemm_kernel(
 #endif
         }
 #if NORM_PROLOGUE
+    // (With PDL, the wait for the previous kernel, which wrote hidden / residual, goes after this prefetch.)
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u)
 #pragma unroll
