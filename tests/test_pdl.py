@@ -202,7 +202,9 @@ def nvrtc_ptx(file: str, arch: str, **defines) -> str:
 
 
 @pytest.mark.parametrize("file,defines", [("norm.cu", dict(FORGE_DTYPE=1, VEC=8)),
-                                          ("activation.cu", dict(FORGE_DTYPE=1, VEC=8))])
+                                          ("activation.cu", dict(FORGE_DTYPE=1, VEC=8)),
+                                          ("quant_gemm.cu", dict(FORGE_DTYPE=1, WCODE=0, GROUP=128)),
+                                          ("quant_gemm.cu", dict(FORGE_DTYPE=1, WCODE=2, GROUP=0, NORM_PROLOGUE=1))])
 def test_forge_pdl_compiles_the_wait_on_sm90_only(file, defines):
     with_pdl = nvrtc_ptx(file, "sm_90", FORGE_PDL=1, **defines)
     kernels = with_pdl.count(".entry")

@@ -143,8 +143,7 @@ __device__ __forceinline__ float block_sum(float x, float* scratch) {
 // prefetches read-only data (weights). The wait returns once the previous kernel has completed and its
 // writes are visible, so a kernel that calls it also completes after every earlier kernel.
 // forge_allow_dependents() lets the next kernel launch (its blocks run their prologue, then wait for this
-// kernel's completion). Without FORGE_PDL, or below sm_90, all three are empty and the cubins are those
-// of before.
+// kernel's completion). Without FORGE_PDL, or below sm_90, both are empty and the cubins are those of before.
 #ifndef FORGE_PDL
 #define FORGE_PDL 0
 #endif
@@ -166,11 +165,5 @@ __device__ __forceinline__ void forge_allow_dependents() {
 #endif
 }
 
-// Starts moving the line holding `p` (read-only data: weights) into L2 before the wait.
-__device__ __forceinline__ void forge_prefetch_l2(const void* p) {
-#if FORGE_PDL_ACTIVE
-    asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p));
-#else
-    (void)p;
-#endif
-}
+// Starts moving the line holding `p` into L2 (read-only data, e.g. weights, before the wait).
+__device__ __forceinline__ void forge_prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }

@@ -48,8 +48,8 @@ except ImportError:  # pragma: no cover - older cuda.core
 PDL_ENV = "FORGE_PDL"
 # Files whose every kernel calls forge_wait_prior_grid() on every path before touching another kernel's
 # output (common.cuh): only their kernels may launch with the PDL attribute.
-PDL_FILES = frozenset({"norm.cu", "activation.cu", "rope_cache.cu", "paged_attention.cu", "sampling.cu",
-                       "token_bitmask.cu", "moe.cu"})
+PDL_FILES = frozenset({"norm.cu", "activation.cu", "rope_cache.cu", "paged_attention.cu", "quant_gemm.cu",
+                       "sampling.cu", "token_bitmask.cu", "moe.cu"})
 
 _lock = threading.Lock()
 _kernels: dict[tuple, object] = {}

@@ -163,8 +163,6 @@ typedef GeluTanh Act;
 #endif
 typedef DtypeOf<FORGE_WDTYPE>::type wscalar_t;
 
-__device__ __forceinline__ void prefetch_l2(const unsigned char* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
-
 // xs[m] = rms_norm(hidden[tok0 + m] (+ residual[tok0 + m])) * weight for the block's `rows` tokens, bit for bit
 // as norm.cu: (1) the rounded sums into xs (and residual_out when write_res), 8 inputs per thread per step;
 // (2) the sums of squares in norm.cu's order: item (m, lt) adds what norm.cu's thread lt adds for row m
@@ -289,15 +287,20 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) quant_gemm_kernel(
             wrow[r][h] = w + (long long)(row0 + 16 * r + g + 8 * h) * w_row_bytes + 16 * c;
 #endif
         }
-#if NORM_PROLOGUE
-    // (With PDL, the wait for the previous kernel, which wrote hidden / residual, goes after this prefetch.)
+#if NORM_PROLOGUE || (FORGE_PDL_ACTIVE && NT == 1)
+    // The first UNROLL chunks of this lane's weights (read-only) move to L2 during the norm prologue and, with
+    // PDL, while the previous kernel finishes (decode tiles only: at NT > 1 the addresses cost up to 6 registers).
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u)
 #pragma unroll
         for (int r = 0; r < RT; ++r)
 #pragma unroll
             for (int h = 0; h < 2; ++h)
-                if (ch_begin + u < ch_end) prefetch_l2(wrow[r][h] + (long long)(ch_begin + u) * 64);
+                if (ch_begin + u < ch_end) forge_prefetch_l2(wrow[r][h] + (long long)(ch_begin + u) * 64);
+#endif
+    forge_wait_prior_grid();  // PDL: x (hidden / residual) is the previous kernel's output (common.cuh)
+    forge_allow_dependents();
+#if NORM_PROLOGUE
     // x's row stride in shared memory: Kx rounded up to 64, + XS_PAD, so that the lanes of one load phase hit
     // distinct banks: float (16-byte loads, phases of 8 lanes = rows g, g + 1 x 16 words) rows 16 words apart;
     // int4 (8-byte loads, 16 lanes = rows g .. g + 3 x 8 words) 8 apart; fp8 (words 8c + 2j, 8c + 2j + 1) 2 apart.
@@ -498,6 +501,8 @@ extern "C" __global__ void __launch_bounds__(256) int4_dequant_kernel(
     const long long* __restrict__ rows, int K, int Kout, int groups_per_row) {
     const int words_per_row = K / 8;
     const int wi = blockIdx.y * blockDim.x + threadIdx.x;
+    forge_wait_prior_grid();  // PDL: rows may be the previous kernel's output (every thread waits: common.cuh)
+    forge_allow_dependents();
     if (wi >= words_per_row) return;
     const long long row = rows != nullptr ? rows[blockIdx.x] : blockIdx.x;
     const unsigned word = w[row * words_per_row + wi];
@@ -527,6 +532,8 @@ extern "C" __global__ void __launch_bounds__(256) fp8_quantize_rows_kernel(
     unsigned char* __restrict__ xq, float* __restrict__ scale, const scalar_t* __restrict__ x, int K, long long ldx) {
     __shared__ float scratch[8];
     const scalar_t* row = x + (long long)blockIdx.x * ldx;
+    forge_wait_prior_grid();  // PDL: x is the previous kernel's output (common.cuh)
+    forge_allow_dependents();
     float amax = 0.f;
     for (int k = threadIdx.x * 8; k < K; k += 256 * 8) {
         const Vec<scalar_t, 8> v = load_vec<scalar_t, 8>(row + k);

@@ -113,8 +113,9 @@ def test_layer_kernels_chain_same_with_pdl(pdl, dtype, cache_dtype, graph):
 
 
 def quant_chain_step(kind):
-    """quant_gemm back to back with rms_norm (a square weight, so out feeds the next GEMM), int4_dequantize
-    and fp8_quantize_rows."""
+    """quant_gemm back to back with rms_norm (a square weight, so out feeds the next GEMM), the fused
+    residual add + RMSNorm + GEMM (rms_norm_linear, with and without the gated epilogue), int4_dequantize and
+    fp8_quantize_rows."""
     from forge.kernels import quant_gemm
     from forge.kernels.norm import rms_norm
     from tests.cuda.test_quant_gemm import fp8_layout, int4_layout
@@ -124,15 +125,22 @@ def quant_chain_step(kind):
     g = torch.Generator(device="cuda").manual_seed(1)
     x = torch.randn(3, k, generator=g, device="cuda").to(torch.bfloat16)
     norm_w = torch.ones(k, device="cuda", dtype=torch.bfloat16)
+    square = (torch.randn(k, k, generator=g, device="cuda") * k ** -0.5).to(torch.bfloat16)
+    gate_up = (torch.randn(2 * k, k, generator=g, device="cuda") * k ** -0.5).to(torch.bfloat16)
+    for weight, act in ((square, None), (gate_up, "silu"), (layout, None)):
+        assert quant_gemm.norm_gemm_fits(x, x, norm_w, weight, act)
 
     def step():
-        outs, y = [], x
+        outs, y, r = [], x, x
         for _ in range(6):
             y = quant_gemm.gemm(y, layout)
             outs.append(y)
             y = rms_norm(y, norm_w, 1e-6)
             y = quant_gemm.gemm(y, layout)
-            outs.append(y)
+            y, r = quant_gemm.rms_norm_linear(y, r, norm_w, 1e-6, square)
+            y, r = quant_gemm.rms_norm_linear(y, r, norm_w, 1e-6, gate_up, act="silu")
+            y, r = quant_gemm.rms_norm_linear(y, r, norm_w, 1e-6, layout)
+            outs += [y, r]
         codes, scale = quant_gemm.fp8_quantize_rows(y)
         outs += [codes, scale]
         if kind == "int4":
