@@ -42,7 +42,7 @@
 // write the sum to residual_out (a third buffer: the other blocks still read residual). Before the norm
 // each lane prefetches its first UNROLL weight chunks into L2 (the weights do not depend on the previous
 // kernel). Extra bytes per block: M * K * 2 (hidden) + M * K * 2 (residual) + K * 2 (norm weight) from L2;
-// shared memory: M rows of K + XS_PAD inputs (the padding keeps the x loads free of bank conflicts).
+// shared memory: M rows of K + XS_PAD inputs (the padding spreads the x loads over the banks).
 // ACT = 1 (silu) / 2 (gelu_tanh), float weights, RT = 2: out[t, j] = act(x @ W[j]) * (x @ W[N + j]) for a
 // gate_up weight of 2N rows (gate rows first): a block's row tile 0 holds gate rows j.., tile 1 the matching
 // up rows N + j..; both sums are rounded to x's dtype, then the activation and the product, as
@@ -303,8 +303,10 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) quant_gemm_kernel(
 #if NORM_PROLOGUE
     // x's row stride in shared memory: Kx rounded up to 64, + XS_PAD, so that the lanes of one load phase hit
     // distinct banks: float (16-byte loads, phases of 8 lanes = rows g, g + 1 x 16 words) rows 16 words apart;
-    // int4 (8-byte loads, 16 lanes = rows g .. g + 3 x 8 words) 8 apart; fp8 (words 8c + 2j, 8c + 2j + 1) 2 apart.
-    constexpr int XS_PAD = WCODE == 2 ? 32 : WCODE == 0 ? 16 : 4;
+    // int4 (8-byte loads, 16 lanes = rows g .. g + 3 x 8 words) 8 apart. fp8 (words 8c + 2j, 8c + 2j + 1 of
+    // rows g .. g + 3) would need rows 2 words apart, but the prologue's 16-byte stores need 16-byte aligned
+    // rows: 4 words apart, two ways per bank.
+    constexpr int XS_PAD = WCODE == 2 ? 32 : WCODE == 0 ? 16 : 8;
     const int xs_stride = (Kx + 63) / 64 * 64 + XS_PAD;
     scalar_t* xs = reinterpret_cast<scalar_t*>(smem);
     norm_prologue(xs, xs_stride, x, ldx, residual, residual_out, norm_weight, Kx, eps, norm_threads, tok0,

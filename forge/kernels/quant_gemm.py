@@ -73,7 +73,7 @@ def _aligned(*tensors: torch.Tensor) -> bool:
 
 def _xs_stride(kx: int, code: int) -> int:
     """x's row stride (inputs) in the prologue's shared memory: quant_gemm.cu's xs_stride (and XS_PAD)."""
-    return -(-kx // 64) * 64 + {FLOAT_CODE: 32, 0: 16, 1: 4}[code]
+    return -(-kx // 64) * 64 + {FLOAT_CODE: 32, 0: 16, 1: 8}[code]
 
 
 def _prologue_smem(m: int, kx: int, code: int, cfg: dict) -> int:
