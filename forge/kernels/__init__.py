@@ -14,7 +14,8 @@ layout and the bytes it must move) with a small Python launcher beside it:
 
 common.cuh holds the dtype plumbing and vector/warp helpers. compiler.py compiles and caches
 them per (file, kernel, dtype, defines, arch) and launches them on torch's current stream (so they are
-captured by CUDA graphs). NOTES.md has the measured bandwidths; scripts/compile_check.py compiles every variant without a GPU.
+captured by CUDA graphs); FORGE_PDL=1 launches them with programmatic dependent launch. NOTES.md has
+the measured bandwidths (and PDL's design); scripts/compile_check.py compiles every variant without a GPU.
 """
 
 from forge.kernels.compiler import available
