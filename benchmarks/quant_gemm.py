@@ -1,7 +1,7 @@
-"""forge's quantized GEMM (forge/kernels/quant_gemm.cu) vs cuBLAS bf16 and torch._scaled_mm, Llama-3.1-8B's
-matrices, M = tokens in the step. CUDA-graph replays of the step's 4 matrices (qkv, o, gate_up, down) x
-`--layers` copies (so the weights come from HBM, not L2); µs per layer and the fraction of the copy
-bandwidth each format's weight bytes reach. Writes benchmarks/results/quant_gemm.json.
+"""forge's quantized GEMMs (forge/kernels/quant_gemm.cu; quant_gemm_pipe.cu: path "pipe") vs cuBLAS bf16 and
+torch._scaled_mm, Llama-3.1-8B's matrices, M = tokens in the step. CUDA-graph replays of the step's 4 matrices
+(qkv, o, gate_up, down) x `--layers` copies (so the weights come from HBM, not L2); µs per layer and the
+fraction of the copy bandwidth each format's weight bytes reach. Writes benchmarks/results/quant_gemm.json.
 
 --fused-norm (issue 18): instead, per model shape (SmolLM2-135M, Llama-3.2-1B, Llama-3.1-8B) and M = 1, 2, 4, 8,
 the qkv and gate_up steps of a decode layer: add_rms_norm + cuBLAS (+ silu_mul) against forge's one launch
@@ -9,7 +9,7 @@ the qkv and gate_up steps of a decode layer: add_rms_norm + cuBLAS (+ silu_mul) 
 alone (cuBLAS vs quant_gemm.linear), µs per step from CUDA-graph replays over enough weight copies that they
 come from HBM. Writes benchmarks/results/quant_gemm_fused_norm.json; decides FORGE_FUSED_NORM_GEMM per shape.
 
-    python benchmarks/quant_gemm.py [--m 1 8 16 32 64 128] [--configs]
+    python benchmarks/quant_gemm.py [--m 1 8 16 32 64 128] [--configs] [--pipe-configs]
     python benchmarks/quant_gemm.py --fused-norm [--m 1 2 4 8] [--configs]
 """
 
@@ -24,7 +24,7 @@ from benchmarks.common import SHAPES as MODEL_SHAPES  # noqa: E402
 from benchmarks.common import write_results  # noqa: E402
 from benchmarks.decode import measure_copy_bandwidth  # noqa: E402
 from benchmarks.moe import time_graph  # noqa: E402
-from forge.kernels import activation, norm, quant_gemm  # noqa: E402
+from forge.kernels import activation, norm, quant_gemm, quant_gemm_pipe  # noqa: E402
 from forge.quant.cuda import FP8, FP8_MAX, Fp8CudaWeight, Int4CudaWeight, scaled_mm_rowwise  # noqa: E402
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
@@ -102,6 +102,8 @@ def main():
     ap.add_argument("--m", type=int, nargs="+", default=None)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--configs", action="store_true", help="also sweep the kernel's tile shapes at each M")
+    ap.add_argument("--pipe-configs", action="store_true",
+                    help="also sweep quant_gemm_pipe's K splits and ring depths at each M")
     ap.add_argument("--fused-norm", action="store_true", help="the norm + GEMM fusion per model shape (issue 18)")
     args = ap.parse_args()
     bandwidth = measure_copy_bandwidth()
@@ -137,19 +139,26 @@ def main():
                             scaled_mm_tensorwise(xs[k], w.codes[: w.shape[0]], w._row_scale)
                         elif path == "dequant":
                             torch.nn.functional.linear(xs[k], quant_gemm.int4_dequantize(w, torch.bfloat16))
+                        elif path == "pipe":
+                            quant_gemm_pipe.gemm(xs[k], w, **(cfg or {}))
                         else:
                             quant_gemm.gemm(xs[k], w, **(cfg or {}))
             return time_graph(fn, iters=10) * 1e6 / len(layers)
 
         entries = [("bf16", "cublas", None), ("fp8", "kernel", None), ("fp8", "scaled_mm", None),
                    ("fp8", "scaled_mm_t", None),
-                   ("int4", "kernel", None), ("int4", "dequant", None)]
+                   ("int4", "kernel", None), ("int4", "dequant", None), ("fp8", "pipe", None), ("int4", "pipe", None)]
         if args.configs:
             for fmt in ("fp8", "int4"):
                 for rt in (1, 2):
                     for warps in (4, 8, 16):
                         for unroll in (2, 4, 8):
                             entries.append((fmt, "kernel", dict(rt=rt, warps=warps, unroll=unroll)))
+        if args.pipe_configs:
+            for fmt in ("fp8", "int4"):
+                for splits in (1, 2, 4):
+                    for stages in (3, 4, 6):
+                        entries.append((fmt, "pipe", dict(splits=splits, stages=stages)))
         base = None
         for fmt, path, cfg in entries:
             try:

@@ -71,6 +71,15 @@ for c in (1, 2):
                                                **quant_gemm.kernel_config(1, 64, 2, rt=2))))
     variants.append(("quant_gemm.cu", dict(FORGE_DTYPE=c, WCODE=2, GROUP=0, NORM_PROLOGUE=1, FORGE_WDTYPE=0,
                                            **quant_gemm.kernel_config(1, 64, 2))))
+# quant_gemm_pipe.cu: every format, group, dtype and token tiling, at the launcher's ring depth
+from forge.kernels import quant_gemm_pipe  # noqa: E402
+
+for c in (1, 2):
+    for code, group in ((0, 32), (0, 64), (0, 128), (1, 0), (1, 128)):
+        for m in (8, 16, 32, 64):
+            cfg = quant_gemm_pipe.tile_config(m)
+            cfg["STAGES"] = quant_gemm_pipe.stages_for(code, group, cfg["WM"], cfg["NT"])
+            variants.append(("quant_gemm_pipe.cu", dict(FORGE_DTYPE=c, WCODE=code, GROUP=group, **cfg)))
 for c in (0, 1, 2):  # moe.cu at moe.py's defines
     for v in sorted({1, 16 // (4 if c == 0 else 2)}):
         variants.append(("moe.cu", dict(FORGE_DTYPE=c, VEC=v, WARPS=4, ROWS=4, MAX_PAIRS=8, PER_LANE=4)))

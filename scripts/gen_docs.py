@@ -273,6 +273,9 @@ ENV_VARS = {
     "FORGE_PDL": "CUDA: 1 launches forge's own kernels with programmatic dependent launch (each may start while "
                  "the previous kernel finishes; sm_90+, off with a log line elsewhere; unmeasured, issue 18). "
                  "Default 0",
+    "FORGE_QUANT_KERNEL": "CUDA: `pipe` runs int4 (<= 128 tokens) and fp8 (<= 64 tokens) weight GEMMs with "
+                          "quant_gemm_pipe.cu (weights streamed through a cp.async ring in shared memory; "
+                          "unmeasured, issue 15), `default` quant_gemm.cu / cuBLAS. Read at import. Default: default",
     "CUDA_HOME / CUDA_PATH / CUDA_ROOT": "CUDA: toolkit folders whose include/ is tried next (then pip's nvidia "
                                          "packages)",
 }

@@ -15,14 +15,18 @@ matmul: up to `max_kernel_m` rows of x run forge's kernel (forge/kernels/quant_g
 registers, tensor-core MMAs, graph-capturable); larger steps (prefill) take cuBLAS's path: int4 is
 dequantized to the compute dtype for the GEMM, per-row fp8 runs torch._scaled_mm with x quantized per
 row (W8A8, dynamic scales), block-scaled fp8 is dequantized.
+FORGE_QUANT_KERNEL=pipe (read at import; default off until measured) sends steps of up to PIPE_MAX_M tokens
+to forge/kernels/quant_gemm_pipe.cu instead (the same layouts; weights streamed through a cp.async ring).
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
-from forge.kernels import quant_gemm
+from forge.kernels import quant_gemm, quant_gemm_pipe
 from forge.kernels.quant_gemm import ROW_ALIGN
 
 FP8 = torch.float8_e4m3fn
@@ -32,6 +36,19 @@ FP8_CHUNK = 64
 SCALE_STEPS = 8  # candidate per-row fp8 scales per octave (Fp8CudaWeight.quantize)
 INT4_MAX_KERNEL_M = 64  # larger steps dequantize + cuBLAS (benchmarks/quant_gemm.py measures the crossover)
 FP8_MAX_KERNEL_M = 16  # larger steps run torch._scaled_mm
+QUANT_KERNEL_ENV = "FORGE_QUANT_KERNEL"
+PIPE_MAX_M = {0: 128, 1: 64}  # int4 / fp8: steps of up to this many tokens take quant_gemm_pipe when it is on
+
+
+def parse_quant_kernel(value: str | None) -> str:
+    """FORGE_QUANT_KERNEL's value: "pipe" (quant_gemm_pipe.cu) or "default" (quant_gemm.cu; also unset / empty)."""
+    text = (value or "").strip().lower() or "default"
+    if text not in ("default", "pipe"):
+        raise ValueError(f"{QUANT_KERNEL_ENV}={value!r}: use pipe or default")
+    return text
+
+
+QUANT_KERNEL = parse_quant_kernel(os.environ.get(QUANT_KERNEL_ENV))
 
 
 def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
@@ -137,7 +154,10 @@ class Int4CudaWeight:
         return self._decode(self.codes[: self.shape[0]], self.scales[: self.shape[0]])
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() // x.shape[-1] <= self.max_kernel_m:
+        m = x.numel() // x.shape[-1]
+        if QUANT_KERNEL == "pipe" and m <= PIPE_MAX_M[self.code]:
+            return quant_gemm_pipe.gemm(x, self)
+        if m <= self.max_kernel_m:
             return quant_gemm.gemm(x, self)
         return F.linear(x, quant_gemm.int4_dequantize(self, x.dtype))
 
@@ -219,6 +239,8 @@ class Fp8CudaWeight:
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         m = x.numel() // x.shape[-1]
+        if QUANT_KERNEL == "pipe" and m <= PIPE_MAX_M[self.code]:
+            return quant_gemm_pipe.gemm(x, self)
         if m <= self.max_kernel_m:
             return quant_gemm.gemm(x, self)
         if self.group != 0:

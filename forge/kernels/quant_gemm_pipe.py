@@ -1,0 +1,139 @@
+"""Launcher of quant_gemm_pipe.cu: x @ W.T for the int4 / fp8 layouts of forge.quant.cuda with the weights
+streamed through a cp.async ring in shared memory (Marlin-style). Opt-in: FORGE_QUANT_KERNEL=pipe routes
+Int4CudaWeight / Fp8CudaWeight.matmul here (forge.quant.cuda)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from forge.kernels import compiler
+
+BLOCK_ROWS = 128  # rows per block (the kernel's BN): fixed, so the K split never depends on M
+SLAB_K = 128  # inputs per ring stage
+MAX_SPLITS = 4  # K splits at most (each adds 8 bytes per output to write and read back)
+WAVE_BLOCKS_PER_SM = 2  # blocks per SM the split plan counts as one wave (two rings fit in an SM)
+STAGE_TARGET_BYTES = 40 * 1024  # weight bytes in flight per block the ring aims for
+MAX_SMEM = 112 * 1024  # per block: two blocks fit in an H100 / H200 SM
+STATIC_SMEM = 48 * 1024  # above this a kernel must opt in to more dynamic shared memory
+MAX_TICKETS = 1 << 16  # split-K tiles of one launch (token blocks x row blocks)
+
+_tickets: dict[int, torch.Tensor] = {}  # per device: zeroed int32 counters, each reset by the block that used it
+_smem_opt_in: dict[tuple[int, int], int] = {}
+
+
+def tile_config(m: int) -> dict:
+    """Warps along tokens (WM) and token tiles of 8 per warp (NT) for M tokens: BM = 8 NT WM covers M up to 64."""
+    if m <= 8:
+        return dict(WM=1, NT=1)
+    if m <= 16:
+        return dict(WM=1, NT=2)
+    if m <= 32:  # one warp per row group: its dequantized fragments feed 4 token tiles
+        return dict(WM=1, NT=4)
+    return dict(WM=2, NT=4)  # 8 token tiles in one warp spill: two warps dequantize the same fragments
+
+
+def stage_bytes(code: int, group: int, wm: int, nt: int) -> int:
+    """One ring stage (quant_gemm_pipe.cu's STAGE_BYTES): W, scales and x of one slab, rounded up to 128."""
+    w = SLAB_K // (128 if code == 0 else 64) * BLOCK_ROWS * 64
+    sb = 4 * (SLAB_K // group) if code == 0 else (4 if group else 0)
+    x = 8 * nt * wm * (2 * SLAB_K + (32 if code == 0 else 16))
+    return -(-(w + BLOCK_ROWS * sb + x) // 128) * 128
+
+
+def weight_stage_bytes(code: int) -> int:
+    return SLAB_K // (128 if code == 0 else 64) * BLOCK_ROWS * 64
+
+
+def stages_for(code: int, group: int, wm: int, nt: int) -> int:
+    """Ring depth: enough stages for STAGE_TARGET_BYTES of weights in flight (int4: 6, fp8: 4), fewer where the
+    token block's x would take the ring past MAX_SMEM. Speed only: the sums do not depend on it."""
+    stages = 1 + -(-STAGE_TARGET_BYTES // weight_stage_bytes(code))
+    while stages > 2 and stages * stage_bytes(code, group, wm, nt) > MAX_SMEM:
+        stages -= 1
+    return stages
+
+
+def split_plan(row_blocks: int, slabs: int, sms: int, splits: int | None = None) -> tuple[int, int]:
+    """(S, slabs per split) for a grid of `row_blocks` x S blocks over `slabs` slabs of K: the S (<= MAX_SPLITS)
+    with the fewest (waves of WAVE_BLOCKS_PER_SM blocks per SM x slabs per block), the fewest splits among
+    equals; no split is left empty. A function of the weight's shape and the GPU only, never of M: a token's sums (and their order)
+    are the same in every batch."""
+    if splits is None:
+        best = None
+        for s in range(1, min(MAX_SPLITS, slabs) + 1):
+            per = -(-slabs // s)
+            cost = -(-row_blocks * -(-slabs // per) // (sms * WAVE_BLOCKS_PER_SM)) * per
+            if best is None or cost < best[0]:
+                best = (cost, s)
+        splits = best[1]
+    per = -(-slabs // max(1, min(splits, slabs)))
+    return -(-slabs // per), per
+
+
+def _tickets_for(device: torch.device) -> torch.Tensor:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    t = _tickets.get(index)
+    if t is None:
+        t = _tickets[index] = torch.zeros(MAX_TICKETS, dtype=torch.int32, device=device)
+    return t
+
+
+def _allow_smem(kernel, nbytes: int) -> None:
+    """Let `kernel` launch with `nbytes` of dynamic shared memory: above 48 KB a kernel opts in once per device
+    (cuKernelSetAttribute on cuda.core's CUkernel handle)."""
+    if nbytes <= STATIC_SMEM:
+        return
+    key = (id(kernel), torch.cuda.current_device())
+    if _smem_opt_in.get(key, 0) >= nbytes:
+        return
+    from cuda.bindings import driver
+
+    attr = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+    (err,) = driver.cuKernelSetAttribute(attr, nbytes, kernel.handle, torch.cuda.current_device())
+    if err != driver.CUresult.CUDA_SUCCESS:
+        raise RuntimeError(f"quant_gemm_pipe: cannot raise the shared memory limit to {nbytes} bytes: {err}")
+    _smem_opt_in[key] = nbytes
+
+
+def gemm(x: torch.Tensor, layout, splits: int | None = None, stages: int | None = None) -> torch.Tensor:
+    """x [..., K] (bfloat16 / float16) @ layout.T -> [..., N] in x's dtype, for an Int4CudaWeight or
+    Fp8CudaWeight. `splits` / `stages` override the plan (benchmark sweeps; splits changes the sums' order)."""
+    n, k = layout.shape
+    if k % 8:
+        raise ValueError(f"quant_gemm_pipe copies x 8 inputs at a time: K = {k} is not a multiple of 8")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1 or x2.data_ptr() % 16 or x2.stride(0) % 8:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out.view(*lead, n)
+    code, group = layout.code, layout.group
+    rows = layout.codes.shape[0]
+    nchunks = layout.padded_k // (128 if code == 0 else 64)
+    slabs = -(-layout.padded_k // SLAB_K)
+    row_blocks = -(-rows // BLOCK_ROWS)
+    cfg = tile_config(m)
+    cfg["STAGES"] = stages or stages_for(code, group, cfg["WM"], cfg["NT"])
+    nsplit, per = split_plan(row_blocks, slabs, compiler.num_sms(), splits)
+    bm = 8 * cfg["NT"] * cfg["WM"]
+    grid = (-(-m // bm), row_blocks, nsplit)
+    if nsplit > 1:
+        if grid[0] * row_blocks > MAX_TICKETS:
+            raise ValueError(f"quant_gemm_pipe: {grid[0] * row_blocks} split tiles exceed {MAX_TICKETS}")
+        ws = torch.empty(nsplit, m, rows, dtype=torch.float32, device=x.device)
+        tickets = _tickets_for(x.device)
+    else:
+        ws = tickets = out  # unused by the kernel when S = 1
+    smem = cfg["STAGES"] * stage_bytes(code, group, cfg["WM"], cfg["NT"])
+    kernel = compiler.get_kernel("quant_gemm_pipe.cu", "quant_gemm_pipe_kernel", x.dtype, WCODE=code, GROUP=group,
+                                 **cfg)
+    _allow_smem(kernel, smem)
+    p = compiler.ptr
+    compiler.run(kernel, grid, 32 * 4 * cfg["WM"], p(out), p(x2), p(layout.codes), p(layout.scales), p(ws),
+                 p(tickets), np.int32(m), np.int32(n), np.int32(rows), np.int32(k), np.int32(nchunks),
+                 np.int32(layout.groups_per_row), np.int32(nsplit), np.int32(per), np.int64(layout.row_bytes),
+                 np.int64(x2.stride(0)), np.int64(n), shmem=smem)
+    return out.view(*lead, n)
