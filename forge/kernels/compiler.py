@@ -335,6 +335,40 @@ def _launch_pdl(function, grid, block, shmem: int, args: tuple) -> None:
         raise RuntimeError(f"forge kernels: cuLaunchKernelEx failed: {err}")
 
 
+DEFAULT_SMEM = 48 * 1024  # dynamic + static shared memory a launch may take without opting in
+_smem_optin: dict[int, int] = {}
+_smem_allowed: dict[tuple[int, int], int] = {}  # (id(kernel), device) -> dynamic shared memory allowed (bytes)
+
+
+def max_block_smem(device: int | None = None) -> int:
+    """The most shared memory (static + dynamic) one block may take on the device, dynamic memory above
+    DEFAULT_SMEM after allow_dynamic_smem (227 KB on sm_90; DEFAULT_SMEM where torch does not say)."""
+    index = torch.cuda.current_device() if device is None else device
+    if index not in _smem_optin:
+        props = torch.cuda.get_device_properties(index)
+        _smem_optin[index] = max(DEFAULT_SMEM, getattr(props, "shared_memory_per_block_optin", DEFAULT_SMEM))
+    return _smem_optin[index]
+
+
+def allow_dynamic_smem(kernel, nbytes: int) -> None:
+    """Let `kernel` launch with `nbytes` of dynamic shared memory on the current device: above DEFAULT_SMEM a
+    kernel must opt in (CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES on its CUkernel, once per size)."""
+    key = (id(kernel), torch.cuda.current_device())
+    if nbytes <= DEFAULT_SMEM or _smem_allowed.get(key, 0) >= nbytes:
+        return
+    from cuda.bindings import driver
+
+    handle = getattr(kernel, "handle", None)
+    if handle is None:  # cuda.core < 0.4
+        handle = kernel._handle
+    (err,) = driver.cuKernelSetAttribute(
+        driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, nbytes,
+        driver.CUkernel(int(handle)), driver.CUdevice(key[1]))
+    if err != driver.CUresult.CUDA_SUCCESS:
+        raise RuntimeError(f"forge kernels: {nbytes} bytes of dynamic shared memory refused ({err})")
+    _smem_allowed[key] = nbytes
+
+
 _num_sms: dict[int, int] = {}
 
 

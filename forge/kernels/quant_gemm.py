@@ -13,7 +13,6 @@ ROW_ALIGN = 32  # layouts pad their rows to this (2 row tiles of 16)
 FLOAT_CODE = 2  # WCODE of a float (bf16 / fp16) weight
 FLOAT_CHUNK = 32  # inputs per 64-byte chunk of a float row: K must be a multiple
 ACTS = {None: 0, "silu": 1, "gelu_tanh": 2}  # ACT of the gated epilogue
-STATIC_SMEM = 48 * 1024  # a launch's shared memory without raising the kernel's limit (cuFuncSetAttribute)
 PROLOGUE_ROW_SMEM = 32 * 4 + 4  # norm_prologue's static shared memory per token: 32 partial sums, 1 / rms
 
 
@@ -86,7 +85,8 @@ def norm_gemm_fits(hidden: torch.Tensor, residual: torch.Tensor | None, norm_wei
                    act: str | None = None) -> bool:
     """Whether rms_norm_linear's kernel takes these operands: bf16 / fp16 hidden [M, K] (residual alike),
     a float weight of hidden's dtype (K a multiple of 32; with act, 2I rows) or an int4 / fp8 layout (no
-    act), 16-byte aligned contiguous tensors, and the block's x rows within 48 KB of shared memory."""
+    act), 16-byte aligned contiguous tensors, and the block's x rows within the shared memory a block may
+    take (compiler.max_block_smem: 227 KB on sm_90; off a GPU, the 48 KB of any launch)."""
     if hidden.dim() != 2 or hidden.dtype not in (torch.bfloat16, torch.float16) or act not in ACTS:
         return False
     m, k = hidden.shape
@@ -108,7 +108,8 @@ def norm_gemm_fits(hidden: torch.Tensor, residual: torch.Tensor | None, norm_wei
             return False
         code, rows, rt = weight.code, weight.codes.shape[0], None
     cfg = kernel_config(m, rows, code, rt=rt)
-    return _prologue_smem(m, k, code, cfg) + 8 * cfg["NT"] * PROLOGUE_ROW_SMEM <= STATIC_SMEM
+    limit = compiler.max_block_smem(hidden.device.index) if hidden.is_cuda else compiler.DEFAULT_SMEM
+    return _prologue_smem(m, k, code, cfg) + 8 * cfg["NT"] * PROLOGUE_ROW_SMEM <= limit
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, **config) -> torch.Tensor:
@@ -148,6 +149,8 @@ def rms_norm_linear(hidden: torch.Tensor, residual: torch.Tensor | None, norm_we
     kernel = compiler.get_kernel("quant_gemm.cu", "quant_gemm_kernel", hidden.dtype, WCODE=code, GROUP=group,
                                  NORM_PROLOGUE=1, ACT=ACTS[act], FORGE_WDTYPE=compiler.dtype_code(norm_weight.dtype),
                                  **cfg)
+    shmem = _prologue_smem(m, k, code, cfg)
+    compiler.allow_dynamic_smem(kernel, shmem)
     row_tile = 16 if act else 16 * cfg["RT"]
     grid = (-(-m // (8 * cfg["NT"])), -(-n_out // row_tile) if code == FLOAT_CODE else rows // row_tile)
     threads = norm._config(k, hidden, norm_weight)[1]
@@ -156,7 +159,7 @@ def rms_norm_linear(hidden: torch.Tensor, residual: torch.Tensor | None, norm_we
                  np.int32(kpad), np.int32(k), np.int64(row_bytes), np.int32(gpr), np.int64(k), np.int64(n_out),
                  np.uint64(0) if residual is None else compiler.ptr(residual),
                  np.uint64(0) if residual is None else compiler.ptr(res_out), compiler.ptr(norm_weight),
-                 np.float32(eps), np.int32(threads), shmem=_prologue_smem(m, k, code, cfg))
+                 np.float32(eps), np.int32(threads), shmem=shmem)
     return out, res_out
 
 
