@@ -11,6 +11,11 @@ layout and the bytes it must move) with a small Python launcher beside it:
                        split-K merge)
     sampling.py        sample, top_k_candidates (Gumbel-max with per-row seeded noise)
     token_bitmask.py   apply_token_bitmask (structured outputs: grammar masks on constrained rows)
+    moe.py             route, align, experts (mixture-of-experts layers of decode-sized steps)
+    quant_gemm.py      gemm (int4 / fp8 weight layouts dequantized in registers), int4_dequantize,
+                       fp8_quantize_rows, linear / rms_norm_linear (float weights, the norm fused in)
+    quant_gemm_pipe.py gemm (the same layouts with the weights through a cp.async ring in shared
+                       memory; FORGE_QUANT_KERNEL=pipe)
 
 common.cuh holds the dtype plumbing and vector/warp helpers. compiler.py compiles and caches
 them per (file, kernel, dtype, defines, arch) and launches them on torch's current stream (so they are
