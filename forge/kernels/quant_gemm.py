@@ -117,6 +117,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, **config) -> torch.Tensor:
     aligned): the float (WCODE 2) kernel, for decode-sized M (benchmarks/quant_gemm.py compares it with cuBLAS)."""
     n, k = weight.shape
     x = x.contiguous()
+    if k % FLOAT_CHUNK or x.dtype != weight.dtype or not _aligned(x, weight):
+        raise ValueError(f"forge's float GEMM takes K a multiple of {FLOAT_CHUNK} (not {k}) and 16-byte aligned "
+                         f"contiguous x and weight of one dtype")
     m = x.shape[0]
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
