@@ -351,3 +351,27 @@ def test_emulated_kernel_reproduces_the_product(case):
     # float64 sums of the same products; fp8's reference multiplies float32-rounded w = code * s (2^-24):
     # a misplaced byte or slot would be off by O(|ref|)
     np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-5 * np.abs(ref).max())
+
+
+def test_matmul_routes_to_the_pipe_kernel_only_when_switched_on(monkeypatch):
+    """FORGE_QUANT_KERNEL=pipe (the module's QUANT_KERNEL) sends steps of up to PIPE_MAX_M tokens to
+    quant_gemm_pipe; off, and above it, the paths are as before."""
+    import forge.quant.cuda as quant_cuda
+
+    calls = []
+    monkeypatch.setattr(quant_cuda.quant_gemm_pipe, "gemm", lambda x, w: calls.append(("pipe", x.shape[0])))
+    monkeypatch.setattr(quant_cuda.quant_gemm, "gemm", lambda x, w: calls.append(("kernel", x.shape[0])))
+    monkeypatch.setattr(quant_cuda.quant_gemm, "int4_dequantize", lambda w, dtype: torch.zeros(w.shape, dtype=dtype))
+    monkeypatch.setattr(quant_cuda, "scaled_mm_rowwise", lambda x, codes, s: calls.append(("scaled_mm", x.shape[0])))
+    int4, fp8 = int4_layout(32, 256, 32), fp8_layout(32, 256, 0)
+    for switch, expect in (("default", [("kernel", 1), ("kernel", 64), ("kernel", 1), ("kernel", 16),
+                                        ("scaled_mm", 64)]),
+                           ("pipe", [("pipe", 1), ("pipe", 64), ("pipe", 128), ("pipe", 1), ("pipe", 64),
+                                     ("scaled_mm", 65)])):
+        monkeypatch.setattr(quant_cuda, "QUANT_KERNEL", switch)
+        calls.clear()
+        for m in (1, 64, 128):  # int4 at 128 tokens off: dequantized + cuBLAS (not recorded)
+            int4.matmul(torch.zeros(m, 256))
+        for m in ((1, 64, 65) if switch == "pipe" else (1, 16, 64)):
+            fp8.matmul(torch.zeros(m, 256))
+        assert calls == expect, (switch, calls)
