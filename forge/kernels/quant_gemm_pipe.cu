@@ -160,6 +160,18 @@ template <int BYTES> __device__ __forceinline__ void cp_async(unsigned dst, cons
         asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(dst), "l"(src), "n"(BYTES), "r"(n)
                      : "memory");
 }
+// The weights' 16-byte copies, marked evict-first in L2: read once, they should not push x (read by every row
+// block) or the split partials out of L2.
+__device__ __forceinline__ void cp_async_stream16(unsigned dst, const void* src, bool pred, unsigned long long policy) {
+    asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n" ::"r"(dst), "l"(src),
+                 "r"(pred ? 16 : 0), "l"(policy)
+                 : "memory");
+}
+__device__ __forceinline__ unsigned long long evict_first_policy() {
+    unsigned long long policy;
+    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+    return policy;
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int N> __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
@@ -199,8 +211,9 @@ struct Loader {
     unsigned w_dst[W_PER], x_dst[X_PER];
     int w_lim[W_PER], x_lim[X_PER];
     bool s_ok;
+    unsigned long long policy;
 
-    __device__ __forceinline__ Loader(int row0, int tok0, const Args& p) {
+    __device__ __forceinline__ Loader(int row0, int tok0, const Args& p) : policy(evict_first_policy()) {
         const unsigned tid = threadIdx.x;
 #pragma unroll
         for (int i = 0; i < W_PER; ++i) {
@@ -238,7 +251,8 @@ struct Loader {
     // Issue the copies of slab `slab` into the stage at shared address `st`.
     __device__ __forceinline__ void load(unsigned st, int slab) const {
 #pragma unroll
-        for (int i = 0; i < W_PER; ++i) cp_async<16>(st + w_dst[i], w[i] + slab * (KC * 64), slab * KC < w_lim[i]);
+        for (int i = 0; i < W_PER; ++i)
+            cp_async_stream16(st + w_dst[i], w[i] + slab * (KC * 64), slab * KC < w_lim[i], policy);
         if (SB > 0 && threadIdx.x < BN) cp_async<(SB > 0 ? SB : 4)>(st + W_BYTES + threadIdx.x * SB, s + slab * SB, s_ok);
 #pragma unroll
         for (int i = 0; i < X_PER; ++i) cp_async<16>(st + x_dst[i], x[i] + slab * SLAB_K, slab * SLAB_K < x_lim[i]);
