@@ -18,7 +18,9 @@ MAX_SMEM = 112 * 1024  # per block: two blocks fit in an H100 / H200 SM
 STATIC_SMEM = 48 * 1024  # above this a kernel must opt in to more dynamic shared memory
 MAX_TICKETS = 1 << 16  # split-K tiles of one launch (token blocks x row blocks)
 
-_tickets: dict[int, torch.Tensor] = {}  # per device: zeroed int32 counters, each reset by the block that used it
+# Per device: zeroed int32 counters, each reset by the block that used it. Shared by every launch: two split
+# launches must not run at the same time on different streams (forge runs a device's forward on one stream).
+_tickets: dict[int, torch.Tensor] = {}
 _smem_opt_in: dict[tuple[int, int], int] = {}
 
 
@@ -33,16 +35,16 @@ def tile_config(m: int) -> dict:
     return dict(WM=2, NT=4)  # 8 token tiles in one warp spill: two warps dequantize the same fragments
 
 
+def weight_stage_bytes(code: int) -> int:
+    """A slab of the block's rows: one 64-byte chunk per row (int4, 128 inputs) or two (fp8, 64 inputs each)."""
+    return SLAB_K // (128 if code == 0 else 64) * BLOCK_ROWS * 64
+
+
 def stage_bytes(code: int, group: int, wm: int, nt: int) -> int:
     """One ring stage (quant_gemm_pipe.cu's STAGE_BYTES): W, scales and x of one slab, rounded up to 128."""
-    w = SLAB_K // (128 if code == 0 else 64) * BLOCK_ROWS * 64
     sb = 4 * (SLAB_K // group) if code == 0 else (4 if group else 0)
     x = 8 * nt * wm * (2 * SLAB_K + (32 if code == 0 else 16))
-    return -(-(w + BLOCK_ROWS * sb + x) // 128) * 128
-
-
-def weight_stage_bytes(code: int) -> int:
-    return SLAB_K // (128 if code == 0 else 64) * BLOCK_ROWS * 64
+    return -(-(weight_stage_bytes(code) + BLOCK_ROWS * sb + x) // 128) * 128
 
 
 def stages_for(code: int, group: int, wm: int, nt: int) -> int:
@@ -57,8 +59,8 @@ def stages_for(code: int, group: int, wm: int, nt: int) -> int:
 def split_plan(row_blocks: int, slabs: int, sms: int, splits: int | None = None) -> tuple[int, int]:
     """(S, slabs per split) for a grid of `row_blocks` x S blocks over `slabs` slabs of K: the S (<= MAX_SPLITS)
     with the fewest (waves of WAVE_BLOCKS_PER_SM blocks per SM x slabs per block), the fewest splits among
-    equals; no split is left empty. A function of the weight's shape and the GPU only, never of M: a token's sums (and their order)
-    are the same in every batch."""
+    equals; no split is left empty. A function of the weight's shape and the GPU only, never of M: a token's
+    sums (and their order) are the same in every batch."""
     if splits is None:
         best = None
         for s in range(1, min(MAX_SPLITS, slabs) + 1):
