@@ -375,3 +375,51 @@ def test_matmul_routes_to_the_pipe_kernel_only_when_switched_on(monkeypatch):
         for m in ((1, 64, 65) if switch == "pipe" else (1, 16, 64)):
             fp8.matmul(torch.zeros(m, 256))
         assert calls == expect, (switch, calls)
+
+
+def _stub_launches(monkeypatch) -> list:
+    """gemm's compiler calls recorded instead of run (CPU): ("smem", kernel, bytes) and ("run", grid, block,
+    args, shmem)."""
+    calls = []
+    monkeypatch.setattr(pipe.compiler, "num_sms", lambda: 132)
+    monkeypatch.setattr(pipe, "_tickets_for", lambda device: torch.zeros(pipe.MAX_TICKETS, dtype=torch.int32))
+    monkeypatch.setattr(pipe.compiler, "get_kernel", lambda *a, **d: ("kernel", d))
+    monkeypatch.setattr(pipe.compiler, "allow_dynamic_smem", lambda k, n: calls.append(("smem", k, n)))
+    monkeypatch.setattr(pipe.compiler, "run", lambda k, grid, block, *args, shmem=0:
+                        calls.append(("run", grid, block, args, shmem)))
+    return calls
+
+
+def test_gemm_hands_the_kernel_16_byte_aligned_x(monkeypatch):
+    """A contiguous x at an odd offset (contiguous() returns it as it is) is copied: the kernel's 16-byte
+    cp.async of x rows would fault on it."""
+    calls = _stub_launches(monkeypatch)
+    layout = int4_layout(32, 256, 128)
+    storage = torch.randn(2 * 256 + 3).bfloat16()
+    for x in (storage[3: 3 + 256].view(1, 256), storage[3: 3 + 512].view(2, 256), storage[:512].view(2, 256)):
+        calls.clear()
+        pipe.gemm(x, layout)
+        (_, _, _, args, _), = [c for c in calls if c[0] == "run"]
+        assert int(args[1]) % 16 == 0 and int(args[15]) % 8 == 0  # x's pointer; its row stride (ldx)
+
+
+def test_gemm_launches_the_plan_and_opts_in_through_the_compiler(monkeypatch):
+    """One shared-memory opt-in (compiler.allow_dynamic_smem) for exactly the plan's bytes, which the launch
+    asks for; grid, block and K split as launch_plan says."""
+    calls = _stub_launches(monkeypatch)
+    for layout, m in ((int4_layout(160, 576, 32), 11), (fp8_layout(96, 576, 0), 40)):
+        calls.clear()
+        pipe.gemm(torch.randn(m, layout.shape[1]).bfloat16(), layout, splits=2)
+        plan = pipe.launch_plan(layout, m, 132, splits=2)
+        (smem,), (run,) = [c for c in calls if c[0] == "smem"], [c for c in calls if c[0] == "run"]
+        assert smem[1] == ("kernel", plan.defines) and smem[2] == plan.smem == run[4] > 48 * 1024
+        assert run[1] == plan.grid and run[2] == plan.threads and int(run[3][12]) == plan.splits == 2
+
+
+def test_split_tickets_are_not_first_allocated_inside_a_graph_capture(monkeypatch):
+    """Allocated (and zeroed) inside a capture, the counters would be zeroed only when the graph replays:
+    an eager launch before that would read garbage tickets."""
+    monkeypatch.setattr(pipe, "_tickets", {})
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="capture"):
+        pipe._tickets_for(torch.device("cuda", 0))

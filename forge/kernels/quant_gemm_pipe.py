@@ -4,6 +4,8 @@ Int4CudaWeight / Fp8CudaWeight.matmul here (forge.quant.cuda)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -15,13 +17,11 @@ MAX_SPLITS = 4  # K splits at most (each adds 8 bytes per output to write and re
 WAVE_BLOCKS_PER_SM = 2  # blocks per SM the split plan counts as one wave (two rings fit in an SM)
 STAGE_TARGET_BYTES = 40 * 1024  # weight bytes in flight per block the ring aims for
 MAX_SMEM = 112 * 1024  # per block: two blocks fit in an H100 / H200 SM
-STATIC_SMEM = 48 * 1024  # above this a kernel must opt in to more dynamic shared memory
 MAX_TICKETS = 1 << 16  # split-K tiles of one launch (token blocks x row blocks)
 
 # Per device: zeroed int32 counters, each reset by the block that used it. Shared by every launch: two split
 # launches must not run at the same time on different streams (forge runs a device's forward on one stream).
 _tickets: dict[int, torch.Tensor] = {}
-_smem_opt_in: dict[tuple[int, int], int] = {}
 
 
 def tile_config(m: int) -> dict:
@@ -77,25 +77,41 @@ def _tickets_for(device: torch.device) -> torch.Tensor:
     index = device.index if device.index is not None else torch.cuda.current_device()
     t = _tickets.get(index)
     if t is None:
+        if torch.cuda.is_current_stream_capturing():  # the zeroing would only run at replay
+            raise RuntimeError("quant_gemm_pipe: the first K-split launch on a device is inside a CUDA graph "
+                               "capture; run the step once eagerly first (forge's graph capture warms up)")
         t = _tickets[index] = torch.zeros(MAX_TICKETS, dtype=torch.int32, device=device)
     return t
 
 
-def _allow_smem(kernel, nbytes: int) -> None:
-    """Let `kernel` launch with `nbytes` of dynamic shared memory: above 48 KB a kernel opts in once per device
-    (cuKernelSetAttribute on cuda.core's CUkernel handle)."""
-    if nbytes <= STATIC_SMEM:
-        return
-    key = (id(kernel), torch.cuda.current_device())
-    if _smem_opt_in.get(key, 0) >= nbytes:
-        return
-    from cuda.bindings import driver
+@dataclass(frozen=True)
+class Plan:
+    """A launch of quant_gemm_pipe_kernel: its defines, grid, block, dynamic shared memory and K split."""
 
-    attr = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
-    (err,) = driver.cuKernelSetAttribute(attr, nbytes, kernel.handle, torch.cuda.current_device())
-    if err != driver.CUresult.CUDA_SUCCESS:
-        raise RuntimeError(f"quant_gemm_pipe: cannot raise the shared memory limit to {nbytes} bytes: {err}")
-    _smem_opt_in[key] = nbytes
+    defines: dict
+    grid: tuple[int, int, int]
+    threads: int
+    smem: int
+    splits: int
+    slabs_per_split: int
+    nchunks: int
+
+
+def launch_plan(layout, m: int, sms: int, splits: int | None = None, stages: int | None = None) -> Plan:
+    """How gemm launches the kernel for M = m tokens of x @ layout.T on a GPU of `sms` SMs."""
+    code, group = layout.code, layout.group
+    rows = layout.codes.shape[0]
+    slabs = -(-layout.padded_k // SLAB_K)
+    row_blocks = -(-rows // BLOCK_ROWS)
+    cfg = tile_config(m)
+    cfg["STAGES"] = stages or stages_for(code, group, cfg["WM"], cfg["NT"])
+    nsplit, per = split_plan(row_blocks, slabs, sms, splits)
+    grid = (-(-m // (8 * cfg["NT"] * cfg["WM"])), row_blocks, nsplit)
+    if nsplit > 1 and grid[0] * row_blocks > MAX_TICKETS:
+        raise ValueError(f"quant_gemm_pipe: {grid[0] * row_blocks} split tiles exceed {MAX_TICKETS}")
+    return Plan(dict(WCODE=code, GROUP=group, **cfg), grid, 32 * 4 * cfg["WM"],
+                cfg["STAGES"] * stage_bytes(code, group, cfg["WM"], cfg["NT"]), nsplit, per,
+                layout.padded_k // (128 if code == 0 else 64))
 
 
 def gemm(x: torch.Tensor, layout, splits: int | None = None, stages: int | None = None) -> torch.Tensor:
@@ -106,36 +122,26 @@ def gemm(x: torch.Tensor, layout, splits: int | None = None, stages: int | None 
         raise ValueError(f"quant_gemm_pipe copies x 8 inputs at a time: K = {k} is not a multiple of 8")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    if x2.stride(-1) != 1 or x2.data_ptr() % 16 or x2.stride(0) % 8:
+    if x2.stride(-1) != 1 or x2.stride(0) % 8:
         x2 = x2.contiguous()
+    if x2.data_ptr() % 16:  # the 16-byte copies need aligned rows (contiguous() keeps an offset view as it is)
+        x2 = x2.clone(memory_format=torch.contiguous_format)
     m = x2.shape[0]
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return out.view(*lead, n)
-    code, group = layout.code, layout.group
+    plan = launch_plan(layout, m, compiler.num_sms(), splits, stages)
     rows = layout.codes.shape[0]
-    nchunks = layout.padded_k // (128 if code == 0 else 64)
-    slabs = -(-layout.padded_k // SLAB_K)
-    row_blocks = -(-rows // BLOCK_ROWS)
-    cfg = tile_config(m)
-    cfg["STAGES"] = stages or stages_for(code, group, cfg["WM"], cfg["NT"])
-    nsplit, per = split_plan(row_blocks, slabs, compiler.num_sms(), splits)
-    bm = 8 * cfg["NT"] * cfg["WM"]
-    grid = (-(-m // bm), row_blocks, nsplit)
-    if nsplit > 1:
-        if grid[0] * row_blocks > MAX_TICKETS:
-            raise ValueError(f"quant_gemm_pipe: {grid[0] * row_blocks} split tiles exceed {MAX_TICKETS}")
-        ws = torch.empty(nsplit, m, rows, dtype=torch.float32, device=x.device)
+    if plan.splits > 1:
+        ws = torch.empty(plan.splits, m, rows, dtype=torch.float32, device=x.device)
         tickets = _tickets_for(x.device)
     else:
         ws = tickets = out  # unused by the kernel when S = 1
-    smem = cfg["STAGES"] * stage_bytes(code, group, cfg["WM"], cfg["NT"])
-    kernel = compiler.get_kernel("quant_gemm_pipe.cu", "quant_gemm_pipe_kernel", x.dtype, WCODE=code, GROUP=group,
-                                 **cfg)
-    _allow_smem(kernel, smem)
+    kernel = compiler.get_kernel("quant_gemm_pipe.cu", "quant_gemm_pipe_kernel", x.dtype, **plan.defines)
+    compiler.allow_dynamic_smem(kernel, plan.smem)
     p = compiler.ptr
-    compiler.run(kernel, grid, 32 * 4 * cfg["WM"], p(out), p(x2), p(layout.codes), p(layout.scales), p(ws),
-                 p(tickets), np.int32(m), np.int32(n), np.int32(rows), np.int32(k), np.int32(nchunks),
-                 np.int32(layout.groups_per_row), np.int32(nsplit), np.int32(per), np.int64(layout.row_bytes),
-                 np.int64(x2.stride(0)), np.int64(n), shmem=smem)
+    compiler.run(kernel, plan.grid, plan.threads, p(out), p(x2), p(layout.codes), p(layout.scales), p(ws),
+                 p(tickets), np.int32(m), np.int32(n), np.int32(rows), np.int32(k), np.int32(plan.nchunks),
+                 np.int32(layout.groups_per_row), np.int32(plan.splits), np.int32(plan.slabs_per_split),
+                 np.int64(layout.row_bytes), np.int64(x2.stride(0)), np.int64(n), shmem=plan.smem)
     return out.view(*lead, n)
