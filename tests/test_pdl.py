@@ -5,6 +5,7 @@ for the previous kernel before anything else, and (where NVRTC is installed) wha
 import re
 
 import pytest
+import torch
 
 from forge.kernels import compiler
 
@@ -118,6 +119,25 @@ def test_switching_pdl_gives_each_state_its_own_build(monkeypatch, mocked):
     assert len(mocked["plain"]) == 1 and len(mocked["pdl"]) == 1
 
 
+def test_a_refused_pdl_launch_falls_back_and_turns_pdl_off(monkeypatch, mocked, caplog):
+    """cuLaunchKernelEx refusing the attribute (an old driver, a capture mode that does not take it) is not a
+    crash: that launch goes through cuda.core without it (a FORGE_PDL=1 build is correct either way), one
+    warning says why, and PDL stays off afterwards."""
+    monkeypatch.setattr(compiler, "_pdl", True)
+    kernel = compiler.get_kernel("norm.cu", "rms_norm_kernel", None, VEC=8)
+    monkeypatch.setattr(compiler, "_launch_pdl", lambda *a: mocked["pdl"].append(a) or "CUDA_ERROR_NOT_SUPPORTED")
+    with caplog.at_level("WARNING", logger="forge"):
+        compiler.run(kernel, 4, 128, 1, 2, shmem=64)
+    assert len(mocked["pdl"]) == 1
+    assert mocked["plain"] == [("rms_norm_kernel", {"grid": 4, "block": 128, "shmem_size": 64}, (1, 2))]
+    assert "CUDA_ERROR_NOT_SUPPORTED" in caplog.text and compiler.pdl_enabled() is False
+    compiler.run(kernel, 4, 128, 1, 2, shmem=64)
+    assert len(mocked["pdl"]) == 1 and len(mocked["plain"]) == 2
+    assert mocked["compiled"][-1] == ("norm.cu", {"VEC": 8, "FORGE_PDL": 1})
+    compiler.get_kernel("norm.cu", "rms_norm_kernel", None, VEC=8)
+    assert mocked["compiled"][-1] == ("norm.cu", {"VEC": 8})  # later kernels: the builds without PDL
+
+
 def test_dim3():
     assert compiler._dim3(5) == (5, 1, 1)
     assert compiler._dim3((2, 3)) == (2, 3, 1)
@@ -212,6 +232,37 @@ def test_forge_pdl_compiles_the_wait_on_sm90_only(file, defines):
     assert with_pdl.count("griddepcontrol.launch_dependents") == kernels
     assert "griddepcontrol" not in nvrtc_ptx(file, "sm_90", **defines)
     assert "griddepcontrol" not in nvrtc_ptx(file, "sm_80", FORGE_PDL=1, **defines)
+
+
+# A PDL build must not read another kernel's output through the non-coherent path: ld.global.nc is outside the
+# PTX memory model that griddepcontrol.wait orders, and const __restrict__ loads (which become ld.global.nc) may
+# also move above the wait. Explicit streaming loads of weights (ld.global.nc.L1::no_allocate) and the decode
+# kernel's block-table reads (__ldg; written by copies before the step) are the only nc loads left.
+NC_ALLOWED = {"paged_attention.cu": "ld.global.nc.s32"}  # the __ldg of a block-table entry
+
+
+@pytest.mark.parametrize("file,defines", [
+    ("norm.cu", dict(FORGE_DTYPE=1, VEC=8)), ("norm.cu", dict(FORGE_DTYPE=0, VEC=4, FORGE_WDTYPE=0)),
+    ("activation.cu", dict(FORGE_DTYPE=1, VEC=8)), ("rope_cache.cu", dict(FORGE_DTYPE=1, VEC=8, FORGE_CACHE_DTYPE=1)),
+    ("paged_attention.cu", None),  # (its kernel_config's defines for D = 128, group 4)
+    ("sampling.cu", {}), ("token_bitmask.cu", {}),
+    ("moe.cu", dict(FORGE_DTYPE=1, VEC=8, WARPS=4, ROWS=4, MAX_PAIRS=8, PER_LANE=4)),
+    ("quant_gemm.cu", dict(FORGE_DTYPE=1, WCODE=2, GROUP=0, NORM_PROLOGUE=1, ACT=1, RT=2)),
+    ("quant_gemm.cu", dict(FORGE_DTYPE=1, WCODE=0, GROUP=128)),
+    ("quant_gemm.cu", dict(FORGE_DTYPE=1, WCODE=1, GROUP=0, NORM_PROLOGUE=1)),
+])
+def test_pdl_builds_read_activations_coherently(file, defines):
+    if defines is None:
+        from forge.kernels import paged_attention
+
+        defines = dict(FORGE_DTYPE=1, FORGE_CACHE_DTYPE=1, BLOCK_SIZE=16,
+                       **paged_attention.kernel_config(128, 4, torch.bfloat16))
+    def nc_loads(ptx: str) -> list[str]:
+        return [line.strip() for line in ptx.splitlines() if re.search(r"ld\.global\.nc(?!\.L1::no_allocate)", line)
+                and not (file in NC_ALLOWED and NC_ALLOWED[file] in line)]
+
+    assert nc_loads(nvrtc_ptx(file, "sm_90", FORGE_PDL=1, **defines)) == []
+    assert nc_loads(nvrtc_ptx(file, "sm_90", **defines))  # (without PDL, const __restrict__ gives nc loads)
 
 
 # ---- benchmarks/decode.py --pdl ------------------------------------------------------------------------

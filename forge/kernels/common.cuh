@@ -19,6 +19,22 @@
 #define FORGE_FP8 0
 #endif
 
+// Programmatic dependent launch (FORGE_PDL=1, sm_90+; see forge_wait_prior_grid below). A PDL build has no
+// __restrict__: a const __restrict__ pointer lets the compiler read through the non-coherent path
+// (ld.global.nc), which the PTX memory model leaves out (griddepcontrol.wait does not make the previous
+// kernel's writes visible to it), and treat the loads as invariant, free to move above the wait (llama.cpp
+// hit both: ggml-org/llama.cpp#24030). Explicit ld.global.nc loads stay: weights, and
+// paged_attention's block tables (written by copies before the step, never by a kernel that overlaps).
+#ifndef FORGE_PDL
+#define FORGE_PDL 0
+#endif
+#if FORGE_PDL && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define FORGE_PDL_ACTIVE 1
+#define __restrict__
+#else
+#define FORGE_PDL_ACTIVE 0
+#endif
+
 #ifndef INFINITY  // NVRTC has no <math.h>
 #define INFINITY __int_as_float(0x7f800000)
 #endif
@@ -144,15 +160,6 @@ __device__ __forceinline__ float block_sum(float x, float* scratch) {
 // writes are visible, so a kernel that calls it also completes after every earlier kernel.
 // forge_allow_dependents() lets the next kernel launch (its blocks run their prologue, then wait for this
 // kernel's completion). Without FORGE_PDL, or below sm_90, both are empty and the cubins are those of before.
-#ifndef FORGE_PDL
-#define FORGE_PDL 0
-#endif
-#if FORGE_PDL && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-#define FORGE_PDL_ACTIVE 1
-#else
-#define FORGE_PDL_ACTIVE 0
-#endif
-
 __device__ __forceinline__ void forge_wait_prior_grid() {
 #if FORGE_PDL_ACTIVE
     asm volatile("griddepcontrol.wait;\n" ::: "memory");

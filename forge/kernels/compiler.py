@@ -279,8 +279,10 @@ def run(kernel, grid, block, *args, shmem: int = 0) -> None:
     compiled with FORGE_PDL=1 launches with programmatic stream serialization."""
     function = _pdl_functions.get(id(kernel))
     if function is not None:
-        _launch_pdl(function, grid, block, shmem, args)
-        return
+        err = _launch_pdl(function, grid, block, shmem, args)
+        if err is None:
+            return
+        _pdl_failed(err)  # (a FORGE_PDL=1 build is correct without the attribute: it launches plainly)
     config = LaunchConfig(grid=grid, block=block, shmem_size=shmem)
     launch(current_stream(), config, kernel, *args)
 
@@ -309,10 +311,18 @@ def _dim3(d) -> tuple[int, int, int]:
     return (tuple(d) + (1, 1))[:3]
 
 
-def _launch_pdl(function, grid, block, shmem: int, args: tuple) -> None:
+def _pdl_failed(err) -> None:
+    """A PDL launch was refused: PDL is off from now on (one warning), every kernel launches as before."""
+    global _pdl
+    log.warning("forge kernels: cuLaunchKernelEx with programmatic dependent launch failed (%s): PDL off", err)
+    _pdl_functions.clear()
+    _pdl = False
+
+
+def _launch_pdl(function, grid, block, shmem: int, args: tuple):
     """cuLaunchKernelEx with CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 1 (cuda.core's
     LaunchConfig has no such attribute): the arguments are packed by cuda.core's own ParamHolder, and one
-    CUlaunchConfig per thread is reused."""
+    CUlaunchConfig per thread is reused. Returns None, or the driver's error."""
     from cuda.bindings import driver
 
     config = getattr(_local, "pdl_config", None)
@@ -331,8 +341,7 @@ def _launch_pdl(function, grid, block, shmem: int, args: tuple) -> None:
     config.hStream = torch.cuda.current_stream().cuda_stream
     params = _local.param_holder(args)  # (alive until the launch has copied the arguments)
     (err,) = driver.cuLaunchKernelEx(config, function, params.ptr, 0)
-    if err != driver.CUresult.CUDA_SUCCESS:
-        raise RuntimeError(f"forge kernels: cuLaunchKernelEx failed: {err}")
+    return None if err == driver.CUresult.CUDA_SUCCESS else err
 
 
 DEFAULT_SMEM = 48 * 1024  # dynamic + static shared memory a launch may take without opting in

@@ -44,6 +44,7 @@ def off_and_on(set_pdl, make_step, graph: bool) -> list[list[torch.Tensor]]:
         step = make_step()
         outs = replayed(step) if graph else step()
         torch.cuda.synchronize()
+        assert compiler.pdl_enabled() == on, "a PDL launch was refused and fell back (the log says why)"
         results.append([t.clone() for t in outs])
     return results
 
@@ -191,6 +192,43 @@ def test_bitmask_and_sampling_same_with_pdl(pdl, graph):
     assert_bitwise(off_and_on(pdl, sampling_chain_step, graph))
 
 
+def long_producer_step():
+    """Dependents of a long kernel: with PDL they launch once every block of the producer has started (its
+    trigger follows its wait), i.e. while its last wave still runs; a read before the wait, or through a stale
+    non-coherent cache line, would see the previous values. add_rms_norm over 32768 x 4096 rows -> silu_mul and
+    the fused norm + GEMM on the rows written last; a D2D copy (a memcpy, not a kernel: a plain edge in the
+    graph) between two PDL kernels. The two inputs differ, so stale reads show."""
+    from forge.kernels import quant_gemm
+    from forge.kernels.activation import silu_mul
+    from forge.kernels.norm import add_rms_norm, rms_norm
+
+    t, h = 32768, 4096
+    g = torch.Generator(device="cuda").manual_seed(6)
+    xs = [torch.randn(t, h, generator=g, device="cuda").to(torch.bfloat16) for _ in range(2)]
+    res = torch.randn(t, h, generator=g, device="cuda").to(torch.bfloat16)
+    norm_w = (1 + 0.1 * torch.randn(h, generator=g, device="cuda")).to(torch.bfloat16)
+    proj = (torch.randn(64, h, generator=g, device="cuda") * h ** -0.5).to(torch.bfloat16)
+    copy = torch.empty(t, h, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        outs = []
+        for x in xs:
+            n, r = add_rms_norm(x, res, norm_w, 1e-6)
+            a = silu_mul(n)
+            y, r2 = quant_gemm.rms_norm_linear(n[-4:], r[-4:], norm_w, 1e-6, proj)  # rows written last
+            copy.copy_(r)
+            m = rms_norm(copy, norm_w, 1e-6)
+            outs += [a, y, r2, m]
+        return outs
+
+    return step
+
+
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])
+def test_dependents_of_a_long_kernel_same_with_pdl(pdl, graph):
+    assert_bitwise(off_and_on(pdl, long_producer_step, graph))
+
+
 def moe_chain_step(num_tokens):
     """route -> align -> gate_up -> down -> sum (moe.cu's five kernels back to back), twice."""
     from forge.kernels import moe
@@ -257,6 +295,21 @@ def test_model_decodes_the_same_with_pdl(pdl, model_dir, quantization):
     off = decode(model_dir, **kwargs)
     pdl(True)
     on = decode(model_dir, **kwargs)
+    assert compiler.pdl_enabled(), "a PDL launch was refused and fell back (the log says why)"
+    assert on == off
+
+
+def test_model_with_the_fused_norm_gemm_decodes_the_same_with_pdl(pdl, model_dir, monkeypatch):
+    """FORGE_FUSED_NORM_GEMM=1 (rms_norm_linear's kernel after attention's o_proj / the MLP's down GEMM and
+    before rope_cache / the down GEMM): identical tokens and logprobs with PDL off and on."""
+    from forge.ops.cuda import FUSED_NORM_GEMM_ENV
+
+    monkeypatch.setenv(FUSED_NORM_GEMM_ENV, "1")
+    pdl(False)
+    off = decode(model_dir, dtype="bfloat16")
+    pdl(True)
+    on = decode(model_dir, dtype="bfloat16")
+    assert compiler.pdl_enabled(), "a PDL launch was refused and fell back (the log says why)"
     assert on == off
 
 
@@ -265,4 +318,5 @@ def test_model_graphs_equal_eager_with_pdl(pdl, model_dir):
     pdl(True)
     graphs = decode(model_dir, dtype="float32")
     eager = decode(model_dir, dtype="float32", enforce_eager=True)
+    assert compiler.pdl_enabled(), "a PDL launch was refused and fell back (the log says why)"
     assert [tokens for tokens, _ in graphs] == [tokens for tokens, _ in eager]
