@@ -122,6 +122,24 @@ def test_norm_gemm_fits():
     assert not fits(1, 576, act="relu")
 
 
+def test_norm_gemm_fits_only_aligned_contiguous_operands():
+    """The kernel reads hidden, residual, the norm weight and a float weight with 16-byte vector loads at
+    row strides of K: a row slice starting on a 16-byte boundary fits, a view shifted by one element, a column
+    slice or a transposed weight does not (CudaOps then composes)."""
+    k = 576
+    base = torch.zeros(10, k + 8, dtype=torch.bfloat16)
+    hidden = torch.zeros(10, k, dtype=torch.bfloat16)
+    norm_weight = torch.ones(k, dtype=torch.bfloat16)
+    weight = torch.zeros(64, k, dtype=torch.bfloat16)
+    assert quant_gemm.norm_gemm_fits(hidden[2:6], hidden[6:10], norm_weight, weight)  # 2 x 1152-byte rows in
+    shifted = base.view(-1)[1: 1 + 4 * k].view(4, k)  # contiguous, 2 bytes past a 16-byte boundary
+    assert not quant_gemm.norm_gemm_fits(shifted, None, norm_weight, weight)
+    assert not quant_gemm.norm_gemm_fits(hidden[:4], shifted, norm_weight, weight)
+    assert not quant_gemm.norm_gemm_fits(base[:4, :k], None, norm_weight, weight)  # rows K + 8 apart
+    assert not quant_gemm.norm_gemm_fits(hidden[:4], None, torch.ones(k + 1, dtype=torch.bfloat16)[1:], weight)
+    assert not quant_gemm.norm_gemm_fits(hidden[:4], None, norm_weight, torch.zeros(k, 64, dtype=torch.bfloat16).T)
+
+
 def test_norm_gemm_fits_layouts():
     """int4 / fp8 layouts take the prologue without the gated epilogue (their rows are padded: the gate and
     up halves do not line up with row tiles)."""
