@@ -61,6 +61,7 @@ def mocked(monkeypatch):
     calls = {"compiled": [], "plain": [], "pdl": []}
     for cache in ("_fast", "_kernels", "_modules", "_pdl_functions"):
         monkeypatch.setattr(compiler, cache, {})
+    monkeypatch.setattr(compiler, "_pdl_refused", None)
     monkeypatch.setattr(compiler, "_ensure_device_current", lambda: 0)
     monkeypatch.setattr(compiler, "arch_of", lambda dev=None: "sm_90")
     monkeypatch.setattr(compiler.torch.cuda, "current_device", lambda: 0)
@@ -136,6 +137,9 @@ def test_a_refused_pdl_launch_falls_back_and_turns_pdl_off(monkeypatch, mocked, 
     assert mocked["compiled"][-1] == ("norm.cu", {"VEC": 8, "FORGE_PDL": 1})
     compiler.get_kernel("norm.cu", "rms_norm_kernel", None, VEC=8)
     assert mocked["compiled"][-1] == ("norm.cu", {"VEC": 8})  # later kernels: the builds without PDL
+    monkeypatch.setattr(compiler, "available", lambda: True)
+    assert compiler.set_pdl(True) is False  # (its PDL builds would launch without the attribute)
+    assert "refused" in compiler._pdl_unsupported()
 
 
 def test_dim3():

@@ -61,6 +61,7 @@ _include_dirs: list[str] | None = None
 compile_seconds = 0.0  # total time spent in NVRTC, for the benchmark notes
 _pdl: bool | None = None  # None: FORGE_PDL not read yet
 _pdl_functions: dict[int, object] = {}  # id(kernel) -> its CUfunction, for the kernels compiled with FORGE_PDL=1
+_pdl_refused = None  # the driver's error, once a PDL launch has been refused
 
 
 def available() -> bool:
@@ -174,6 +175,8 @@ def _pdl_unsupported() -> str | None:
     launches) and cuda.bindings' launch attribute."""
     if not available():
         return "no CUDA device or cuda.core"
+    if _pdl_refused is not None:
+        return f"cuLaunchKernelEx refused it ({_pdl_refused})"
     major, minor = torch.cuda.get_device_capability()
     if major < 9:
         return f"the GPU is sm_{major}{minor} (PDL needs sm_90+)"
@@ -312,11 +315,12 @@ def _dim3(d) -> tuple[int, int, int]:
 
 
 def _pdl_failed(err) -> None:
-    """A PDL launch was refused: PDL is off from now on (one warning), every kernel launches as before."""
-    global _pdl
+    """A PDL launch was refused: PDL is off for the rest of the process (one warning; set_pdl(True) is refused
+    too, since the PDL builds already made would launch plainly), every kernel launches as before."""
+    global _pdl, _pdl_refused
     log.warning("forge kernels: cuLaunchKernelEx with programmatic dependent launch failed (%s): PDL off", err)
     _pdl_functions.clear()
-    _pdl = False
+    _pdl, _pdl_refused = False, err
 
 
 def _launch_pdl(function, grid, block, shmem: int, args: tuple):
