@@ -57,6 +57,7 @@ variants.append(("sampling.cu", dict()))
 variants.append(("token_bitmask.cu", dict()))
 # quant_gemm.cu: each weight format at the launcher's tile shapes (M = 1, 16, 64); the float-weight GEMM with
 # the norm prologue (also under int4 / fp8, and a float32 norm weight) and the gated epilogues (rms_norm_linear)
+# and the RoPE epilogue (rms_norm_qkv_rope_cache)
 from forge.kernels import quant_gemm  # noqa: E402
 
 for c in (1, 2):
@@ -71,6 +72,14 @@ for c in (1, 2):
                                                **quant_gemm.kernel_config(1, 64, 2, rt=2))))
     variants.append(("quant_gemm.cu", dict(FORGE_DTYPE=c, WCODE=2, GROUP=0, NORM_PROLOGUE=1, FORGE_WDTYPE=0,
                                            **quant_gemm.kernel_config(1, 64, 2))))
+    # rms_norm_qkv_rope_cache (ROPE_HEAD_DIM): float weights under a cache of x's dtype and float8; int4 / fp8 layouts
+    for d in quant_gemm.ROPE_HEAD_DIMS:
+        for cache in (c, codes[torch.float8_e4m3fn]):
+            variants.append(("quant_gemm.cu", dict(FORGE_DTYPE=c, WCODE=2, GROUP=0, NORM_PROLOGUE=1, ROPE_HEAD_DIM=d,
+                                                   FORGE_CACHE_DTYPE=cache, **quant_gemm.rope_kernel_config(1, 64, 2))))
+    for code, group in ((0, 32), (0, 128), (1, 0), (1, 128)):
+        variants.append(("quant_gemm.cu", dict(FORGE_DTYPE=c, WCODE=code, GROUP=group, NORM_PROLOGUE=1, ROPE_HEAD_DIM=128,
+                                               FORGE_CACHE_DTYPE=c, **quant_gemm.rope_kernel_config(1, 64, code))))
 # quant_gemm_pipe.cu: every format, group, dtype and token tiling, at the launcher's ring depth
 from forge.kernels import quant_gemm_pipe  # noqa: E402
 

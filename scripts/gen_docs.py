@@ -268,8 +268,9 @@ ENV_VARS = {
     "CXX": "CPU: the C++ compiler that builds forge's native kernels (default: c++, g++, then clang++)",
     "FORGE_CUDA_INCLUDE": "CUDA: a folder with cuda_bf16.h / cuda_fp16.h for NVRTC, tried first",
     "FORGE_FUSED_NORM_GEMM": "CUDA: 1 computes each decoder layer's residual add + RMSNorm inside the GEMM that "
-                             "reads it (qkv, gate_up; and SiLU / GELU x up in gate_up's) as one forge kernel at "
-                             "steps of <= 8 tokens: 3 fewer kernels per layer (unmeasured, issue 18). Default 0",
+                             "reads it (qkv, gate_up; and SiLU / GELU x up in gate_up's, RoPE and the KV-cache "
+                             "write in qkv's) as one forge kernel at steps of <= 8 tokens: 4 fewer kernels per "
+                             "layer (unmeasured, issue 18). Default 0",
     "FORGE_PDL": "CUDA: 1 launches forge's own kernels with programmatic dependent launch (each may start while "
                  "the previous kernel finishes; sm_90+, off with a log line elsewhere; unmeasured, issue 18). "
                  "Default 0",

@@ -47,6 +47,14 @@
 // gate_up weight of 2N rows (gate rows first): a block's row tile 0 holds gate rows j.., tile 1 the matching
 // up rows N + j..; both sums are rounded to x's dtype, then the activation and the product, as
 // activation.cu's silu_mul / gelu_tanh_mul do on the GEMM's output.
+// ROPE_HEAD_DIM = D (a multiple of 32; with NORM_PROLOGUE, RT = 2): the qkv GEMM + rope_cache.cu's
+// qkv_rope_cache in one launch (ops.rms_norm_qkv_rope_cache). W is the fused qkv weight, (H + 2 Hkv) heads of D
+// rows; grid.y = N / 32: block y takes head y / (D/32) and its rows i = 16 (y % (D/32)) + 0..15 as row tile 0,
+// the rows i + D/2 they rotate with as row tile 1. Each sum is rounded to x's dtype (the GEMM's output), then
+// q / k rows are rotated (neox) from the float32 cos / sin table at the token's position, as rope_cache.cu
+// does; q goes to out [M, H, D], k and v to the paged cache at the token's slot (slot < 0: not written;
+// FORGE_CACHE_DTYPE 3: k / k_scale, v / v_scale in e4m3). Bytes against the two launches it replaces: the qkv
+// activations [M, N] neither written nor read back; M (H + Hkv) D floats of cos / sin read (L1 / L2) as before.
 #include "common.cuh"
 #include <cuda_fp8.h>
 
@@ -74,6 +82,9 @@
 #ifndef ACT
 #define ACT 0
 #endif
+#ifndef ROPE_HEAD_DIM
+#define ROPE_HEAD_DIM 0
+#endif
 
 static_assert(FORGE_DTYPE == 1 || FORGE_DTYPE == 2, "quant_gemm computes in bfloat16 or float16");
 static_assert(WCODE == 0   ? (GROUP == 32 || GROUP == 64 || GROUP == 128)
@@ -81,6 +92,11 @@ static_assert(WCODE == 0   ? (GROUP == 32 || GROUP == 64 || GROUP == 128)
                            : (WCODE == 2 && GROUP == 0),
               "int4 groups of 32/64/128 inputs; fp8 per row (0) or per 128 inputs; float weights unscaled");
 static_assert(ACT == 0 || (WCODE == 2 && RT == 2), "the gated epilogue: float weights, a gate and an up row tile");
+static_assert(ROPE_HEAD_DIM == 0 || (ROPE_HEAD_DIM % 32 == 0 && RT == 2 && ACT == 0 && NORM_PROLOGUE),
+              "the RoPE epilogue: whole 16-row tiles in each half of a head, the two halves' tiles in one block");
+// Row tile r of a block starts TILE_ROWS r rows after its first (RoPE: the second half of the head). (A macro:
+// a namespace-scope constexpr is a symbol of the cubin.)
+#define TILE_ROWS (ROPE_HEAD_DIM ? ROPE_HEAD_DIM / 2 : 16)
 
 constexpr int CHUNK_K = WCODE == 0 ? 128 : WCODE == 1 ? 64 : 32;  // inputs of a row in one 64-byte chunk
 constexpr int KT_PER_CHUNK = CHUNK_K / 16;     // mma k-tiles per chunk
@@ -155,6 +171,29 @@ typedef Silu Act;
 #else
 typedef GeluTanh Act;
 #endif
+#endif
+
+#if ROPE_HEAD_DIM
+#ifndef FORGE_CACHE_DTYPE
+#define FORGE_CACHE_DTYPE FORGE_DTYPE
+#endif
+typedef DtypeOf<FORGE_CACHE_DTYPE>::type cache_t;
+
+// rope_cache.cu's rotation of a pair x1 = x[i], x2 = x[i + D/2]: (x1 cos - x2 sin, x2 cos + x1 sin) in float32,
+// with the roundings ptxas gives its `a * c - b * s` / `b * c + a * s` (SASS of its 44 variants: FMUL, then
+// FFMA(x1, cos, -(x2 sin)) and FFMA(x2, cos, x1 sin)) written out, so that the two agree bit for bit.
+__device__ __forceinline__ float2 rope_rotate(float x1, float x2, float c, float s) {
+    return make_float2(__fmaf_rn(x1, c, -__fmul_rn(x2, s)), __fmaf_rn(x2, c, __fmul_rn(x1, s)));
+}
+
+// A value as rope_cache.cu's to_cache stores it (fp8: x / scale, an IEEE division, rounded and saturated).
+__device__ __forceinline__ cache_t to_cache(float x, float scale) {
+#if FORGE_FP8
+    return from_float<cache_t>(x / scale);
+#else
+    return from_float<cache_t>(x);
+#endif
+}
 #endif
 
 #if NORM_PROLOGUE
@@ -232,6 +271,12 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) quant_gemm_kernel(
     const scalar_t* __restrict__ residual, scalar_t* __restrict__ residual_out,
     const wscalar_t* __restrict__ norm_weight, float eps, int norm_threads
 #endif
+#if ROPE_HEAD_DIM
+    ,  // out = q [M, H, D]; positions / slot_mapping [M]; cos_sin [max_pos, D]; caches [blocks, block size, Hkv, D]
+    const long long* __restrict__ positions, const float* __restrict__ cos_sin,
+    const long long* __restrict__ slot_mapping, cache_t* __restrict__ k_cache, cache_t* __restrict__ v_cache,
+    int num_heads, int num_kv_heads, float k_scale, float v_scale
+#endif
 ) {
 #if NORM_PROLOGUE
     extern __shared__ __align__(16) unsigned char smem[];  // x of the block's tokens, then the warps' sums
@@ -241,7 +286,11 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) quant_gemm_kernel(
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, c = lane & 3;
     const int tok0 = blockIdx.x * (NT * 8);
+#if ROPE_HEAD_DIM  // blocks of a head: D / 32
+    const int row0 = blockIdx.y / (ROPE_HEAD_DIM / 32) * ROPE_HEAD_DIM + 16 * (blockIdx.y % (ROPE_HEAD_DIM / 32));
+#else
     const int row0 = blockIdx.y * ((ACT ? 1 : RT) * 16);
+#endif
 
     const int nchunks = K / CHUNK_K;
     int per = (nchunks + WARPS - 1) / WARPS;
@@ -281,10 +330,10 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) quant_gemm_kernel(
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
 #if WCODE == 2  // rows are not padded: past the last, read the last (never stored)
-            const int wr = ACT ? r * N + min(row0 + g + 8 * h, N - 1) : min(row0 + 16 * r + g + 8 * h, N - 1);
+            const int wr = ACT ? r * N + min(row0 + g + 8 * h, N - 1) : min(row0 + TILE_ROWS * r + g + 8 * h, N - 1);
             wrow[r][h] = w + (long long)wr * w_row_bytes + 16 * c;
 #else
-            wrow[r][h] = w + (long long)(row0 + 16 * r + g + 8 * h) * w_row_bytes + 16 * c;
+            wrow[r][h] = w + (long long)(row0 + TILE_ROWS * r + g + 8 * h) * w_row_bytes + 16 * c;
 #endif
         }
 #if NORM_PROLOGUE || (FORGE_PDL_ACTIVE && NT == 1)
@@ -406,7 +455,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) quant_gemm_kernel(
                     const int grp = WCODE == 0 ? kt * 16 / GROUP : chunk * CHUNK_K / GROUP;
 #pragma unroll
                     for (int r = 0; r < RT; ++r) {
-                        const long long r_lo = (long long)(row0 + 16 * r + g), r_hi = r_lo + 8;
+                        const long long r_lo = (long long)(row0 + TILE_ROWS * r + g), r_hi = r_lo + 8;
 #if WCODE == 0
                         const __half2* sz = reinterpret_cast<const __half2*>(scales);
                         const float2 lo = __half22float2(sz[r_lo * groups_per_row + grp]);  // (s, o)
@@ -458,7 +507,48 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) quant_gemm_kernel(
 #pragma unroll
             for (int i = 0; i < 4; ++i) red[warp][(r * NT + t) * 4 + i][lane] = acc[r][t][i];
     __syncthreads();
-#if ACT
+#if ROPE_HEAD_DIM
+    constexpr int HALF = ROPE_HEAD_DIM / 2;
+    const int head = blockIdx.y / (ROPE_HEAD_DIM / 32);
+    for (int idx = threadIdx.x; idx < NT * 4 * 32; idx += WARPS * 32) {  // row tile 0: x[i], 1: x[i + D/2]
+        const int v = idx >> 5, l = idx & 31;
+        float x1 = 0.f, x2 = 0.f;
+#pragma unroll
+        for (int wi = 0; wi < WARPS; ++wi) {
+            x1 += red[wi][v][l];
+            x2 += red[wi][NT * 4 + v][l];
+        }
+        const int t = v >> 2, iv = v & 3;
+        const int row = row0 + (l >> 2) + 8 * (iv >> 1);
+        const int tok = tok0 + 8 * t + 2 * (l & 3) + (iv & 1);
+        if (tok >= M) continue;
+#if WCODE == 1 && GROUP == 0
+        x1 *= reinterpret_cast<const float*>(scales)[row];
+        x2 *= reinterpret_cast<const float*>(scales)[row + HALF];
+#endif
+        const scalar_t a = from_float<scalar_t>(x1), b = from_float<scalar_t>(x2);  // the GEMM's output
+        const int i = row - head * ROPE_HEAD_DIM;  // in the first half of the head
+        const long long slot = head < num_heads ? 0 : slot_mapping[tok];
+        if (head < num_heads + num_kv_heads) {
+            const float* cs = cos_sin + positions[tok] * ROPE_HEAD_DIM;
+            const float2 o = rope_rotate(to_float(a), to_float(b), cs[i], cs[HALF + i]);
+            const scalar_t o1 = from_float<scalar_t>(o.x), o2 = from_float<scalar_t>(o.y);
+            if (head < num_heads) {
+                scalar_t* dst = out + ((long long)tok * num_heads + head) * ROPE_HEAD_DIM + i;
+                dst[0] = o1;
+                dst[HALF] = o2;
+            } else if (slot >= 0) {
+                cache_t* dst = k_cache + (slot * num_kv_heads + head - num_heads) * ROPE_HEAD_DIM + i;
+                dst[0] = to_cache(to_float(o1), k_scale);
+                dst[HALF] = to_cache(to_float(o2), k_scale);
+            }
+        } else if (slot >= 0) {
+            cache_t* dst = v_cache + (slot * num_kv_heads + head - num_heads - num_kv_heads) * ROPE_HEAD_DIM + i;
+            dst[0] = to_cache(to_float(a), v_scale);
+            dst[HALF] = to_cache(to_float(b), v_scale);
+        }
+    }
+#elif ACT
     for (int idx = threadIdx.x; idx < NT * 4 * 32; idx += WARPS * 32) {  // row tile 0: gate, 1: up
         const int v = idx >> 5, l = idx & 31;
         float gate = 0.f, up = 0.f;

@@ -1,6 +1,6 @@
 """Launchers of quant_gemm.cu: x @ W.T for int4 / fp8 weight layouts (forge.quant.cuda) and for float
-weights, the residual add + RMSNorm folded into such a GEMM (rms_norm_linear), and the int4 layout's
-dequantization for prefill-sized steps."""
+weights, the residual add + RMSNorm folded into such a GEMM (rms_norm_linear; for qkv also RoPE and the KV-cache
+write: rms_norm_qkv_rope_cache), and the int4 layout's dequantization for prefill-sized steps."""
 
 from __future__ import annotations
 
@@ -14,6 +14,9 @@ FLOAT_CODE = 2  # WCODE of a float (bf16 / fp16) weight
 FLOAT_CHUNK = 32  # inputs per 64-byte chunk of a float row: K must be a multiple
 ACTS = {None: 0, "silu": 1, "gelu_tanh": 2}  # ACT of the gated epilogue
 PROLOGUE_ROW_SMEM = 32 * 4 + 4  # norm_prologue's static shared memory per token: 32 partial sums, 1 / rms
+# head_dims of the RoPE epilogue (ROPE_HEAD_DIM): compiled without local memory in the main loop and tested (at 96,
+# the division by D / 32 takes registers: 64 of them and a spill reload per batch); other head_dims compose
+ROPE_HEAD_DIMS = (64, 128)
 
 
 def kernel_config(m: int, rows: int, code: int, nt: int | None = None, rt: int | None = None,
@@ -164,6 +167,75 @@ def rms_norm_linear(hidden: torch.Tensor, residual: torch.Tensor | None, norm_we
                  np.uint64(0) if residual is None else compiler.ptr(res_out), compiler.ptr(norm_weight),
                  np.float32(eps), np.int32(threads), shmem=shmem)
     return out, res_out
+
+
+def rope_kernel_config(m: int, rows: int, code: int, **config) -> dict:
+    """rms_norm_qkv_rope_cache's tiles: the two row tiles of a head's halves; 2 chunks in flight, which keeps the
+    weight bytes in flight per lane those of rms_norm_linear's qkv (1 row tile x 4 chunks; int4 already 2 x 2) and
+    the main loop free of local memory (4 chunks of 2 float tiles: 80 registers and a spill reload per batch)."""
+    return kernel_config(m, rows, code, **{"rt": 2, "unroll": 2, **config})
+
+
+def rope_cache_fits(hidden: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, weight,
+                    cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int,
+                    num_kv_heads: int, head_dim: int) -> bool:
+    """Whether rms_norm_qkv_rope_cache's kernel takes these operands: what norm_gemm_fits takes (no act) for a
+    qkv weight of (num_heads + 2 num_kv_heads) heads of head_dim rows, head_dim in ROPE_HEAD_DIMS (each half of a
+    head whole 16-row tiles), rope_cache's float32 cos / sin table [max_pos, head_dim], and contiguous caches
+    [..., num_kv_heads, head_dim] of hidden's dtype or float8 (e4m3), within the block's shared memory."""
+    rows = (num_heads + 2 * num_kv_heads) * head_dim
+    if head_dim not in ROPE_HEAD_DIMS or weight.shape[0] != rows or not norm_gemm_fits(hidden, residual, norm_weight, weight):
+        return False
+    if cos_sin_cache.dtype != torch.float32 or not cos_sin_cache.is_contiguous() or cos_sin_cache.shape[-1] != head_dim:
+        return False
+    if k_cache.dtype not in (hidden.dtype, torch.float8_e4m3fn) or v_cache.dtype != k_cache.dtype:
+        return False
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()) or k_cache.shape[-2:] != (num_kv_heads, head_dim) \
+            or v_cache.shape != k_cache.shape:
+        return False
+    code = FLOAT_CODE if isinstance(weight, torch.Tensor) else weight.code
+    if code != FLOAT_CODE and weight.codes.shape[0] != rows:  # (rows a multiple of 32: no padding)
+        return False
+    cfg = rope_kernel_config(hidden.shape[0], rows, code)
+    limit = compiler.max_block_smem(hidden.device.index) if hidden.is_cuda else compiler.DEFAULT_SMEM
+    return _prologue_smem(hidden.shape[0], hidden.shape[1], code, cfg) + 8 * cfg["NT"] * PROLOGUE_ROW_SMEM <= limit
+
+
+def rms_norm_qkv_rope_cache(hidden: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
+                            eps: float, weight, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+                            k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, num_heads: int,
+                            num_kv_heads: int, head_dim: int, k_scale: float = 1.0, v_scale: float = 1.0,
+                            **config) -> tuple[torch.Tensor, torch.Tensor]:
+    """ops.rms_norm_qkv_rope_cache in one launch (operands as rope_cache_fits accepts): rms_norm_linear's qkv
+    (bit for bit), rotated and written to the cache as rope_cache.qkv_rope_cache does (slot < 0: not written)
+    -> (q [M, H, D], residual_out)."""
+    m, k = hidden.shape
+    q = torch.empty(m, num_heads, head_dim, dtype=hidden.dtype, device=hidden.device)
+    res_out = hidden if residual is None else torch.empty_like(hidden)
+    rows = weight.shape[0]
+    if isinstance(weight, torch.Tensor):
+        code, group, kpad, row_bytes, gpr, scales, w = FLOAT_CODE, 0, k, k * 2, 0, None, weight
+    else:
+        code, group, kpad, row_bytes = weight.code, weight.group, weight.padded_k, weight.row_bytes
+        gpr, scales, w = weight.groups_per_row, weight.scales, weight.codes
+    cfg = rope_kernel_config(m, rows, code, **config)
+    kernel = compiler.get_kernel("quant_gemm.cu", "quant_gemm_kernel", hidden.dtype, WCODE=code, GROUP=group,
+                                 NORM_PROLOGUE=1, ROPE_HEAD_DIM=head_dim,
+                                 FORGE_WDTYPE=compiler.dtype_code(norm_weight.dtype),
+                                 FORGE_CACHE_DTYPE=compiler.dtype_code(k_cache.dtype), **cfg)
+    shmem = _prologue_smem(m, k, code, cfg)
+    compiler.allow_dynamic_smem(kernel, shmem)
+    positions, slot_mapping = positions.to(torch.int64).contiguous(), slot_mapping.to(torch.int64).contiguous()
+    compiler.run(kernel, (-(-m // (8 * cfg["NT"])), rows // 32), 32 * cfg["WARPS"], compiler.ptr(q),
+                 compiler.ptr(hidden), compiler.ptr(w), np.uint64(0) if scales is None else compiler.ptr(scales),
+                 np.int32(m), np.int32(rows), np.int32(kpad), np.int32(k), np.int64(row_bytes), np.int32(gpr),
+                 np.int64(k), np.int64(0), np.uint64(0) if residual is None else compiler.ptr(residual),
+                 np.uint64(0) if residual is None else compiler.ptr(res_out), compiler.ptr(norm_weight),
+                 np.float32(eps), np.int32(norm._config(k, hidden, norm_weight)[1]), compiler.ptr(positions),
+                 compiler.ptr(cos_sin_cache), compiler.ptr(slot_mapping), compiler.ptr(k_cache),
+                 compiler.ptr(v_cache), np.int32(num_heads), np.int32(num_kv_heads), np.float32(k_scale),
+                 np.float32(v_scale), shmem=shmem)
+    return q, res_out
 
 
 def int4_dequantize(layout, dtype: torch.dtype, rows: torch.Tensor | None = None) -> torch.Tensor:

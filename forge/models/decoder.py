@@ -7,7 +7,8 @@ scaled embeddings, (1 + w) norms. Per-layer sliding windows, the attention scale
 from the ModelConfig.
 
 Weights are held fused: q/k/v as one matrix and gate/up as one, so each is a single GEMM; the
-`qkv_rope_cache` op splits the result, applies RoPE and writes K/V into the paged cache. Which HF
+`qkv_rope_cache` op splits the result, applies RoPE and writes K/V into the paged cache (with the input norm
+and the GEMM: `rms_norm_qkv_rope_cache`, where no bias or q/k norm comes between). Which HF
 tensors make up each attribute is the schema's (forge.models.schema), not this file's.
 """
 
@@ -154,8 +155,7 @@ class DecoderModel:
             hidden = hidden * self.embed_scale
         residual = None  # (the first layer's input norm has no residual to add)
         for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches)):
-            qkv, residual = ops.rms_norm_linear(hidden, residual, layer.input_norm, eps, layer.qkv_proj)
-            hidden = self.attention(i, layer, qkv, meta, kv_cache)
+            hidden, residual = self.attention(i, layer, hidden, residual, meta, kv_cache)
             if layer.attn_out_norm is not None:
                 hidden = ops.rms_norm(hidden, layer.attn_out_norm, eps)
             hidden, residual = self.mlp(i, layer, hidden, residual)
@@ -164,23 +164,27 @@ class DecoderModel:
         hidden, _ = ops.add_rms_norm(hidden, residual, self.norm, eps)
         return hidden
 
-    def attention(self, i: int, layer: LayerWeights, qkv: torch.Tensor, meta: AttentionMetadata,
-                  kv_cache) -> torch.Tensor:
-        """Layer i's self-attention from its qkv projection [T, q_size + 2 kv_size] (of the normed hidden
-        states, no bias yet) -> [T, hidden] (all-reduced)."""
-        ops, cfg = self.ops, self.config
+    def attention(self, i: int, layer: LayerWeights, hidden: torch.Tensor, residual: torch.Tensor | None,
+                  meta: AttentionMetadata, kv_cache) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i's residual add + input norm, qkv projection (+ bias, q/k norms), RoPE and KV-cache write, then
+        its self-attention -> ([T, hidden] all-reduced, the new residual)."""
+        ops, cfg, eps = self.ops, self.config, self.config.rms_norm_eps
         k_cache, v_cache = kv_cache
-        if layer.qkv_bias is not None:
-            qkv = qkv + layer.qkv_bias
-        if layer.q_norm is not None:
-            qkv = self.qk_norm(qkv, layer)
-        q = ops.qkv_rope_cache(
-            qkv, meta.positions, self.layer_rope[i], k_cache, v_cache, meta.slot_mapping,
-            self.num_heads, self.num_kv_heads, cfg.head_dim, **self.kv_scales[i],
-        )
+        rope_cache = (meta.positions, self.layer_rope[i], k_cache, v_cache, meta.slot_mapping, self.num_heads,
+                      self.num_kv_heads, cfg.head_dim)
+        if layer.qkv_bias is None and layer.q_norm is None:  # the qkv GEMM's output goes straight to RoPE
+            q, residual = ops.rms_norm_qkv_rope_cache(hidden, residual, layer.input_norm, eps, layer.qkv_proj,
+                                                      *rope_cache, **self.kv_scales[i])
+        else:
+            qkv, residual = ops.rms_norm_linear(hidden, residual, layer.input_norm, eps, layer.qkv_proj)
+            if layer.qkv_bias is not None:
+                qkv = qkv + layer.qkv_bias
+            if layer.q_norm is not None:
+                qkv = self.qk_norm(qkv, layer)
+            q = ops.qkv_rope_cache(qkv, *rope_cache, **self.kv_scales[i])
         attn = ops.attention(q, k_cache, v_cache, meta, self.scale, window=self.windows[i],
                              soft_cap=cfg.attn_logit_softcap, **self.kv_scales[i])
-        return self.tp.all_reduce(ops.linear(attn.reshape(qkv.shape[0], self.q_size), layer.o_proj))
+        return self.tp.all_reduce(ops.linear(attn.reshape(q.shape[0], self.q_size), layer.o_proj)), residual
 
     def qk_norm(self, qkv: torch.Tensor, layer: LayerWeights) -> torch.Tensor:
         """RMSNorm over each head's q and k (before RoPE); v passes through."""

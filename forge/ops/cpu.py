@@ -164,6 +164,19 @@ class CpuOps:
             y = {"silu": self.silu_mul, "gelu_tanh": self.gelu_tanh_mul}[act](y)
         return y, residual
 
+    def rms_norm_qkv_rope_cache(self, hidden: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
+                                eps: float, qkv_weight, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+                                k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                                num_heads: int, num_kv_heads: int, head_dim: int, k_scale: float = 1.0,
+                                v_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """A layer's input norm through its KV-cache write, for a family without a qkv bias or q/k norms:
+        qkv = rms_norm_linear(hidden, residual, norm_weight, eps, qkv_weight), then qkv_rope_cache(qkv, ...)
+        -> (q [T, H, D], residual_out). Here that composition; CudaOps may run it as one kernel at decode sizes."""
+        qkv, residual = self.rms_norm_linear(hidden, residual, norm_weight, eps, qkv_weight)
+        q = self.qkv_rope_cache(qkv, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, num_heads,
+                                num_kv_heads, head_dim, k_scale, v_scale)
+        return q, residual
+
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         """[T, 2I] (gate then up, from one fused GEMM) -> silu(gate) * up, [T, I]."""
         gate, up = gate_up.chunk(2, dim=-1)

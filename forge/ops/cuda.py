@@ -43,8 +43,9 @@ except ImportError:  # torch < 2.10
 # Above this many (token, expert) pairs a bfloat16 MoE step runs as grouped GEMMs (tensor cores) rather
 # than forge's GEMV-style kernel (benchmarks/moe.py measures both).
 MOE_KERNEL_MAX_PAIRS = 64
-# rms_norm_linear as one kernel (quant_gemm.cu with NORM_PROLOGUE) for steps of at most this many tokens,
-# when FORGE_FUSED_NORM_GEMM=1 (off by default until measured: benchmarks/quant_gemm.py --fused-norm).
+# rms_norm_linear (and rms_norm_qkv_rope_cache, the qkv GEMM's RoPE and KV-cache write in its epilogue) as one
+# kernel (quant_gemm.cu with NORM_PROLOGUE) for steps of at most this many tokens, when FORGE_FUSED_NORM_GEMM=1
+# (off by default until measured: benchmarks/quant_gemm.py --fused-norm).
 FUSED_NORM_GEMM_ENV = "FORGE_FUSED_NORM_GEMM"
 FUSED_NORM_GEMM_MAX_M = 8
 
@@ -97,6 +98,23 @@ class CudaOps(CpuOps):
                 and quant_gemm.norm_gemm_fits(hidden, residual, norm_weight, weight, act)):
             return quant_gemm.rms_norm_linear(hidden, residual, norm_weight, eps, weight, act)
         return super().rms_norm_linear(hidden, residual, norm_weight, eps, weight, act)
+
+    def rms_norm_qkv_rope_cache(self, hidden, residual, norm_weight, eps, qkv_weight, positions, cos_sin_cache,
+                                k_cache, v_cache, slot_mapping, num_heads, num_kv_heads, head_dim,
+                                k_scale: float = 1.0, v_scale: float = 1.0):
+        """With fused_norm_gemm, where rms_norm_linear would be one kernel and quant_gemm.rope_cache_fits (head_dim
+        a multiple of 32, rope_cache's float32 cos / sin table, a cache of hidden's dtype or float8): one launch,
+        the qkv GEMM's output rotated and written to the cache in its epilogue bit for bit as qkv_rope_cache
+        does; else the composition."""
+        if (self.fused_norm_gemm and hidden.is_cuda and hidden.shape[0] <= FUSED_NORM_GEMM_MAX_M
+                and quant_gemm.rope_cache_fits(hidden, residual, norm_weight, qkv_weight, cos_sin_cache, k_cache,
+                                               v_cache, num_heads, num_kv_heads, head_dim)):
+            return quant_gemm.rms_norm_qkv_rope_cache(hidden, residual, norm_weight, eps, qkv_weight, positions,
+                                                      cos_sin_cache, k_cache, v_cache, slot_mapping, num_heads,
+                                                      num_kv_heads, head_dim, k_scale, v_scale)
+        return super().rms_norm_qkv_rope_cache(hidden, residual, norm_weight, eps, qkv_weight, positions,
+                                               cos_sin_cache, k_cache, v_cache, slot_mapping, num_heads,
+                                               num_kv_heads, head_dim, k_scale, v_scale)
 
     def silu_mul(self, gate_up):
         if not gate_up.is_cuda:
