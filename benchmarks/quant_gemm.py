@@ -7,7 +7,10 @@ fraction of the copy bandwidth each format's weight bytes reach. Writes benchmar
 the qkv and gate_up steps of a decode layer: add_rms_norm + cuBLAS (+ silu_mul) against forge's one launch
 (quant_gemm.rms_norm_linear: the norm in the GEMM's prologue, SiLU x up in its epilogue), and the two GEMMs
 alone (cuBLAS vs quant_gemm.linear), µs per step from CUDA-graph replays over enough weight copies that they
-come from HBM. Writes benchmarks/results/quant_gemm_fused_norm.json; decides FORGE_FUSED_NORM_GEMM per shape.
+come from HBM; for qkv also RoPE + the KV-cache write: add_rms_norm + cuBLAS + qkv_rope_cache (composed_rope),
+rms_norm_linear + qkv_rope_cache (norm_linear_rope) and the one launch of quant_gemm.rms_norm_qkv_rope_cache
+(fused_rope; "x composed" of these three is against composed_rope). Writes
+benchmarks/results/quant_gemm_fused_norm.json; decides FORGE_FUSED_NORM_GEMM per shape.
 
     python benchmarks/quant_gemm.py [--m 1 8 16 32 64 128] [--configs] [--pipe-configs]
     python benchmarks/quant_gemm.py --fused-norm [--m 1 2 4 8] [--configs]
@@ -24,7 +27,7 @@ from benchmarks.common import SHAPES as MODEL_SHAPES  # noqa: E402
 from benchmarks.common import write_results  # noqa: E402
 from benchmarks.decode import measure_copy_bandwidth  # noqa: E402
 from benchmarks.moe import time_graph  # noqa: E402
-from forge.kernels import activation, norm, quant_gemm, quant_gemm_pipe  # noqa: E402
+from forge.kernels import activation, norm, quant_gemm, quant_gemm_pipe, rope_cache  # noqa: E402
 from forge.quant.cuda import FP8, FP8_MAX, Fp8CudaWeight, Int4CudaWeight, scaled_mm_rowwise  # noqa: E402
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
@@ -44,6 +47,44 @@ def scaled_mm_tensorwise(x: torch.Tensor, codes: torch.Tensor, row_scale: torch.
 
 FUSED_SHAPES = ("smollm2-135m", "llama-3.2-1b", "llama-3.1-8b")
 HBM_BYTES = 512 * 2**20  # weight copies per timed graph: more than the L2 holds
+
+
+def rope_paths(cfg: dict, ws: list, hidden, residual, norm_weight, g, configs: bool) -> list:
+    """qkv with RoPE and the cache write (a bf16 cache, one slot per token): composed_rope (today's default),
+    norm_linear_rope (FORGE_FUSED_NORM_GEMM=1 before the RoPE epilogue) and fused_rope (one launch)."""
+    dev, m = hidden.device, hidden.shape[0]
+    heads, kv_heads, d = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+    positions = torch.randint(0, 4096, (m,), generator=g, device=dev)
+    angles = torch.arange(4096, device=dev)[:, None] / 10000 ** (torch.arange(0, d, 2, device=dev) / d)
+    cos_sin = torch.cat([angles.cos(), angles.sin()], dim=-1).float()
+    k_cache = torch.zeros(64, 16, kv_heads, d, device=dev, dtype=torch.bfloat16)
+    v_cache = torch.zeros_like(k_cache)
+    rope = (positions, cos_sin, k_cache, v_cache, torch.arange(m, device=dev) * 7, heads, kv_heads, d)
+    eps = 1e-5
+
+    def composed_rope():
+        for w in ws:
+            x = norm.add_rms_norm(hidden, residual, norm_weight, eps)[0]
+            rope_cache.qkv_rope_cache(torch.nn.functional.linear(x, w), *rope)
+
+    def norm_linear_rope():
+        for w in ws:
+            rope_cache.qkv_rope_cache(quant_gemm.rms_norm_linear(hidden, residual, norm_weight, eps, w)[0], *rope)
+
+    def fused_rope(c=None):
+        for w in ws:
+            quant_gemm.rms_norm_qkv_rope_cache(hidden, residual, norm_weight, eps, w, *rope, **(c or {}))
+
+    paths = [("composed_rope", composed_rope, None)]
+    if not quant_gemm.norm_gemm_fits(hidden, residual, norm_weight, ws[0]):
+        return paths
+    paths.append(("norm_linear_rope", norm_linear_rope, None))
+    if quant_gemm.rope_cache_fits(hidden, residual, norm_weight, ws[0], cos_sin, k_cache, v_cache, heads, kv_heads, d):
+        paths.append(("fused_rope", fused_rope, None))
+        if configs:
+            paths += [("fused_rope", lambda c=dict(warps=wp, unroll=u): fused_rope(c), dict(warps=wp, unroll=u))
+                      for wp in (4, 8, 16) for u in (1, 2, 4) if (wp, u) != (8, 2)]
+    return paths
 
 
 def fused_norm(ms: list[int], configs: bool, bandwidth: float) -> None:
@@ -83,10 +124,12 @@ def fused_norm(ms: list[int], configs: bool, bandwidth: float) -> None:
                     if configs:
                         paths += [("fused", lambda c=dict(warps=wp, unroll=u): fused(c), dict(warps=wp, unroll=u))
                                   for wp in (4, 8, 16) for u in (2, 4, 8) if (wp, u) != (8, 4)]
+                if step == "qkv":
+                    paths += rope_paths(cfg, ws, hidden, residual, norm_weight, g, configs)
                 base = None
                 for path, fn, pcfg in paths:
                     us = time_graph(fn, iters=20) * 1e6 / copies
-                    base = us if path == "composed" else base
+                    base = us if path in ("composed", "composed_rope") else base
                     frac = n * h * 2 / (us * 1e-6) / bandwidth
                     rows.append({"shape": shape, "step": step, "m": m, "path": path, "config": pcfg,
                                  "us": round(us, 2), "fraction_of_bandwidth": round(frac, 3),
