@@ -251,3 +251,22 @@ def test_float_kernel_indexing_emulated():
     ref = x.double() @ w.double().T
     torch.testing.assert_close(gate_up[:, 0], ref[:, :20])
     torch.testing.assert_close(gate_up[:, 1], ref[:, 20:])
+
+
+def test_cuda_ops_fall_back_to_the_cpu_reference_for_cpu_tensors():
+    """CudaOps given CPU tensors runs CpuOps's code, which keeps per-step memos that CpuOps.__init__ makes."""
+    from forge.ops.cuda import CudaOps
+
+    g = torch.Generator().manual_seed(0)
+    t, h, hkv, d = 3, 4, 2, 16
+    qkv = torch.randn(t, (h + 2 * hkv) * d, generator=g)
+    positions = torch.tensor([0, 1, 2])
+    cos_sin = torch.randn(8, d, generator=g)
+    slots = torch.tensor([0, 1, 2])
+    outs = []
+    for ops in (CpuOps(), CudaOps()):
+        k_cache, v_cache = torch.zeros(2, 4, hkv, d), torch.zeros(2, 4, hkv, d)
+        q = ops.qkv_rope_cache(qkv, positions, cos_sin, k_cache, v_cache, slots, h, hkv, d)
+        outs.append((q, k_cache, v_cache))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)

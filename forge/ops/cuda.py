@@ -64,6 +64,7 @@ class CudaOps(CpuOps):
     name = "cuda"
 
     def __init__(self):
+        super().__init__()  # (the CPU fallback for CPU tensors uses CpuOps's per-step memos)
         self._prefill_backend: dict[torch.dtype, str] = {}
         self._logged: set[str] = set()
         # Upper bound on context length for decode split planning, e.g. max_model_len while
