@@ -69,7 +69,7 @@ for c in (1, 2):
                                                **quant_gemm.kernel_config(1, 64, code))))
     for act in (1, 2):
         variants.append(("quant_gemm.cu", dict(FORGE_DTYPE=c, WCODE=2, GROUP=0, NORM_PROLOGUE=1, ACT=act,
-                                               **quant_gemm.kernel_config(1, 64, 2, rt=2))))
+                                               **quant_gemm.kernel_config(1, 64, 2, rt=2, unroll=2))))
     variants.append(("quant_gemm.cu", dict(FORGE_DTYPE=c, WCODE=2, GROUP=0, NORM_PROLOGUE=1, FORGE_WDTYPE=0,
                                            **quant_gemm.kernel_config(1, 64, 2))))
     # rms_norm_qkv_rope_cache (ROPE_HEAD_DIM): float weights under a cache of x's dtype and float8; int4 / fp8 layouts

@@ -151,7 +151,9 @@ def rms_norm_linear(hidden: torch.Tensor, residual: torch.Tensor | None, norm_we
     else:
         code, group, rows, kpad = weight.code, weight.group, weight.codes.shape[0], weight.padded_k
         row_bytes, gpr, scales, w = weight.row_bytes, weight.groups_per_row, weight.scales, weight.codes
-    cfg = kernel_config(m, rows, code, **({"rt": 2} if act else {}), **config)
+    # (the gated epilogue: a gate and an up row tile, 2 chunks in flight each: 4 chunks of 2 float tiles
+    # took 80 registers and a spill reload per batch of the main loop)
+    cfg = kernel_config(m, rows, code, **{**({"rt": 2, "unroll": 2} if act else {}), **config})
     kernel = compiler.get_kernel("quant_gemm.cu", "quant_gemm_kernel", hidden.dtype, WCODE=code, GROUP=group,
                                  NORM_PROLOGUE=1, ACT=ACTS[act], FORGE_WDTYPE=compiler.dtype_code(norm_weight.dtype),
                                  **cfg)
