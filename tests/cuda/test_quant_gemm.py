@@ -18,9 +18,13 @@ DEV = torch.device("cuda")
 def int4_layout(n, k, group, seed=0):
     g = torch.Generator().manual_seed(seed)
     codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
-    scale = (torch.rand(n, k // group, generator=g) * 0.02 + 1e-3).half().float().repeat_interleave(group // 32, 1)
-    offset = (torch.randn(n, k // group, generator=g) * 0.1).half().float().repeat_interleave(group // 32, 1)
-    w = Int4CudaWeight.from_groups(GroupQuantized(codes, scale, offset, 4), DEV)
+    scale = (torch.rand(n, k // group, generator=g) * 0.02 + 1e-3).half().float()
+    offset = (torch.randn(n, k // group, generator=g) * 0.1).half().float()
+    if group == 64:  # no checkpoint format has groups of 64: packed directly
+        return Int4CudaWeight.pack(codes.to(DEV), scale.to(DEV), offset.to(DEV), 64)
+    per = group // 32
+    w = Int4CudaWeight.from_groups(GroupQuantized(codes, scale.repeat_interleave(per, 1),
+                                                  offset.repeat_interleave(per, 1), 4), DEV)
     assert w.group == group
     return w
 

@@ -9,36 +9,12 @@ import forge.quant.cuda as quant_cuda
 from forge import LLM, SamplingParams
 from forge.kernels import quant_gemm, quant_gemm_pipe
 from forge.quant.cuda import Fp8CudaWeight, Int4CudaWeight
-from forge.quant.layouts import Fp8Quantized, GroupQuantized
+from tests.cuda.test_quant_gemm import fp8_layout, int4_layout
 from tests.util import default_tokenizer, forward_logits, make_random_model_dir
 
 pytestmark = pytest.mark.cuda
 DEV = torch.device("cuda")
 MS = (1, 2, 3, 7, 8, 9, 13, 16, 17, 31, 32, 33, 45, 63, 64, 65, 100, 128)
-
-
-def int4_layout(n, k, group, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
-    scale = (torch.rand(n, k // group, generator=g) * 0.02 + 1e-3).half().float()
-    offset = (torch.randn(n, k // group, generator=g) * 0.1).half().float()
-    if group == 64:  # no checkpoint format has groups of 64: packed directly
-        return Int4CudaWeight.pack(codes.to(DEV), scale.to(DEV), offset.to(DEV), 64)
-    per = group // 32
-    w = Int4CudaWeight.from_groups(GroupQuantized(codes, scale.repeat_interleave(per, 1),
-                                                  offset.repeat_interleave(per, 1), 4), DEV)
-    assert w.group == group
-    return w
-
-
-def fp8_layout(n, k, group, seed=0):
-    g = torch.Generator(device=DEV).manual_seed(seed)
-    w = torch.randn(n, k, generator=g, device=DEV)
-    if group == 0:
-        return Fp8CudaWeight.quantize(w)
-    scale = torch.rand(n, k // 128, generator=g, device=DEV) / 100 + 1e-3
-    codes = (w.view(n, -1, 128) / scale[..., None] / 8).clamp(-448, 448).to(torch.float8_e4m3fn).view(n, k)
-    return Fp8CudaWeight.from_quantized(Fp8Quantized(codes, scale, 128), DEV)
 
 
 def check(layout, x, **config):
