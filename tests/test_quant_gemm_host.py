@@ -367,7 +367,7 @@ def fp8_layout(n, k, group, seed=0):
 
 def weight_of(kind, n, k, dtype):
     return {"float": lambda: float_weight(n, k, dtype), "int4-g128": lambda: int4_layout(n, k, 128),
-            "int4-g32": lambda: int4_layout(n, k, 32), "fp8-row": lambda: fp8_layout(n, k, 0),
+            "int4-g64": lambda: int4_layout(n, k, 64), "int4-g32": lambda: int4_layout(n, k, 32), "fp8-row": lambda: fp8_layout(n, k, 0),
             "fp8-b128": lambda: fp8_layout(n, k, 128)}[kind]()
 
 
@@ -449,12 +449,13 @@ def test_prologue_sums_squares_in_norm_cu_order_over_several_warps(k):
     assert_bits(res_out, ref_res)
 
 
-@pytest.mark.parametrize("kind", ["float-bf16", "float-fp16", "int4-g128", "int4-g32", "fp8-row", "fp8-b128"])
-def test_prologue_gemm_is_the_gemm_of_norm_cu(kind):
+@pytest.mark.parametrize("kind,k", [("float-bf16", 512), ("float-fp16", 576), ("int4-g128", 512), ("int4-g64", 512),
+                                    ("int4-g32", 576), ("fp8-row", 576), ("fp8-b128", 512)])
+def test_prologue_gemm_is_the_gemm_of_norm_cu(kind, k):
     """rms_norm_linear = the plain GEMM of norm.cu's output, bit for bit (the prologue's x in shared memory feeds
-    the same MMAs as x from global memory), for float (88 rows: not whole tiles), int4 and fp8 weights."""
+    the same MMAs as x from global memory), for float (88 rows: not whole tiles), int4 and fp8 weights; int4 at
+    K = 576 pads its rows to 640 (x past K never read: the prologue leaves those shared words unwritten)."""
     dtype = torch.float16 if kind.endswith("fp16") else torch.bfloat16
-    k = 512
     weight = weight_of(kind.split("-")[0] if kind.startswith("float") else kind,
                        88 if kind.startswith("float") else 96, k, dtype)
     for m in (2, 7):
@@ -489,7 +490,7 @@ def test_gated_epilogue_is_activation_cu(act, dtype):
     """ACT: act(gate rows j) * (up rows I + j) from one block equals activation.cu's silu_mul / gelu_tanh_mul of
     rms_norm_linear's rounded [gate, up], bit for bit; I not a multiple of 16 (and not of 8: VEC 1 there)."""
     k = 576
-    for inter, m in ((40, 3), (64, 8), (20, 1)):
+    for inter, m in ((40, 3), (64, 8), (20, 1), (40, 12)):  # (12 tokens: two token tiles)
         hidden, residual, norm_weight = operands(m, k, dtype, seed=20 + m)
         w = float_weight(2 * inter, k, dtype, seed=inter)
         with HostKernels() as hk:
