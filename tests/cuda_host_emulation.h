@@ -245,6 +245,7 @@ static HostThread* g_cur;
 static ucontext_t g_sched;
 static Dim3 g_block_idx, g_grid_dim;
 static bool g_late = true, g_check_pdl = false;
+static size_t g_static_bytes = 0;  // the most static shared memory a block of the launch declared
 static long g_races = 0, g_errors = 0;
 static std::vector<HostBuffer> g_buffers;
 static const unsigned long long HOST_POLICY = 0x5eed5eedULL;  // what evict_first_policy() "creates"
@@ -631,5 +632,6 @@ static void host_run_block(int threads, size_t smem_bytes, bool backward) {
         host_report(false, "deadlock: threads wait at a barrier, an MMA or a shuffle that cannot complete", 0);
         break;
     }
+    g_static_bytes = std::max(g_static_bytes, block.ssmem.size());
     g_block_state = nullptr;
 }

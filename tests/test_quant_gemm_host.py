@@ -52,6 +52,7 @@ extern "C" void host_reset(int check_pdl) {
     g_races = g_errors = 0;
     g_check_pdl = check_pdl;
     g_rsqrt_args.clear();
+    g_static_bytes = 0;
 }
 extern "C" void host_add_buffer(const void* p, long bytes, unsigned char* writes) {
     g_buffers.push_back({(const unsigned char*)p, (size_t)bytes, writes});
@@ -61,6 +62,7 @@ extern "C" long host_rsqrt_args(float* out, long max) {  // the launch's rsqrtf 
     return (long)g_rsqrt_args.size();
 }
 extern "C" long host_races() { return g_races; }
+extern "C" long host_static_bytes() { return (long)g_static_bytes; }
 extern "C" long host_errors() { return g_errors; }
 // The grid in launch order (x fastest; reversed: the last block first), each block's threads round robin.
 extern "C" void host_launch(int kernel, int gx, int gy, int threads, long smem, int backward, int reversed,
@@ -229,7 +231,7 @@ def build(file: str, dtype: torch.dtype, source: str | None = None, **defines) -
             assert done.returncode == 0, done.stderr[-4000:]
             os.replace(str(lib) + ".tmp", lib)
         dll = ctypes.CDLL(str(lib))
-        dll.host_races.restype = dll.host_errors.restype = ctypes.c_long
+        dll.host_races.restype = dll.host_errors.restype = dll.host_static_bytes.restype = ctypes.c_long
         _libs[key] = dll
     return _libs[key]
 
@@ -317,7 +319,7 @@ class HostKernels:
         n = lib.host_rsqrt_args(None, 0)
         rsqrt = np.zeros(n, dtype=np.float32)
         lib.host_rsqrt_args(rsqrt.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), n)
-        self.launches.append((name, launch, rsqrt))
+        self.launches.append((name, launch, rsqrt, lib.host_static_bytes(), defines))
 
     def rsqrt_args(self, launch=-1) -> set[int]:
         """The float32 bits of the rsqrtf arguments (mean square + eps per token) of a launch."""
@@ -482,6 +484,18 @@ def test_token_tiles(m):
     assert hk.races == 0
     assert_bits(out, ref, f"m={m}")
     assert_bits(res_out, ref_res)
+
+
+def test_fits_counts_the_static_shared_memory():
+    """norm_gemm_fits / rope_cache_fits add 8 NT x PROLOGUE_ROW_SMEM bytes of static shared memory to the dynamic:
+    what the prologue's __shared__ arrays take."""
+    k, dtype = 256, torch.bfloat16
+    for m in (1, 8, 12, 20):
+        hidden, residual, norm_weight = operands(m, k, dtype, seed=80 + m)
+        with HostKernels() as hk:
+            qg.rms_norm_linear(hidden, residual, norm_weight, EPS, float_weight(32, k, dtype))
+        nt = hk.launches[0][4]["NT"]
+        assert hk.launches[0][3] == 8 * nt * qg.PROLOGUE_ROW_SMEM, m
 
 
 @pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
