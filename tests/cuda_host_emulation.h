@@ -19,16 +19,20 @@
 // wrote in this block is one too; __shfl_xor_sync is a warp collective like mma.sync (each lane gets lane ^ o's
 // value, every lane of the warp at the same call); global loads and stores are bounds-checked against the
 // registered buffers, stores land only in buffers registered as outputs and count the writes of every byte, and
-// with g_check_pdl a global access before the thread's forge_wait_prior_grid() is an error.
+// with g_check_pdl a global access before the thread's forge_wait_prior_grid() is an error. Plain shared accesses
+// are also grouped into warp requests (the lanes' n-th access from one call site) and their bank conflicts
+// counted (g_banks).
 #pragma once
 #include <ucontext.h>
 
 #include <algorithm>
+#include <tuple>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <deque>
+#include <map>
 #include <memory>
 #include <vector>
 
@@ -221,7 +225,23 @@ struct HostThread {
     unsigned shfl_value, shfl_mask;  // __shfl_xor_sync: this lane's value (bits) and mask, then its result
     int shfl_xor;
     bool waited = false;  // forge_wait_prior_grid() called
+    std::map<const void*, int> site_seq;  // shared accesses made so far from each call site
 };
+// A plain shared-memory access (bank conflicts): the lanes of a warp with the same (site, seq) made it together.
+struct HostAccess {
+    const void* site;
+    int seq, warp, lane, epoch;
+    bool store;
+    unsigned bytes, at;  // at: byte offset (static shared memory from 0x100000)
+};
+// Per (epoch, store, bytes): warp-wide requests, the phases they take without conflicts, and the wavefronts
+// the banks serve them in (shared memory: 32 banks of 4 bytes; 16-byte accesses in phases of 8 lanes, 8-byte
+// of 16, narrower of 32; distinct words of one bank in a phase serialize, one word broadcasts).
+struct HostBankStats {
+    long requests = 0, phases = 0, wavefronts = 0;
+};
+static std::map<std::tuple<int, int, int>, HostBankStats> g_banks;
+static const void* g_site;  // the kernel code that made the access being checked
 struct HostBuffer {
     const unsigned char* base;
     size_t bytes;
@@ -236,6 +256,7 @@ struct HostBlock {
     std::vector<unsigned char> ssmem;  // static, bump-allocated by host_shared in declaration order
     std::vector<HostWord> swords;
     std::vector<std::pair<int, size_t>> statics;  // (declaration, offset)
+    std::vector<HostAccess> accesses;
     int last_block_int = 0;
     int next_copy = 0;
 };
@@ -326,6 +347,12 @@ static const HostBuffer* host_check_global(const void* p, size_t n, size_t align
     return buf;
 }
 
+// A plain shared access, for the bank counts (g_site: set by host_deref / host_store).
+static void host_note_access(unsigned at, size_t n, bool store) {
+    const int seq = g_cur->site_seq[g_site]++;
+    g_block_state->accesses.push_back({g_site, seq, host_tid() / 32, host_tid() % 32, g_cur->epoch, store,
+                                       (unsigned)n, at});
+}
 // A read of n bytes at p: shared memory (race checks), a global buffer (bounds) or a register (nothing).
 // False: p is outside what the kernel may read (reported; the caller reads zeros instead).
 static bool host_check_read(const void* p, size_t n, size_t align) {
@@ -339,6 +366,7 @@ static bool host_check_read(const void* p, size_t n, size_t align) {
         host_report(false, "shared load past the dynamic size", base + at);
         return false;
     }
+    host_note_access(base + at, n, false);
     for (unsigned w = at / 4; w < (at + n + 3) / 4 && w < words->size(); ++w) {
         HostWord& hw = (*words)[w];
         const int me = host_tid(), e = g_cur->epoch;
@@ -350,7 +378,8 @@ static bool host_check_read(const void* p, size_t n, size_t align) {
     }
     return true;
 }
-template <typename T> static T host_deref(const void* p) {  // *reinterpret_cast<const T*>(p)
+template <typename T> __attribute__((noinline)) static T host_deref(const void* p) {  // *reinterpret_cast<const T*>(p)
+    g_site = __builtin_return_address(0);
     T v;
     if (host_check_read(p, sizeof(T), alignof(T))) std::memcpy(&v, p, sizeof(T));
     else std::memset(&v, 0, sizeof(T));
@@ -377,6 +406,7 @@ static bool host_check_write(void* p, size_t n, size_t align) {
         host_report(false, "shared store past the dynamic size", base + at);
         return false;
     }
+    host_note_access(base + at, n, true);
     const int me = host_tid(), e = g_cur->epoch, id = g_block_state->next_copy++;
     for (unsigned w = at / 4; w < (at + n + 3) / 4; ++w) {
         HostWord& hw = (*words)[w];
@@ -388,7 +418,8 @@ static bool host_check_write(void* p, size_t n, size_t align) {
     }
     return true;
 }
-template <typename T, typename U> static void host_store(T* p, const U& v) {  // *p = v
+template <typename T, typename U> __attribute__((noinline)) static void host_store(T* p, const U& v) {  // *p = v
+    g_site = __builtin_return_address(0);
     const T t = v;
     if (host_check_write(p, sizeof(T), alignof(T))) std::memcpy((void*)p, &t, sizeof(T));
 }
@@ -570,6 +601,37 @@ static void mma16816_first(float (&d)[4], const unsigned (&a)[4], unsigned b0, u
 
 // ---- running a grid: blocks one after another in a given order, a block's threads round robin ----
 
+static void host_count_banks(std::vector<HostAccess>& acc) {
+    std::sort(acc.begin(), acc.end(), [](const HostAccess& a, const HostAccess& b) {
+        return std::tie(a.warp, a.site, a.seq, a.lane) < std::tie(b.warp, b.site, b.seq, b.lane);
+    });
+    for (size_t i = 0; i < acc.size();) {
+        size_t j = i;
+        while (j < acc.size() && acc[j].warp == acc[i].warp && acc[j].site == acc[i].site && acc[j].seq == acc[i].seq) ++j;
+        const unsigned width = acc[i].bytes;
+        const int per_phase = width >= 16 ? 8 : width == 8 ? 16 : 32;
+        HostBankStats& st = g_banks[{acc[i].epoch, acc[i].store, (int)width}];
+        ++st.requests;
+        for (int ph = 0; ph < 32 / per_phase; ++ph) {
+            std::vector<unsigned> words[32];
+            bool any = false;
+            for (size_t k = i; k < j; ++k) {
+                if (acc[k].lane / per_phase != ph) continue;
+                any = true;
+                for (unsigned w = acc[k].at / 4; w < (acc[k].at + acc[k].bytes + 3) / 4; ++w)
+                    if (std::find(words[w % 32].begin(), words[w % 32].end(), w) == words[w % 32].end())
+                        words[w % 32].push_back(w);
+            }
+            if (!any) continue;
+            size_t most = 1;
+            for (auto& b : words) most = std::max(most, b.size());
+            ++st.phases;
+            st.wavefronts += (long)most;
+        }
+        i = j;
+    }
+}
+
 static void (*g_entry)();
 static void host_thread_main() {
     try {
@@ -633,5 +695,6 @@ static void host_run_block(int threads, size_t smem_bytes, bool backward) {
         break;
     }
     g_static_bytes = std::max(g_static_bytes, block.ssmem.size());
+    host_count_banks(block.accesses);
     g_block_state = nullptr;
 }

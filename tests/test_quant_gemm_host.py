@@ -6,7 +6,8 @@ coroutines switched at barriers, MMAs and shuffles, with the launchers' own grid
 arguments (HostKernels). The emulation counts shared-memory races (a word read or written by one thread and
 written by another between two barriers, a read of a word nothing wrote) and reports global loads and stores
 outside the launch's tensors and global accesses before the PDL wait; every byte's stores are counted (an
-element stored twice fails; the tests check which tensors were stored, and where).
+element stored twice fails; the tests check which tensors were stored, and where); shared-memory bank conflicts
+are counted per warp request.
 
 The references are forge's other kernels run the same way: norm.cu's add_rms_norm / rms_norm, activation.cu's
 silu_mul / gelu_tanh_mul and rope_cache.cu's qkv_rope_cache, from the same rounded inputs, so "bit for bit as
@@ -24,6 +25,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -53,6 +55,7 @@ extern "C" void host_reset(int check_pdl) {
     g_check_pdl = check_pdl;
     g_rsqrt_args.clear();
     g_static_bytes = 0;
+    g_banks.clear();
 }
 extern "C" void host_add_buffer(const void* p, long bytes, unsigned char* writes) {
     g_buffers.push_back({(const unsigned char*)p, (size_t)bytes, writes});
@@ -63,6 +66,19 @@ extern "C" long host_rsqrt_args(float* out, long max) {  // the launch's rsqrtf 
 }
 extern "C" long host_races() { return g_races; }
 extern "C" long host_static_bytes() { return (long)g_static_bytes; }
+// Rows of (epoch, store, bytes, requests, phases, wavefronts): the launch's shared-memory bank use.
+extern "C" long host_bank_stats(long long* out, long max_rows) {
+    long n = 0;
+    for (const auto& [key, st] : g_banks) {
+        if (n < max_rows) {
+            long long* r = out + 6 * n;
+            r[0] = std::get<0>(key), r[1] = std::get<1>(key), r[2] = std::get<2>(key);
+            r[3] = st.requests, r[4] = st.phases, r[5] = st.wavefronts;
+        }
+        ++n;
+    }
+    return n;
+}
 extern "C" long host_errors() { return g_errors; }
 // The grid in launch order (x fastest; reversed: the last block first), each block's threads round robin.
 extern "C" void host_launch(int kernel, int gx, int gy, int threads, long smem, int backward, int reversed,
@@ -232,8 +248,18 @@ def build(file: str, dtype: torch.dtype, source: str | None = None, **defines) -
             os.replace(str(lib) + ".tmp", lib)
         dll = ctypes.CDLL(str(lib))
         dll.host_races.restype = dll.host_errors.restype = dll.host_static_bytes.restype = ctypes.c_long
+        dll.host_bank_stats.restype = ctypes.c_long
         _libs[key] = dll
     return _libs[key]
+
+
+class Launch(NamedTuple):
+    name: str
+    defines: dict
+    writes: dict  # data_ptr -> stores per element of that tensor (contiguous tensors)
+    rsqrt: np.ndarray  # rsqrtf's arguments, in call order
+    static_bytes: int  # the static shared memory a block declared
+    banks: np.ndarray  # rows (epoch, store, bytes, requests, phases, wavefronts): host_bank_stats
 
 
 class HostKernels:
@@ -319,15 +345,18 @@ class HostKernels:
         n = lib.host_rsqrt_args(None, 0)
         rsqrt = np.zeros(n, dtype=np.float32)
         lib.host_rsqrt_args(rsqrt.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), n)
-        self.launches.append((name, launch, rsqrt, lib.host_static_bytes(), defines))
+        rows = lib.host_bank_stats(None, 0)
+        banks = np.zeros((rows, 6), dtype=np.int64)
+        lib.host_bank_stats(banks.ctypes.data_as(ctypes.POINTER(ctypes.c_longlong)), rows)
+        self.launches.append(Launch(name, defines, launch, rsqrt, lib.host_static_bytes(), banks))
 
     def rsqrt_args(self, launch=-1) -> set[int]:
         """The float32 bits of the rsqrtf arguments (mean square + eps per token) of a launch."""
-        return set(self.launches[launch][2].view(np.uint32).tolist())
+        return set(self.launches[launch].rsqrt.view(np.uint32).tolist())
 
     def writes(self, t: torch.Tensor, launch=-1) -> np.ndarray:
         """Stores per element of t in a launch (zeros where the kernel was not given t)."""
-        counts = self.launches[launch][1].get(t.data_ptr())
+        counts = self.launches[launch].writes.get(t.data_ptr())
         return np.zeros(t.shape, dtype=np.uint8) if counts is None else counts
 
 
@@ -494,8 +523,31 @@ def test_fits_counts_the_static_shared_memory():
         hidden, residual, norm_weight = operands(m, k, dtype, seed=80 + m)
         with HostKernels() as hk:
             qg.rms_norm_linear(hidden, residual, norm_weight, EPS, float_weight(32, k, dtype))
-        nt = hk.launches[0][4]["NT"]
-        assert hk.launches[0][3] == 8 * nt * qg.PROLOGUE_ROW_SMEM, m
+        assert hk.launches[0].static_bytes == 8 * hk.launches[0].defines["NT"] * qg.PROLOGUE_ROW_SMEM, m
+
+
+@pytest.mark.parametrize("kind,k", [("float", 2048), ("float", 576), ("int4-g128", 2048), ("int4-g32", 576),
+                                    ("fp8-row", 2048), ("fp8-b128", 512)])
+def test_shared_memory_bank_use(kind, k):
+    """Bank conflicts of every shared access of the prologue, the main loop and the epilogues, counted per warp
+    request (16-byte accesses in phases of 8 lanes, 8-byte of 16): none, but for the fp8 main loop's 8-byte x loads
+    (lanes c = 0..3 of rows g..g + 3 at words 8c + 2j: rows 4 words apart, two ways per bank), as NOTES says."""
+    dtype, heads, kv_heads, d = torch.bfloat16, 2, 1, 64
+    for m in (8, 16):
+        hidden, residual, norm_weight = operands(m, k, dtype, seed=90 + m)
+        ops = rope_operands(min(m, 8), kv_heads, d, dtype)
+        with HostKernels() as hk:
+            qg.rms_norm_linear(hidden, residual, norm_weight, EPS, weight_of(kind, 64, k, dtype))
+            qg.rms_norm_qkv_rope_cache(hidden[:8], residual[:8], norm_weight, EPS,
+                                       weight_of(kind, (heads + 2 * kv_heads) * d, k, dtype), ops["positions"],
+                                       ops["cos_sin_cache"], ops["k_cache"], ops["v_cache"], ops["slot_mapping"],
+                                       heads, kv_heads, d)
+            if kind == "float":
+                qg.rms_norm_linear(hidden, residual, norm_weight, EPS, float_weight(64, k, dtype), act="silu")
+        for launch in hk.launches:
+            for epoch, store, nbytes, _, phases, wavefronts in launch.banks:
+                main_loop_x = kind.startswith("fp8") and not store and nbytes == 8
+                assert wavefronts == (2 if main_loop_x else 1) * phases, (launch.name, epoch, store, nbytes)
 
 
 @pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
