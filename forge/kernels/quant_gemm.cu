@@ -180,8 +180,10 @@ typedef GeluTanh Act;
 typedef DtypeOf<FORGE_CACHE_DTYPE>::type cache_t;
 
 // rope_cache.cu's rotation of a pair x1 = x[i], x2 = x[i + D/2]: (x1 cos - x2 sin, x2 cos + x1 sin) in float32,
-// with the roundings ptxas gives its `a * c - b * s` / `b * c + a * s` (SASS of its 44 variants: FMUL, then
-// FFMA(x1, cos, -(x2 sin)) and FFMA(x2, cos, x1 sin)) written out, so that the two agree bit for bit.
+// with the roundings ptxas gives its `a * c - b * s` / `b * c + a * s` in the VEC 2 / 4 / 8 builds its launcher
+// takes for rms_norm_linear's contiguous qkv (sm_90 SASS: FMUL, then FFMA(x1, cos, -(x2 sin)) and
+// FFMA(x2, cos, x1 sin)) written out, so that the two agree bit for bit; its VEC 1 builds fuse the second as
+// FFMA(x1, sin, x2 cos).
 __device__ __forceinline__ float2 rope_rotate(float x1, float x2, float c, float s) {
     return make_float2(__fmaf_rn(x1, c, -__fmul_rn(x2, s)), __fmaf_rn(x2, c, __fmul_rn(x1, s)));
 }
