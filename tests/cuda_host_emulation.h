@@ -1,5 +1,6 @@
-// A CPU stand-in for the CUDA features quant_gemm_pipe.cu uses, so that its source (a few asm helpers swapped
-// for the functions below by tests/test_quant_gemm_pipe_host.py) runs on the host with its own index math.
+// A CPU stand-in for the CUDA features quant_gemm_pipe.cu uses, so that its source (quant_common.cuh's inlined by
+// tests/host_kernels.py, a few asm helpers swapped for the functions below by tests/test_quant_gemm_pipe_host.py)
+// runs on the host with its own index math.
 //
 // Threads of a block are ucontexts on one OS thread, switched at __syncthreads and at warp-collective MMAs
 // (round robin, forward or backward). mma.sync m16n8k16 follows the PTX ISA's fragment tables (products and

@@ -18,13 +18,7 @@ host does not contract; quant_gemm.cu's rope_rotate spells out the VEC 2 / 4 / 8
 takes for a qkv whose rows or pointers are not 2-element aligned, ptxas rounds o2's other product: see ROPE_O2)."""
 
 import ctypes
-import hashlib
-import os
 import re
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -33,11 +27,9 @@ import torch
 
 from forge.kernels import activation, compiler, norm, rope_cache
 from forge.kernels import quant_gemm as qg
-from forge.quant.cuda import Fp8CudaWeight, Int4CudaWeight
+from tests.host_kernels import CVT_E4M3X2, build_library, fp8_layout, int4_layout, kernel_source, needs_cxx, remove_function, substitute
 
-HEADER = Path(__file__).resolve().parent / "cuda_host_emulation.h"
-CXX = next((c for c in (os.environ.get("CXX"), "c++", "g++", "clang++") if c and shutil.which(c)), None)
-pytestmark = pytest.mark.skipif(CXX is None, reason="no C++ compiler")
+pytestmark = needs_cxx
 EPS = 1e-6
 
 GLUE = r"""
@@ -138,24 +130,6 @@ static void host_entry() {
 }
 
 
-def _remove_function(src: str, name: str) -> str:
-    m = re.search(rf"^(template <[^\n]*> )?__device__ __forceinline__ [^\n(]*\b{name}\(", src, re.M)
-    assert m, f"no function {name}"
-    depth, i = 0, src.index("{", m.end())
-    while True:
-        depth += {"{": 1, "}": -1}.get(src[i], 0)
-        i += 1
-        if depth == 0:
-            return src[: m.start()] + src[i:]
-
-
-def _subs(src: str, subs) -> str:
-    for pattern, repl, count in subs:
-        src, n = re.subn(pattern, repl, src, flags=re.M)
-        assert n == count, (pattern, n, count)
-    return src
-
-
 def _common() -> str:
     """common.cuh without its CUDA includes and with its memory / PDL helpers left to the header's host_*."""
     src = (compiler.KERNEL_DIR / "common.cuh").read_text()
@@ -164,8 +138,8 @@ def _common() -> str:
         src = src.replace(line, "")
     for name in ("load_vec", "load_vec_stream", "store_vec", "forge_wait_prior_grid", "forge_allow_dependents",
                  "forge_prefetch_l2"):
-        src = _remove_function(src, name)
-    src = _subs(src, [(r"float block_sum\(float x, float\* scratch\)", "float block_sum(float x, Sh<float>* scratch)", 1)])
+        src = remove_function(src, name)
+    src = substitute(src, [(r"float block_sum\(float x, float\* scratch\)", "float block_sum(float x, Sh<float>* scratch)", 1)])
     assert "asm" not in src
     return src
 
@@ -190,7 +164,7 @@ ROPE_O2 = """#if VEC == 1
 
 def host_source(file: str) -> str:
     """`file` (forge/kernels) as the host compiles it: common.cuh's text in place of its include, asm swapped."""
-    src = (compiler.KERNEL_DIR / file).read_text()
+    src = kernel_source(file)
     assert '#include "common.cuh"\n' in src
     src = src.replace('#include "common.cuh"\n', _common())
     src = src.replace("#include <cuda_fp8.h>\n", "")
@@ -199,12 +173,11 @@ def host_source(file: str) -> str:
         src = re.sub(pattern, repl, src)
     if file == "quant_gemm.cu":
         for name in ("mma16816", "load_stream16"):
-            src = _remove_function(src, name)
-        src = _subs(src, [
+            src = remove_function(src, name)
+        src = substitute(src, [
             (r'asm\("sub\.rn\.(?:bf16|f16)x2 %0, %1, %2;\\n" : "=r"\((\w+)\) : "r"\((\w+)\), "r"\((\w+)\)\);',
              r"\1 = host_sub_x2(\2, \3);", 2),
-            (r'asm\("cvt\.rn\.f16x2\.e4m3x2 %0, %1;\\n" : "=r"\((\w+)\) : "h"\((\w+)\)\);',
-             r"\1 = host_cvt_e4m3x2_f16x2(\2);", 1),
+            (*CVT_E4M3X2, 1),
             (r"extern __shared__ __align__\(16\) unsigned char smem\[\];",
              "unsigned char* smem = g_block_state->smem.data();", 1),
             (r"float\(\*red\)\[RT \* NT \* 4\]\[32\] = reinterpret_cast<float\(\*\)",
@@ -216,7 +189,7 @@ def host_source(file: str) -> str:
             (r"^(\s*)(out|dst)\[([^\[\]]+)\] = (.+);$", r"\1host_store(&\2[\3], \4);", 8),
         ])
     elif file == "rope_cache.cu":
-        src = _subs(src, [
+        src = substitute(src, [
             (r"a \* c\.v\[e\] - b \* s\.v\[e\]", "__fmaf_rn(a, c.v[e], -__fmul_rn(b, s.v[e]))", 1),
             (r"b \* c\.v\[e\] \+ a \* s\.v\[e\]", "ROPE_O2(a, b, c.v[e], s.v[e])", 1),
             (r'^extern "C" __global__ void qkv_rope_cache_kernel\(', ROPE_O2 + 'extern "C" __global__ void qkv_rope_cache_kernel(', 1),
@@ -226,31 +199,13 @@ def host_source(file: str) -> str:
     return src + GLUE + ENTRIES[file][1]
 
 
-_libs: dict[str, ctypes.CDLL] = {}
-
-
 def build(file: str, dtype: torch.dtype, source: str | None = None, **defines) -> ctypes.CDLL:
-    src = source or host_source(file)
     flags = ["-DFORGE_HOST_COMMON=1", f"-DFORGE_DTYPE={compiler.dtype_code(dtype)}",
              *(f"-D{k}={v}" for k, v in sorted(defines.items()))]
-    key = hashlib.sha256((src + HEADER.read_text() + " ".join(flags)).encode()).hexdigest()[:20]
-    if key not in _libs:
-        work = Path(tempfile.gettempdir()) / "forge_quant_gemm_host"
-        work.mkdir(exist_ok=True)
-        lib = work / f"{key}.so"
-        if not lib.exists():
-            cpp = work / f"{key}.cpp"
-            cpp.write_text(src)
-            cmd = [CXX, "-std=c++20", "-O1", "-shared", "-fPIC", "-w", "-ffp-contract=off", *flags,
-                   "-include", str(HEADER), str(cpp), "-o", str(lib) + ".tmp"]
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            assert done.returncode == 0, done.stderr[-4000:]
-            os.replace(str(lib) + ".tmp", lib)
-        dll = ctypes.CDLL(str(lib))
-        dll.host_races.restype = dll.host_errors.restype = dll.host_static_bytes.restype = ctypes.c_long
-        dll.host_bank_stats.restype = ctypes.c_long
-        _libs[key] = dll
-    return _libs[key]
+    dll = build_library(source or host_source(file), flags)
+    dll.host_races.restype = dll.host_errors.restype = dll.host_static_bytes.restype = ctypes.c_long
+    dll.host_bank_stats.restype = ctypes.c_long
+    return dll
 
 
 class Launch(NamedTuple):
@@ -376,24 +331,6 @@ def operands(m, k, dtype, seed=0, wdtype=None):
 
 def float_weight(n, k, dtype, seed=1):
     return (torch.randn(n, k, generator=_gen(seed)) * k ** -0.5).to(dtype)
-
-
-def int4_layout(n, k, group, seed=0):
-    g = _gen(seed)
-    codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
-    scale = (torch.rand(n, k // group, generator=g) * 0.02 + 1e-3).half().float()
-    offset = (torch.randn(n, k // group, generator=g) * 0.1).half().float()
-    return Int4CudaWeight.pack(codes, scale, offset, group)
-
-
-def fp8_layout(n, k, group, seed=0):
-    g = _gen(seed)
-    w = torch.randn(n, k, generator=g)
-    if group == 0:
-        return Fp8CudaWeight.quantize(w)
-    scale = torch.rand(n, k // 128, generator=g) / 100 + 1e-3
-    codes = (w / scale.repeat_interleave(128, 1) / 8).clamp(-448, 448).to(torch.float8_e4m3fn)
-    return Fp8CudaWeight.from_codes(codes, scale, 128)
 
 
 def weight_of(kind, n, k, dtype):

@@ -10,7 +10,8 @@ import torch
 
 from forge.kernels import quant_gemm_pipe as pipe
 from forge.quant import GroupQuantized
-from forge.quant.cuda import Fp8CudaWeight, Int4CudaWeight, parse_quant_kernel
+from forge.quant.cuda import Int4CudaWeight, parse_quant_kernel
+from tests.host_kernels import fp8_layout
 
 BN, RT, WN, SLAB_K = pipe.BLOCK_ROWS, 2, 4, pipe.SLAB_K
 MAGIC2 = {"bf16": 0x43004300, "fp16": 0x64006400}
@@ -319,16 +320,6 @@ def int4_layout(n, k, per, seed=0):
     scale = (torch.rand(n, k // per, generator=g) * 0.02 + 1e-3).half().float().repeat_interleave(per // 32, 1)
     offset = (torch.randn(n, k // per, generator=g) * 0.1).half().float().repeat_interleave(per // 32, 1)
     return Int4CudaWeight.from_groups(GroupQuantized(codes, scale, offset, 4), "cpu")
-
-
-def fp8_layout(n, k, group, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(n, k, generator=g)
-    if group == 0:
-        return Fp8CudaWeight.quantize(w)
-    scale = torch.rand(n, k // 128, generator=g) / 100 + 1e-3
-    codes = (w.view(n, -1, 128) / scale[..., None] / 8).clamp(-448, 448).to(torch.float8_e4m3fn).view(n, k)
-    return Fp8CudaWeight.from_codes(codes, scale, 128)
 
 
 @pytest.mark.parametrize("case", [

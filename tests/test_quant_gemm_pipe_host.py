@@ -8,13 +8,6 @@ copies and stores past the outputs; the launches use quant_gemm_pipe.launch_plan
 checked against what the kernel indexes. tests/test_quant_gemm_pipe.py re-derives the same math in numpy."""
 
 import ctypes
-import hashlib
-import os
-import re
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,12 +15,9 @@ import torch
 
 from forge.kernels import compiler
 from forge.kernels import quant_gemm_pipe as pipe
-from forge.quant.cuda import Fp8CudaWeight, Int4CudaWeight
+from tests.host_kernels import CVT_E4M3X2, build_library, fp8_layout, int4_layout, kernel_source, needs_cxx, remove_function, substitute
 
-HEADER = Path(__file__).resolve().parent / "cuda_host_emulation.h"
-SOURCE = compiler.KERNEL_DIR / "quant_gemm_pipe.cu"
-CXX = next((c for c in (os.environ.get("CXX"), "c++", "g++", "clang++") if c and shutil.which(c)), None)
-pytestmark = pytest.mark.skipif(CXX is None, reason="no C++ compiler")
+pytestmark = needs_cxx
 SMS = 132
 GUARD = 256  # bytes around every buffer the kernel writes, checked after the launch
 # The functions of the .cu whose bodies are asm (or CUDA-only builtins): the header defines host versions.
@@ -69,30 +59,18 @@ extern "C" long host_launch(const int* blocks, int nblocks, int gx, int gy, int 
 """
 
 
-def _remove_function(src: str, name: str) -> str:
-    m = re.search(rf"^(template <[^\n]*> )?__device__ __forceinline__ [\w ]+\b{name}\(", src, re.M)
-    assert m, f"quant_gemm_pipe.cu has no function {name}"
-    depth, i = 0, src.index("{", m.end())
-    while True:
-        depth += {"{": 1, "}": -1}.get(src[i], 0)
-        i += 1
-        if depth == 0:
-            return src[: m.start()] + src[i:]
-
-
 def host_source() -> str:
     """quant_gemm_pipe.cu with its asm swapped for tests/cuda_host_emulation.h's functions."""
-    src = SOURCE.read_text()
+    src = kernel_source("quant_gemm_pipe.cu")
     for line in ('#include "common.cuh"\n', "#include <cuda_fp8.h>\n"):
         assert line in src
         src = src.replace(line, "")
     for name in REPLACED:
-        src = _remove_function(src, name)
+        src = remove_function(src, name)
     subs = [  # (pattern, replacement, expected count)
         (r'asm\("lop3\.b32 %0, %1, %2, %3, (0x[0-9A-Fa-f]+);\\n" : "=r"\((\w+)\) : "r"\((.*?)\), "r"\((.*?)\), '
          r'"r"\((.*?)\)\);', r"\2 = host_lop3(\3, \4, \5, \1);", 1),
-        (r'asm\("cvt\.rn\.f16x2\.e4m3x2 %0, %1;\\n" : "=r"\((\w+)\) : "h"\((\w+)\)\);',
-         r"\1 = host_cvt_e4m3x2_f16x2(\2);", 1),
+        (*CVT_E4M3X2, 1),
         (r'asm\("mov\.u32 %0, %%dynamic_smem_size;" : "=r"\((\w+)\)\);',
          r"\1 = (unsigned)g_block_state->smem.size();", 1),
         (r"extern __shared__ __align__\(\d+\) unsigned char smem\[\];",
@@ -100,33 +78,9 @@ def host_source() -> str:
         (r"__shared__ int (\w+);", r"int& \1 = g_block_state->last_block_int;", 1),
         (r"\*reinterpret_cast<const ([\w:]+)\*>", r"host_deref<\1>", None),
     ]
-    for pattern, repl, count in subs:
-        src, n = re.subn(pattern, repl, src)
-        assert n == count if count is not None else n > 0, (pattern, n)
+    src = substitute(src, subs)
     assert "asm" not in src and "__shared__" not in src, "quant_gemm_pipe.cu has asm the emulation does not know"
     return src + LAUNCH
-
-
-_libs: dict[tuple, ctypes.CDLL] = {}
-
-
-def build(dtype: torch.dtype, defines: dict, source: str | None = None) -> ctypes.CDLL:
-    src = source or host_source()
-    flags = [f"-DFORGE_DTYPE={compiler.dtype_code(dtype)}", *(f"-D{k}={v}" for k, v in sorted(defines.items()))]
-    key = hashlib.sha256((src + HEADER.read_text() + " ".join(flags)).encode()).hexdigest()[:20]
-    if key not in _libs:
-        work = Path(tempfile.gettempdir()) / "forge_pipe_host"
-        work.mkdir(exist_ok=True)
-        lib = work / f"{key}.so"
-        if not lib.exists():
-            cpp = work / f"{key}.cpp"
-            cpp.write_text(src)
-            cmd = [CXX, "-std=c++20", "-O1", "-shared", "-fPIC", "-w", "-ffp-contract=off", *flags,
-                   "-include", str(HEADER), str(cpp), "-o", str(lib) + ".tmp"]
-            subprocess.run(cmd, check=True, capture_output=True, text=True)
-            os.replace(str(lib) + ".tmp", lib)
-        _libs[key] = ctypes.CDLL(str(lib))
-    return _libs[key]
 
 
 def _guarded(nbytes: int) -> np.ndarray:
@@ -141,7 +95,8 @@ def run(layout, x: torch.Tensor, splits=None, stages=None, late=True, backward=F
     ldx = ldx or k
     n = layout.shape[0]
     plan = pipe.launch_plan(layout, m, SMS, splits, stages)
-    lib = build(x.dtype, plan.defines, source)
+    flags = [f"-DFORGE_DTYPE={compiler.dtype_code(x.dtype)}", *(f"-D{k}={v}" for k, v in sorted(plan.defines.items()))]
+    lib = build_library(source or host_source(), flags)
     rows = layout.codes.shape[0]
     xs = torch.zeros(m, ldx, dtype=x.dtype)
     xs[:, :k] = x
@@ -179,24 +134,6 @@ def run(layout, x: torch.Tensor, splits=None, stages=None, late=True, backward=F
     assert not tickets.any(), "split-K tickets not reset"
     result = torch.from_numpy(out[GUARD: GUARD + m * n * 2].copy().view(np.int16)).view(x.dtype).view(m, n)
     return result, races
-
-
-def int4_layout(n, k, group, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
-    scale = (torch.rand(n, k // group, generator=g) * 0.02 + 1e-3).half().float()
-    offset = (torch.randn(n, k // group, generator=g) * 0.1).half().float()
-    return Int4CudaWeight.pack(codes, scale, offset, group)
-
-
-def fp8_layout(n, k, group, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(n, k, generator=g)
-    if group == 0:
-        return Fp8CudaWeight.quantize(w)
-    scale = torch.rand(n, k // 128, generator=g) / 100 + 1e-3
-    codes = (w / scale.repeat_interleave(128, 1) / 8).clamp(-448, 448).to(torch.float8_e4m3fn)
-    return Fp8CudaWeight.from_codes(codes, scale, 128)
 
 
 def reference(layout, x: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,8 @@ layout and the bytes it must move) with a small Python launcher beside it:
     quant_gemm_pipe.py gemm (the same layouts with the weights through a cp.async ring in shared
                        memory; FORGE_QUANT_KERNEL=pipe)
 
-common.cuh holds the dtype plumbing and vector/warp helpers. compiler.py compiles and caches
+common.cuh holds the dtype plumbing and vector/warp helpers, quant_common.cuh the device helpers the
+two quantized GEMMs share (mma.sync, e4m3 pairs). compiler.py compiles and caches
 them per (file, kernel, dtype, defines, arch) and launches them on torch's current stream (so they are
 captured by CUDA graphs); FORGE_PDL=1 launches them with programmatic dependent launch. NOTES.md has
 the measured bandwidths (and PDL's design); scripts/compile_check.py compiles every variant without a GPU.

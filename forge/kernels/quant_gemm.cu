@@ -57,6 +57,7 @@
 // activations [M, N] neither written nor read back; M (H + Hkv) D floats of cos / sin read (L1 / L2) as before.
 #include "common.cuh"
 #include <cuda_fp8.h>
+#include "quant_common.cuh"
 
 #ifndef WCODE
 #define WCODE 0
@@ -113,19 +114,6 @@ constexpr unsigned MAGIC2 = 0x64006400u;  // fp16 1024.0 twice
 constexpr unsigned ONES2 = 0x3C003C00u;   // fp16 1.0 twice
 #endif
 
-#if FORGE_DTYPE == 1
-#define MMA_AB "bf16"
-#else
-#define MMA_AB "f16"
-#endif
-
-__device__ __forceinline__ void mma16816(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." MMA_AB "." MMA_AB ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-                 "{%8,%9}, {%0,%1,%2,%3};\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 // Two int4 codes (pair p of a word) -> two exact bf16/fp16 numbers q0, q1 in one register.
 __device__ __forceinline__ unsigned int4_pair(unsigned word, int p) {
     const unsigned biased = ((word >> (4 * p)) & 0x000F000Fu) | MAGIC2;  // (MAGIC + q0, MAGIC + q1)
@@ -136,24 +124,6 @@ __device__ __forceinline__ unsigned int4_pair(unsigned word, int p) {
     asm("sub.rn.f16x2 %0, %1, %2;\n" : "=r"(r) : "r"(biased), "r"(MAGIC2));
 #endif
     return r;
-}
-
-// Two e4m3 codes (a 16-bit pair, low byte first) -> two exact bf16/fp16 numbers (e4m3 is a subset of both).
-__device__ __forceinline__ unsigned fp8_pair(unsigned two) {
-    unsigned h2;
-    const unsigned short in = (unsigned short)two;
-    asm("cvt.rn.f16x2.e4m3x2 %0, %1;\n" : "=r"(h2) : "h"(in));
-#if FORGE_DTYPE == 1
-    const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&h2));
-    const __nv_bfloat162 b = __floats2bfloat162_rn(f.x, f.y);
-    return *reinterpret_cast<const unsigned*>(&b);
-#else
-    return h2;
-#endif
-}
-
-__device__ __forceinline__ unsigned word_of(const uint4& v, int m) {
-    return m == 0 ? v.x : m == 1 ? v.y : m == 2 ? v.z : v.w;
 }
 
 __device__ __forceinline__ uint4 load_stream16(const unsigned char* p) {

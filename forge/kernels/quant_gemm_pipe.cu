@@ -44,6 +44,7 @@
 // bytes in flight (the ring) and instructions per weight byte (int4: ~2 per code pair here).
 #include "common.cuh"
 #include <cuda_fp8.h>
+#include "quant_common.cuh"
 
 #ifndef WCODE
 #define WCODE 0
@@ -83,11 +84,6 @@ constexpr int W_PIECES = W_BYTES / 16, X_PIECES = X_BYTES / X_PITCH * 16;
 static_assert(W_PIECES % THREADS == 0 && X_PIECES % THREADS == 0, "copies spread evenly over the threads");
 #define FOLD (WCODE == 0 || GROUP > 0)  // scales applied per group (int4) or per slab (fp8 blocks), after its MMAs
 
-#if FORGE_DTYPE == 1
-#define MMA_AB "bf16"
-#else
-#define MMA_AB "f16"
-#endif
 #if WCODE == 0
 constexpr int FOLD_KT = GROUP / 16;  // k-tiles per group
 #if FORGE_DTYPE == 1
@@ -100,13 +96,6 @@ constexpr unsigned ONES2 = 0x3C003C00u;
 constexpr float MAGIC = 1024.f;
 #endif
 #endif
-
-__device__ __forceinline__ void mma16816(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." MMA_AB "." MMA_AB ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-                 "{%8,%9}, {%0,%1,%2,%3};\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
 
 // d = a b (a group's first k-tile: no zeroing of the partial sums beforehand).
 __device__ __forceinline__ void mma16816_first(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
@@ -130,24 +119,6 @@ __device__ __forceinline__ unsigned int4_biased_pair(unsigned shifted) {
     return r;
 }
 #endif
-
-// Two e4m3 codes (a 16-bit pair, low byte first) -> two exact bf16/fp16 numbers (e4m3 is a subset of both).
-__device__ __forceinline__ unsigned fp8_pair(unsigned two) {
-    unsigned h2;
-    const unsigned short in = (unsigned short)two;
-    asm("cvt.rn.f16x2.e4m3x2 %0, %1;\n" : "=r"(h2) : "h"(in));
-#if FORGE_DTYPE == 1
-    const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&h2));
-    const __nv_bfloat162 b = __floats2bfloat162_rn(f.x, f.y);
-    return *reinterpret_cast<const unsigned*>(&b);
-#else
-    return h2;
-#endif
-}
-
-__device__ __forceinline__ unsigned word_of(const uint4& v, int m) {
-    return m == 0 ? v.x : m == 1 ? v.y : m == 2 ? v.z : v.w;
-}
 
 __device__ __forceinline__ unsigned smem_addr(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
 
