@@ -234,6 +234,28 @@ __device__ __forceinline__ void norm_prologue(scalar_t* xs, int xs_stride, const
 }
 #endif
 
+#if ROPE_HEAD_DIM || ACT
+// A paired epilogue's accumulator slot v of lane l (row tile 0: gate / x[i], row tile 1: up / x[i + D/2]), each
+// summed over the block's warps, and the output row (in row tile 0) and token it holds.
+struct PairedSlot {
+    float first, second;
+    int row, tok;
+};
+template <typename Sums>  // red: [WARPS][RT * NT * 4][32] floats in shared memory
+__device__ __forceinline__ PairedSlot paired_slot(Sums red, int v, int l, int row0, int tok0) {
+    PairedSlot s{0.f, 0.f, 0, 0};
+#pragma unroll
+    for (int wi = 0; wi < WARPS; ++wi) {
+        s.first += red[wi][v][l];
+        s.second += red[wi][NT * 4 + v][l];
+    }
+    const int t = v >> 2, i = v & 3;
+    s.row = row0 + (l >> 2) + 8 * (i >> 1);
+    s.tok = tok0 + 8 * t + 2 * (l & 3) + (i & 1);
+    return s;
+}
+#endif
+
 extern "C" __global__ void __launch_bounds__(WARPS * 32) quant_gemm_kernel(
     scalar_t* __restrict__ out, const scalar_t* __restrict__ x, const unsigned char* __restrict__ w,
     const void* __restrict__ scales, int M, int N, int K, int Kx, long long w_row_bytes, int groups_per_row,
@@ -483,16 +505,9 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) quant_gemm_kernel(
     constexpr int HALF = ROPE_HEAD_DIM / 2;
     const int head = blockIdx.y / (ROPE_HEAD_DIM / 32);
     for (int idx = threadIdx.x; idx < NT * 4 * 32; idx += WARPS * 32) {  // row tile 0: x[i], 1: x[i + D/2]
-        const int v = idx >> 5, l = idx & 31;
-        float x1 = 0.f, x2 = 0.f;
-#pragma unroll
-        for (int wi = 0; wi < WARPS; ++wi) {
-            x1 += red[wi][v][l];
-            x2 += red[wi][NT * 4 + v][l];
-        }
-        const int t = v >> 2, iv = v & 3;
-        const int row = row0 + (l >> 2) + 8 * (iv >> 1);
-        const int tok = tok0 + 8 * t + 2 * (l & 3) + (iv & 1);
+        const PairedSlot p = paired_slot(red, idx >> 5, idx & 31, row0, tok0);
+        const int row = p.row, tok = p.tok;
+        float x1 = p.first, x2 = p.second;
         if (tok >= M) continue;
 #if WCODE == 1 && GROUP == 0
         x1 *= reinterpret_cast<const float*>(scales)[row];
@@ -522,19 +537,10 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) quant_gemm_kernel(
     }
 #elif ACT
     for (int idx = threadIdx.x; idx < NT * 4 * 32; idx += WARPS * 32) {  // row tile 0: gate, 1: up
-        const int v = idx >> 5, l = idx & 31;
-        float gate = 0.f, up = 0.f;
-#pragma unroll
-        for (int wi = 0; wi < WARPS; ++wi) {
-            gate += red[wi][v][l];
-            up += red[wi][NT * 4 + v][l];
-        }
-        const int t = v >> 2, i = v & 3;
-        const int row = row0 + (l >> 2) + 8 * (i >> 1);
-        const int tok = tok0 + 8 * t + 2 * (l & 3) + (i & 1);
-        if (row < N && tok < M) {
-            const scalar_t a = from_float<scalar_t>(Act::apply(to_float(from_float<scalar_t>(gate))));
-            out[(long long)tok * ldo + row] = from_float<scalar_t>(to_float(a) * to_float(from_float<scalar_t>(up)));
+        const PairedSlot p = paired_slot(red, idx >> 5, idx & 31, row0, tok0);
+        if (p.row < N && p.tok < M) {
+            const scalar_t a = from_float<scalar_t>(Act::apply(to_float(from_float<scalar_t>(p.first))));
+            out[(long long)p.tok * ldo + p.row] = from_float<scalar_t>(to_float(a) * to_float(from_float<scalar_t>(p.second)));
         }
     }
 #else
