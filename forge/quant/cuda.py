@@ -51,6 +51,18 @@ def parse_quant_kernel(value: str | None) -> str:
 QUANT_KERNEL = parse_quant_kernel(os.environ.get(QUANT_KERNEL_ENV))
 
 
+def small_step_gemm(x: torch.Tensor, layout):
+    """forge's own kernel for x @ W.T where the step is small enough for one (quant_gemm_pipe.gemm up to
+    PIPE_MAX_M tokens when FORGE_QUANT_KERNEL=pipe, else quant_gemm.gemm up to the layout's max_kernel_m);
+    None above, where the layout's cuBLAS path runs."""
+    m = x.numel() // x.shape[-1]
+    if QUANT_KERNEL == "pipe" and m <= PIPE_MAX_M[layout.code]:
+        return quant_gemm_pipe.gemm
+    if m <= layout.max_kernel_m:
+        return quant_gemm.gemm
+    return None
+
+
 def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
     if t.shape[0] == rows:
         return t.contiguous()
@@ -154,12 +166,8 @@ class Int4CudaWeight:
         return self._decode(self.codes[: self.shape[0]], self.scales[: self.shape[0]])
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        m = x.numel() // x.shape[-1]
-        if QUANT_KERNEL == "pipe" and m <= PIPE_MAX_M[self.code]:
-            return quant_gemm_pipe.gemm(x, self)
-        if m <= self.max_kernel_m:
-            return quant_gemm.gemm(x, self)
-        return F.linear(x, quant_gemm.int4_dequantize(self, x.dtype))
+        gemm = small_step_gemm(x, self)
+        return gemm(x, self) if gemm is not None else F.linear(x, quant_gemm.int4_dequantize(self, x.dtype))
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """An embedding gather: only the rows `ids` are dequantized, in the compute dtype."""
@@ -238,11 +246,9 @@ class Fp8CudaWeight:
         return self._decode(self.codes[:n], self.scales[:n])
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        m = x.numel() // x.shape[-1]
-        if QUANT_KERNEL == "pipe" and m <= PIPE_MAX_M[self.code]:
-            return quant_gemm_pipe.gemm(x, self)
-        if m <= self.max_kernel_m:
-            return quant_gemm.gemm(x, self)
+        gemm = small_step_gemm(x, self)
+        if gemm is not None:
+            return gemm(x, self)
         if self.group != 0:
             return F.linear(x, self.dequantize().to(x.dtype))
         return scaled_mm_rowwise(x, self.codes[: self.shape[0]], self._row_scale)
