@@ -99,3 +99,28 @@ def test_fp8_block_scales_from_a_checkpoint():
     assert q.group == 128 and torch.equal(q.dequantize(), Fp8Quantized(codes, scale, 128).dequantize())
     per_row = Fp8CudaWeight.from_quantized(Fp8Quantized(codes, scale[:, :1], 256), "cpu")
     assert per_row.group == 0 and torch.equal(per_row.dequantize(), codes.float() * scale[:, :1])
+
+
+def test_quant_gemm_launchers_hand_their_kernels_aligned_rows(monkeypatch):
+    """quant_gemm.gemm and fp8_quantize_rows read x in vector loads: a contiguous x at an odd offset (which
+    contiguous() returns as it is) is copied to an aligned one, as are strided views; aligned rows are read in
+    place."""
+    from forge.kernels import compiler, quant_gemm
+
+    runs = []
+    monkeypatch.setattr(compiler, "get_kernel", lambda *a, **d: "kernel")
+    monkeypatch.setattr(compiler, "run", lambda kernel, grid, block, *args, shmem=0: runs.append(args))
+    layout = Int4CudaWeight.from_groups(random_groups(32, 256), "cpu")
+    storage = torch.randn(4 * 256 + 3).bfloat16()
+    views = (storage[3: 3 + 256].view(1, 256), storage[3: 3 + 512].view(2, 256), storage[:1024].view(2, 512)[:, :256])
+    for x in views:
+        runs.clear()
+        quant_gemm.gemm(x, layout)
+        quant_gemm.fp8_quantize_rows(x)
+        (gemm_args, quantize_args) = runs
+        for ptr, stride, multiple in ((gemm_args[1], gemm_args[10], 4), (quantize_args[2], quantize_args[4], 8)):
+            assert int(ptr) % 16 == 0 and int(stride) % multiple == 0
+    aligned = storage[:512].view(2, 256)
+    runs.clear()
+    quant_gemm.gemm(aligned, layout)
+    assert int(runs[0][1]) == aligned.data_ptr()  # read in place

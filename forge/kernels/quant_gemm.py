@@ -50,9 +50,7 @@ def gemm(x: torch.Tensor, layout, **config) -> torch.Tensor:
     or Fp8CudaWeight (codes, scales, group, shape, padded K)."""
     n, k = layout.shape
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    if x2.stride(-1) != 1 or x2.data_ptr() % 16 or x2.stride(0) % 4:
-        x2 = x2.contiguous()
+    x2 = vector_rows(x.reshape(-1, x.shape[-1]), 4)
     m = x2.shape[0]
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
@@ -67,6 +65,15 @@ def gemm(x: torch.Tensor, layout, **config) -> torch.Tensor:
                  np.int32(m), np.int32(n), np.int32(layout.padded_k), np.int32(k), np.int64(layout.row_bytes),
                  np.int32(layout.groups_per_row), np.int64(x2.stride(0)), np.int64(n))
     return out.view(*lead, n)
+
+
+def vector_rows(x: torch.Tensor, row_multiple: int) -> torch.Tensor:
+    """x [M, K] as forge's kernels read activations, in vector loads: unit stride along K, a row stride that is
+    a multiple of `row_multiple` elements and a 16-byte aligned start; else a contiguous copy (contiguous()
+    alone would return an offset view that is contiguous but misaligned as it is)."""
+    if x.stride(-1) != 1 or x.stride(0) % row_multiple or x.data_ptr() % 16:
+        x = x.clone(memory_format=torch.contiguous_format)
+    return x
 
 
 def _aligned(*tensors: torch.Tensor) -> bool:
@@ -259,8 +266,7 @@ def int4_dequantize(layout, dtype: torch.dtype, rows: torch.Tensor | None = None
 def fp8_quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] (bfloat16 / float16, K a multiple of 8) -> (e4m3 codes [M, K], float32 scales [M, 1]) with
     x ~ codes * scale, scale = max |x[m]| / 448: an FP8 GEMM's dynamic per-row activation scales, one launch."""
-    if x.stride(-1) != 1 or x.data_ptr() % 16 or x.stride(0) % 8:
-        x = x.contiguous()
+    x = vector_rows(x, 8)
     m, k = x.shape
     codes = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)

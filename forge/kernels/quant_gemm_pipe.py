@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from forge.kernels import compiler
+from forge.kernels import compiler, quant_gemm
 
 BLOCK_ROWS = 128  # rows per block (the kernel's BN): fixed, so the K split never depends on M
 SLAB_K = 128  # inputs per ring stage
@@ -121,11 +121,7 @@ def gemm(x: torch.Tensor, layout, splits: int | None = None, stages: int | None 
     if k % 8:
         raise ValueError(f"quant_gemm_pipe copies x 8 inputs at a time: K = {k} is not a multiple of 8")
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    if x2.stride(-1) != 1 or x2.stride(0) % 8:
-        x2 = x2.contiguous()
-    if x2.data_ptr() % 16:  # the 16-byte copies need aligned rows (contiguous() keeps an offset view as it is)
-        x2 = x2.clone(memory_format=torch.contiguous_format)
+    x2 = quant_gemm.vector_rows(x.reshape(-1, x.shape[-1]), 8)  # (the 16-byte copies of x need aligned rows)
     m = x2.shape[0]
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
