@@ -298,14 +298,19 @@ def _param_holder():
     return ParamHolder
 
 
+def _kernel_handle(kernel) -> int:
+    """The address of a cuda.core Kernel's CUkernel."""
+    handle = getattr(kernel, "handle", None)
+    if handle is None:  # cuda.core < 0.4
+        handle = kernel._handle
+    return int(handle)
+
+
 def _cu_function(kernel):
     """The driver handle of a cuda.core Kernel (a CUkernel, which cuLaunchKernelEx takes as a CUfunction)."""
     from cuda.bindings import driver
 
-    handle = getattr(kernel, "handle", None)
-    if handle is None:  # cuda.core < 0.4
-        handle = kernel._handle
-    return driver.CUfunction(int(handle))
+    return driver.CUfunction(_kernel_handle(kernel))
 
 
 def _dim3(d) -> tuple[int, int, int]:
@@ -371,12 +376,9 @@ def allow_dynamic_smem(kernel, nbytes: int) -> None:
         return
     from cuda.bindings import driver
 
-    handle = getattr(kernel, "handle", None)
-    if handle is None:  # cuda.core < 0.4
-        handle = kernel._handle
     (err,) = driver.cuKernelSetAttribute(
         driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, nbytes,
-        driver.CUkernel(int(handle)), driver.CUdevice(key[1]))
+        driver.CUkernel(_kernel_handle(kernel)), driver.CUdevice(key[1]))
     if err != driver.CUresult.CUDA_SUCCESS:
         raise RuntimeError(f"forge kernels: {nbytes} bytes of dynamic shared memory refused ({err})")
     _smem_allowed[key] = nbytes
