@@ -91,6 +91,22 @@ def _prologue_smem(m: int, kx: int, code: int, cfg: dict) -> int:
     return max(rows * _xs_stride(kx, code) * 2, cfg["WARPS"] * cfg["RT"] * cfg["NT"] * 4 * 32 * 4)
 
 
+def _prologue_fits(hidden: torch.Tensor, code: int, cfg: dict) -> bool:
+    """Whether the norm prologue's block (its x rows and the static arrays) fits the shared memory a block may
+    take (compiler.max_block_smem: 227 KB on sm_90; off a GPU, the 48 KB of any launch)."""
+    limit = compiler.max_block_smem(hidden.device.index) if hidden.is_cuda else compiler.DEFAULT_SMEM
+    return _prologue_smem(hidden.shape[0], hidden.shape[1], code, cfg) + 8 * cfg["NT"] * PROLOGUE_ROW_SMEM <= limit
+
+
+def _weight_operands(weight, k: int) -> tuple:
+    """The kernel's weight arguments for a float weight [N, K] or an int4 / fp8 layout: (WCODE, GROUP, padded K,
+    bytes per row, groups per row, scales or None, the weight's rows)."""
+    if isinstance(weight, torch.Tensor):
+        return FLOAT_CODE, 0, k, k * 2, 0, None, weight
+    return weight.code, weight.group, weight.padded_k, weight.row_bytes, weight.groups_per_row, weight.scales, \
+        weight.codes
+
+
 def norm_gemm_fits(hidden: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, weight,
                    act: str | None = None) -> bool:
     """Whether rms_norm_linear's kernel takes these operands: bf16 / fp16 hidden [M, K] (residual alike),
@@ -117,9 +133,7 @@ def norm_gemm_fits(hidden: torch.Tensor, residual: torch.Tensor | None, norm_wei
         if act is not None or getattr(weight, "code", None) not in (0, 1) or weight.shape[1] != k:
             return False
         code, rows, rt = weight.code, weight.codes.shape[0], None
-    cfg = kernel_config(m, rows, code, rt=rt)
-    limit = compiler.max_block_smem(hidden.device.index) if hidden.is_cuda else compiler.DEFAULT_SMEM
-    return _prologue_smem(m, k, code, cfg) + 8 * cfg["NT"] * PROLOGUE_ROW_SMEM <= limit
+    return _prologue_fits(hidden, code, kernel_config(m, rows, code, rt=rt))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, **config) -> torch.Tensor:
@@ -152,12 +166,8 @@ def rms_norm_linear(hidden: torch.Tensor, residual: torch.Tensor | None, norm_we
     n_out = weight.shape[0] // 2 if act else weight.shape[0]
     out = torch.empty(m, n_out, dtype=hidden.dtype, device=hidden.device)
     res_out = hidden if residual is None else torch.empty_like(hidden)
-    if isinstance(weight, torch.Tensor):
-        code, group, rows, kpad, row_bytes, gpr, scales = FLOAT_CODE, 0, weight.shape[0], k, k * 2, 0, None
-        w = weight
-    else:
-        code, group, rows, kpad = weight.code, weight.group, weight.codes.shape[0], weight.padded_k
-        row_bytes, gpr, scales, w = weight.row_bytes, weight.groups_per_row, weight.scales, weight.codes
+    code, group, kpad, row_bytes, gpr, scales, w = _weight_operands(weight, k)
+    rows = w.shape[0]  # (a layout's rows padded to ROW_ALIGN)
     # (the gated epilogue: a gate and an up row tile, 2 chunks in flight each: 4 chunks of 2 float tiles
     # took 80 registers and a spill reload per batch of the main loop)
     cfg = kernel_config(m, rows, code, **{**({"rt": 2, "unroll": 2} if act else {}), **config})
@@ -205,9 +215,7 @@ def rope_cache_fits(hidden: torch.Tensor, residual: torch.Tensor | None, norm_we
     code = FLOAT_CODE if isinstance(weight, torch.Tensor) else weight.code
     if code != FLOAT_CODE and weight.codes.shape[0] != rows:  # (rows a multiple of 32: no padding)
         return False
-    cfg = rope_kernel_config(hidden.shape[0], rows, code)
-    limit = compiler.max_block_smem(hidden.device.index) if hidden.is_cuda else compiler.DEFAULT_SMEM
-    return _prologue_smem(hidden.shape[0], hidden.shape[1], code, cfg) + 8 * cfg["NT"] * PROLOGUE_ROW_SMEM <= limit
+    return _prologue_fits(hidden, code, rope_kernel_config(hidden.shape[0], rows, code))
 
 
 def rms_norm_qkv_rope_cache(hidden: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
@@ -222,11 +230,7 @@ def rms_norm_qkv_rope_cache(hidden: torch.Tensor, residual: torch.Tensor | None,
     q = torch.empty(m, num_heads, head_dim, dtype=hidden.dtype, device=hidden.device)
     res_out = hidden if residual is None else torch.empty_like(hidden)
     rows = weight.shape[0]
-    if isinstance(weight, torch.Tensor):
-        code, group, kpad, row_bytes, gpr, scales, w = FLOAT_CODE, 0, k, k * 2, 0, None, weight
-    else:
-        code, group, kpad, row_bytes = weight.code, weight.group, weight.padded_k, weight.row_bytes
-        gpr, scales, w = weight.groups_per_row, weight.scales, weight.codes
+    code, group, kpad, row_bytes, gpr, scales, w = _weight_operands(weight, k)
     cfg = rope_kernel_config(m, rows, code, **config)
     kernel = compiler.get_kernel("quant_gemm.cu", "quant_gemm_kernel", hidden.dtype, WCODE=code, GROUP=group,
                                  NORM_PROLOGUE=1, ROPE_HEAD_DIM=head_dim,
